@@ -1,0 +1,66 @@
+"""The `aquainterp` command: one entry point, one subcommand per user task.
+
+Subcommands are listed in COMMANDS by module name and imported only when run, so `aquainterp --help`
+answers without importing torch. Each subcommand module defines:
+
+    def add_arguments(parser: argparse.ArgumentParser) -> None
+    def run(args: argparse.Namespace) -> int | None
+
+Flags are kebab-case; the snake_case spelling is accepted too (nanochat scripts use both).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from aquainterp import __version__
+
+# name -> (module that implements it, one-line help). Only commands that exist are listed here.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "info": ("aquainterp.info", "print versions, devices and the Rust core this install runs on"),
+}
+
+
+def normalize_flag_spelling(argv: list[str]) -> list[str]:
+    """Rewrite `--max_steps` to `--max-steps` (values after `=` are left alone)."""
+    out = []
+    for arg in argv:
+        if arg.startswith("--") and len(arg) > 2:
+            name, sep, value = arg[2:].partition("=")
+            arg = "--" + name.replace("_", "-") + sep + value
+        out.append(arg)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="aquainterp",
+        description="Train nanochat's GPT on AQuA-style multiple-choice math and look inside it: "
+        "probes, W&B dashboards, activation patching.",
+    )
+    parser.add_argument("--version", action="version", version=f"aquainterp {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    for name, (_module, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = normalize_flag_spelling(list(sys.argv[1:] if argv is None else argv))
+    parser = build_parser()
+    if not argv or argv[0] not in COMMANDS:
+        args = parser.parse_args(argv)  # handles --help/--version/unknown commands
+        parser.print_help()
+        return 0 if args.command is None and not argv else 2
+    name = argv[0]
+    module = importlib.import_module(COMMANDS[name][0])
+    sub = argparse.ArgumentParser(prog=f"aquainterp {name}", description=COMMANDS[name][1])
+    module.add_arguments(sub)
+    code = module.run(sub.parse_args(argv[1:]))
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

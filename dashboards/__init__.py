@@ -1,0 +1,1 @@
+"""Dashboard templates, their W&B workspace rendering and the offline HTML report."""

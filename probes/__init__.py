@@ -1,0 +1,1 @@
+"""Probes: read hooked activations or logits, return metric dicts named as in DESIGN.md."""

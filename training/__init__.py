@@ -1,0 +1,1 @@
+"""Training stages, each runnable as `python -m training.<stage>` or under `torchrun`."""
