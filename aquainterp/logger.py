@@ -1,0 +1,331 @@
+"""One logger for every stage: Weights & Biases (online, offline or disabled) plus a local metrics.jsonl.
+
+The local file is the source of truth that always exists: one JSON object per `log*` call, with the
+explicit `step` and the same metric names W&B gets (DESIGN.md "Metric names"). Histograms, tables and
+figures go to W&B as W&B objects; locally they are written as their raw values under the same name,
+wrapped in an object with a `_type` marker (the same convention W&B uses in its own summaries):
+
+    {"step": 3, "rl/acc": 0.5, "rl/mean_reward": 0.25}
+    {"step": 3, "rl/letter_margin": {"_type": "histogram", "values": [0.1, 2.3]}}
+    {"step": 3, "rl/hardest": {"_type": "table", "columns": ["q", "margin"], "rows": [["1+1", -2.0]]}}
+    {"step": 3, "attn/heatmap": {"_type": "plotly", "path": "media/attn_heatmap_000003.json"}}
+
+W&B plots every metric family against its own step metric (`define_metric`): `rl/*` and `attn/*`
+against `rl/step`, `train/*` against `train/step` and so on, so stages that restart their step count
+inside one W&B run still plot correctly. We never pass `step=` to `wandb.log` for the same reason.
+
+Logging must never kill a training run: if W&B cannot start online (no login, no network) the logger
+falls back to offline with one warning, and any later W&B error is warned about once while local
+logging goes on. Wrong arguments (a non-number value, a non-integer step) are programming errors and
+raise at once with the name of the metric. On ranks other than 0 the logger does nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+MODES = ("online", "offline", "disabled")
+METRICS_FILE = "metrics.jsonl"
+MEDIA_DIR = "media"
+
+# Families whose x-axis is another family's step (probes run inside the RL loop).
+STEP_FAMILY = {"attn": "rl"}
+
+
+def step_metric_for(name: str) -> str | None:
+    """The W&B step metric a metric plots against: 'rl/acc' -> 'rl/step', 'attn/x' -> 'rl/step'."""
+    family, sep, _rest = name.partition("/")
+    if not sep or not family:
+        return None
+    return f"{STEP_FAMILY.get(family, family)}/step"
+
+
+def _scalar(name: str, value: Any) -> int | float:
+    """A plain Python number from int/float/bool/numpy/0-d torch values; TypeError names the metric."""
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int | float):
+        return value
+    item = getattr(value, "item", None)
+    if callable(item):
+        try:
+            value = item()
+        except (ValueError, RuntimeError) as e:  # numpy/torch arrays with more than one element
+            raise TypeError(f"Logger.log: metric {name!r} must be a single number, got an array ({e})") from e
+        if isinstance(value, bool | int | float):
+            return int(value) if isinstance(value, bool) else value
+    raise TypeError(f"Logger.log: metric {name!r} must be a number, got {type(value).__name__}: {value!r:.80}")
+
+
+def _check_step(step: Any, where: str) -> int:
+    if isinstance(step, bool) or not isinstance(step, int):
+        item = getattr(step, "item", None)
+        step = item() if callable(item) else step
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise TypeError(f"{where}: step must be an integer, got {type(step).__name__}: {step!r:.80}")
+    if step < 0:
+        raise ValueError(f"{where}: step must be >= 0, got {step}")
+    return step
+
+
+def _check_name(name: Any, where: str) -> str:
+    if not isinstance(name, str) or not name or name == "step":
+        raise ValueError(f"{where}: metric name must be a non-empty string other than 'step', got {name!r}")
+    return name
+
+
+def _floats(name: str, values: Any) -> list[float]:
+    """Flatten numbers, lists, numpy arrays or torch tensors into a list of floats."""
+    tolist = getattr(values, "tolist", None)
+    if callable(tolist):
+        values = tolist()
+    out: list[float] = []
+
+    def walk(v: Any) -> None:
+        if isinstance(v, list | tuple):
+            for x in v:
+                walk(x)
+        else:
+            out.append(float(_scalar(name, v)))
+
+    walk(values)
+    return out
+
+
+def _jsonable(name: str, value: Any) -> Any:
+    """Table cells: numbers, strings, booleans and None pass; anything with .item() is unwrapped."""
+    if value is None or isinstance(value, str | bool | int | float):
+        return value
+    item = getattr(value, "item", None)
+    if callable(item):
+        return item()
+    raise TypeError(f"Logger.log_table: a cell of {name!r} must be a number, string, bool or None, "
+                    f"got {type(value).__name__}")
+
+
+class Logger:
+    """W&B + metrics.jsonl with the same names and an explicit step. See the module docstring."""
+
+    def __init__(self, run_dir: str | os.PathLike, project: str = "aquainterp", run_name: str | None = None,
+                 mode: str = "offline", config: dict | None = None, rank: int = 0):
+        if mode not in MODES:
+            raise ValueError(f"Logger: mode must be one of {', '.join(MODES)}, got {mode!r}")
+        self.run_dir = Path(run_dir)
+        self.mode = mode
+        self.active = rank == 0
+        self.wandb_run = None
+        self._warned: set[str] = set()
+        self._defined_families: set[str] = set()
+        self._file = None
+        if not self.active:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115 (closed in finish)
+        if mode != "disabled":
+            self.wandb_run = self._start_wandb(project, run_name, mode, config)
+
+    # ----------------------------------------------------------------------------------------- W&B
+    def _start_wandb(self, project, run_name, mode, config):
+        """wandb.init in the requested mode; online failing falls back to offline with one warning."""
+        try:
+            import wandb
+        except Exception as e:  # a broken install must not stop training
+            self._warn_once("import", f"Logger: wandb could not be imported ({e}); logging to "
+                            f"{self.run_dir / METRICS_FILE} only")
+            return None
+        settings = wandb.Settings(console="off", x_disable_stats=True, save_code=False, silent=True,
+                                  init_timeout=30)
+        attempts = [mode] if mode == "offline" else ["online", "offline"]
+        for attempt in attempts:
+            try:
+                return wandb.init(project=project, name=run_name, dir=str(self.run_dir), mode=attempt,
+                                  config=config, settings=settings, reinit="create_new")
+            except Exception as e:
+                if attempt == "online":
+                    self._warn_once("online", f"Logger: W&B could not start online ({type(e).__name__}: "
+                                    f"{e}); falling back to offline mode. Upload later with "
+                                    f"`wandb sync {self.run_dir / 'wandb'}/offline-run-*`.")
+                    self.mode = "offline"
+                else:
+                    self._warn_once("offline", f"Logger: W&B could not start offline ({type(e).__name__}: "
+                                    f"{e}); logging to {self.run_dir / METRICS_FILE} only")
+        return None
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+    def _wandb_log(self, payload: dict) -> None:
+        """Send to W&B with the step metrics of every family in the payload; errors warn once."""
+        if self.wandb_run is None:
+            return
+        try:
+            for name in list(payload):
+                step_name = step_metric_for(name)
+                family = name.partition("/")[0]
+                if step_name and family not in self._defined_families:
+                    self._defined_families.add(family)
+                    self.wandb_run.define_metric(step_name)
+                    self.wandb_run.define_metric(f"{family}/*", step_metric=step_name)
+            self.wandb_run.log(payload)
+        except Exception as e:
+            self._warn_once("log", f"Logger: W&B logging failed ({type(e).__name__}: {e}); local logging "
+                            f"to {self.run_dir / METRICS_FILE} goes on")
+
+    def _with_steps(self, payload: dict, step: int) -> dict:
+        for name in list(payload):
+            step_name = step_metric_for(name)
+            if step_name:
+                payload[step_name] = step
+        return payload
+
+    # -------------------------------------------------------------------------------------- local
+    def _write(self, row: dict) -> None:
+        try:
+            self._file.write(json.dumps(row) + "\n")
+            self._file.flush()
+        except Exception as e:
+            self._warn_once("file", f"Logger: could not write {self.run_dir / METRICS_FILE} ({e})")
+
+    # --------------------------------------------------------------------------------- public API
+    def log(self, metrics: Mapping[str, Any], step: int) -> None:
+        """Scalars: one jsonl row {"step": step, name: value, ...} and one wandb.log call."""
+        if not self.active:
+            return
+        step = _check_step(step, "Logger.log")
+        if not isinstance(metrics, Mapping):
+            raise TypeError(f"Logger.log: metrics must be a dict of name -> number, got {type(metrics).__name__}")
+        row: dict[str, Any] = {"step": step}
+        for name, value in metrics.items():
+            row[_check_name(name, "Logger.log")] = _scalar(name, value)
+        self._write(row)
+        if self.wandb_run is not None:
+            payload = {k: v for k, v in row.items() if k != "step"}
+            self._wandb_log(self._with_steps(payload, step))
+
+    def log_histogram(self, name: str, values: Any, step: int) -> None:
+        """A distribution (e.g. per-question letter margins): raw values locally, wandb.Histogram online."""
+        if not self.active:
+            return
+        step = _check_step(step, "Logger.log_histogram")
+        name = _check_name(name, "Logger.log_histogram")
+        vals = _floats(name, values)
+        if not vals:
+            raise ValueError(f"Logger.log_histogram: {name!r} got no values")
+        self._write({"step": step, name: {"_type": "histogram", "values": vals}})
+        if self.wandb_run is not None:
+            finite = [v for v in vals if math.isfinite(v)]
+            try:
+                import wandb
+
+                obj = wandb.Histogram(finite if finite else [0.0])
+            except Exception as e:
+                self._warn_once("histogram", f"Logger: wandb.Histogram failed for {name!r} ({e})")
+                return
+            self._wandb_log(self._with_steps({name: obj}, step))
+
+    def log_table(self, name: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], step: int) -> None:
+        """A small table (e.g. the hardest questions): rows locally, wandb.Table online."""
+        if not self.active:
+            return
+        step = _check_step(step, "Logger.log_table")
+        name = _check_name(name, "Logger.log_table")
+        columns = [str(c) for c in columns]
+        clean_rows = []
+        for i, r in enumerate(rows):
+            r = list(r)
+            if len(r) != len(columns):
+                raise ValueError(f"Logger.log_table: row {i} of {name!r} has {len(r)} cells, "
+                                 f"expected {len(columns)} ({columns})")
+            clean_rows.append([_jsonable(name, c) for c in r])
+        self._write({"step": step, name: {"_type": "table", "columns": columns, "rows": clean_rows}})
+        if self.wandb_run is not None:
+            try:
+                import wandb
+
+                obj = wandb.Table(columns=columns, data=clean_rows)
+            except Exception as e:
+                self._warn_once("table", f"Logger: wandb.Table failed for {name!r} ({e})")
+                return
+            self._wandb_log(self._with_steps({name: obj}, step))
+
+    def log_figure(self, name: str, plotly_figure: Any, step: int) -> None:
+        """A plotly figure: its JSON in media/ (referenced from the jsonl row), wandb.Plotly online."""
+        if not self.active:
+            return
+        step = _check_step(step, "Logger.log_figure")
+        name = _check_name(name, "Logger.log_figure")
+        to_json = getattr(plotly_figure, "to_json", None)
+        if not callable(to_json):
+            raise TypeError(f"Logger.log_figure: {name!r} must be a plotly Figure, got "
+                            f"{type(plotly_figure).__name__}")
+        rel = Path(MEDIA_DIR) / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}_{step:06d}.json"
+        try:
+            (self.run_dir / MEDIA_DIR).mkdir(exist_ok=True)
+            (self.run_dir / rel).write_text(to_json(), encoding="utf-8")
+        except Exception as e:
+            self._warn_once("media", f"Logger: could not write {self.run_dir / rel} ({e})")
+        self._write({"step": step, name: {"_type": "plotly", "path": rel.as_posix()}})
+        if self.wandb_run is not None:
+            try:
+                import wandb
+
+                obj = wandb.Plotly(plotly_figure)
+            except Exception as e:
+                self._warn_once("figure", f"Logger: wandb.Plotly failed for {name!r} ({e})")
+                return
+            self._wandb_log(self._with_steps({name: obj}, step))
+
+    def finish(self) -> None:
+        """Close the local file and finish the W&B run (flushes offline data to disk). Idempotent."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self.wandb_run is not None:
+            run, self.wandb_run = self.wandb_run, None
+            try:
+                run.finish()
+            except Exception as e:
+                self._warn_once("finish", f"Logger: wandb finish failed ({e})")
+
+    @property
+    def wandb_dir(self) -> Path | None:
+        """The W&B run directory (…/wandb/offline-run-…) once W&B started, else None."""
+        run = self.wandb_run
+        return Path(run.dir).parent if run is not None else None
+
+    def __enter__(self) -> Logger:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.finish()
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """All rows of a metrics.jsonl (a run dir or the file itself); errors name the file and line."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no metrics file at {path} (the Logger writes run_dir/{METRICS_FILE})")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError(f"{path}:{lineno}: each line must be an object with an integer 'step'")
+            rows.append(row)
+    return rows
