@@ -1,0 +1,389 @@
+"""nanochat's GPT, written as a TransformerLens HookedRootModule.
+
+The math is nanochat's (gpt.py, the version without value embeddings): token embedding, a parameter-free
+RMSNorm right after it, pre-norm blocks of rotary attention (rotary first, then QK-norm, GQA through
+n_kv_head) and a ReLU² MLP, a final RMSNorm, an untied lm_head and logits soft-capped at 15 in fp32.
+No biases, no learned norm weights.
+
+What we add is the module tree: every intermediate activation passes through a `HookPoint` whose name is
+the one TransformerLens users know (`blocks.3.attn.hook_pattern`, ...), so `run_with_cache`,
+`run_with_hooks`, `hooks()` and `ActivationCache` work as on a HookedTransformer. Unused hooks cost one
+identity module call each. Attention has two paths with the same numbers: the fused SDPA kernel, and an
+explicit softmax(QKᵀ) taken only when someone has a hook on the scores or the pattern (the fused kernel
+never materialises them).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformer_lens import ActivationCache, HookedRootModule
+from transformer_lens.config import TransformerLensConfig
+from transformer_lens.hook_points import HookPoint
+
+if TYPE_CHECKING:
+    from aquainterp.engine import KVCache
+
+SOFTCAP = 15.0
+ROPE_BASE = 10000.0
+
+
+@dataclass
+class GPTConfig:
+    sequence_len: int = 2048
+    vocab_size: int = 65536
+    n_layer: int = 12
+    n_head: int = 6  # query heads
+    n_kv_head: int = 6  # key/value heads (GQA when < n_head)
+    n_embd: int = 768
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"GPTConfig.{f.name} must be a positive int, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"GPTConfig: n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(
+                f"GPTConfig: n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}"
+            )
+        if (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"GPTConfig: head_dim={self.n_embd // self.n_head} must be even for rotary")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def from_depth(
+        cls, depth, vocab_size=65536, sequence_len=2048, aspect_ratio=64, head_dim=128, n_kv_head=None
+    ):
+        """nanochat's sizing rule: width = depth × aspect_ratio, heads of about head_dim channels."""
+        if not isinstance(depth, int) or depth < 1:
+            raise ValueError(f"GPTConfig.from_depth: depth must be a positive int, got {depth!r}")
+        n_embd = depth * aspect_ratio
+        n_head = max(1, math.ceil(n_embd / head_dim))
+        if n_embd % n_head:
+            raise ValueError(
+                f"GPTConfig.from_depth: width {n_embd} (depth {depth} × aspect_ratio {aspect_ratio}) does not split "
+                f"into {n_head} equal heads of about {head_dim}; pick a depth or aspect_ratio that does"
+            )
+        return cls(
+            sequence_len=sequence_len,
+            vocab_size=vocab_size,
+            n_layer=depth,
+            n_head=n_head,
+            n_kv_head=n_head if n_kv_head is None else n_kv_head,
+            n_embd=n_embd,
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d) -> GPTConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(
+                f"GPTConfig.from_dict: unknown keys {unknown}; expected a subset of {sorted(known)}"
+            )
+        return cls(**d)
+
+
+def norm(x: torch.Tensor) -> torch.Tensor:
+    """Parameter-free RMSNorm over the last dim, torch's default eps (as nanochat)."""
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the two halves of each head: nanochat's sign convention (HF NanoChat's rotate_half agrees).
+
+    x is [B, T, H, D]; cos/sin are [1, T, 1, D/2] in fp32 and are cast to x's dtype, as HF does.
+    """
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos + x2 * sin, x1 * (-sin) + x2 * cos], dim=-1)
+
+
+def rotary_tables(seq_len: int, head_dim: int, base: float = ROPE_BASE, device=None):
+    """cos/sin tables [1, seq_len, 1, head_dim/2] in fp32 (nanochat keeps bf16 ones; fp32 lets us match HF)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    t = torch.arange(seq_len, dtype=torch.float32, device=device)
+    freqs = torch.outer(t, inv_freq)
+    return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
+
+
+def _active(hook: HookPoint) -> bool:
+    return bool(hook.fwd_hooks or hook.bwd_hooks)
+
+
+class RMSNormPre(nn.Module):
+    """Parameter-free RMSNorm with TL's `hook_scale` and `hook_normalized`.
+
+    The fused F.rms_norm is used unless someone hooks `hook_scale`; then the scale is computed explicitly
+    (sqrt(mean x² + eps), what TL caches for `apply_ln_to_stack`) and x is divided by it.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.hook_scale = HookPoint()  # [batch, pos, 1]
+        self.hook_normalized = HookPoint()  # [batch, pos, d_model]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _active(self.hook_scale):
+            eps = torch.finfo(x.dtype).eps
+            scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + eps).sqrt())
+            y = x / scale
+        else:
+            y = norm(x)
+        return self.hook_normalized(y)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head = config.n_head
+        self.n_kv_head = config.n_kv_head
+        self.head_dim = config.head_dim
+        self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
+        self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=False)
+        self.hook_q = HookPoint()  # [batch, pos, head, d_head]
+        self.hook_k = HookPoint()  # [batch, pos, kv_head, d_head]
+        self.hook_v = HookPoint()  # [batch, pos, kv_head, d_head]
+        self.hook_rot_q = HookPoint()  # after rotary and QK-norm
+        self.hook_rot_k = HookPoint()
+        self.hook_attn_scores = HookPoint()  # [batch, head, query_pos, key_pos], scaled, masked with -inf
+        self.hook_pattern = HookPoint()  # [batch, head, query_pos, key_pos]
+        self.hook_z = HookPoint()  # [batch, pos, head, d_head]
+
+    def needs_explicit_attention(self) -> bool:
+        """True when a hook reads or writes scores/pattern, which the fused kernel never materialises."""
+        return _active(self.hook_attn_scores) or _active(self.hook_pattern)
+
+    def forward(self, x, cos, sin, kv_cache: KVCache | None = None):
+        B, T, _ = x.shape
+        q = self.hook_q(self.c_q(x).view(B, T, self.n_head, self.head_dim))
+        k = self.hook_k(self.c_k(x).view(B, T, self.n_kv_head, self.head_dim))
+        v = self.hook_v(self.c_v(x).view(B, T, self.n_kv_head, self.head_dim))
+        q = self.hook_rot_q(norm(apply_rotary_emb(q, cos, sin)))
+        k = self.hook_rot_k(norm(apply_rotary_emb(k, cos, sin)))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
+        prefix = 0
+        if kv_cache is not None:
+            prefix = kv_cache.get_pos()
+            k, v = kv_cache.insert_kv(self.layer_idx, k, v)
+        Tq, Tk = q.size(2), k.size(2)
+        # Boolean mask (True = may attend), only needed when queries start after cached keys.
+        mask = None
+        if Tq != Tk and Tq > 1:
+            q_pos = torch.arange(prefix, prefix + Tq, device=q.device)
+            mask = torch.arange(Tk, device=q.device)[None, :] <= q_pos[:, None]
+        if self.needs_explicit_attention():
+            y = self._explicit_attention(q, k, v, mask, causal=Tq == Tk)
+        else:
+            y = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                is_causal=Tq == Tk and Tq > 1,
+                enable_gqa=self.n_head != self.n_kv_head,
+            )
+        z = self.hook_z(y.transpose(1, 2))  # [B, T, H, D]
+        return self.c_proj(z.reshape(B, T, -1))
+
+    def _explicit_attention(self, q, k, v, mask, causal):
+        groups = self.n_head // self.n_kv_head
+        if groups > 1:  # same head → kv-head map as SDPA's enable_gqa and HF's repeat_kv
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
+        Tq, Tk = scores.shape[-2:]
+        if causal and Tq > 1:
+            mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril()
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        scores = self.hook_attn_scores(scores)
+        pattern = self.hook_pattern(F.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype))
+        return pattern @ v
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+        self.hook_pre = HookPoint()  # [batch, pos, d_mlp]
+        self.hook_post = HookPoint()  # after ReLU²
+
+    def forward(self, x):
+        h = self.hook_pre(self.c_fc(x))
+        h = self.hook_post(F.relu(h).square())
+        return self.c_proj(h)
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.ln1 = RMSNormPre()
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln2 = RMSNormPre()
+        self.mlp = MLP(config)
+        self.hook_resid_pre = HookPoint()
+        self.hook_attn_out = HookPoint()
+        self.hook_resid_mid = HookPoint()
+        self.hook_mlp_out = HookPoint()
+        self.hook_resid_post = HookPoint()
+
+    def forward(self, x, cos, sin, kv_cache=None):
+        x = self.hook_resid_pre(x)
+        x = self.hook_resid_mid(x + self.hook_attn_out(self.attn(self.ln1(x), cos, sin, kv_cache)))
+        x = self.hook_resid_post(x + self.hook_mlp_out(self.mlp(self.ln2(x))))
+        return x
+
+
+class GPT(HookedRootModule):
+    """nanochat GPT. Parameter names (checkpoint keys): wte, blocks.{l}.attn.c_q|c_k|c_v|c_proj,
+    blocks.{l}.mlp.c_fc|c_proj, lm_head."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        if not isinstance(config, GPTConfig):
+            raise TypeError(f"GPT(config): expected a GPTConfig, got {type(config).__name__}")
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.hook_embed = HookPoint()  # raw token embedding; blocks.0.hook_resid_pre is its RMSNorm
+        self.blocks = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
+        self.ln_final = RMSNormPre()
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Rotary tables for 10× the training length (as nanochat), fp32, not saved in checkpoints.
+        self.rotary_len = config.sequence_len * 10
+        cos, sin = rotary_tables(self.rotary_len, config.head_dim)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        self.cfg = TransformerLensConfig(
+            d_model=config.n_embd,
+            d_head=config.head_dim,
+            n_layers=config.n_layer,
+            n_ctx=config.sequence_len,
+            n_heads=config.n_head,
+            d_mlp=4 * config.n_embd,
+            d_vocab=config.vocab_size,
+            n_key_value_heads=config.n_kv_head,
+            device=str(self.wte.weight.device),
+            positional_embedding_type="rotary",
+            normalization_type="RMSPre",
+            uses_rms_norm=True,
+            final_rms=True,
+            eps=torch.finfo(torch.float32).eps,
+            act_fn="relu2",
+            dtype=self.wte.weight.dtype,
+        )
+        self.setup()
+
+    def _apply(self, fn, *args, **kwargs):
+        # Keep the TL config's device/dtype in step with .to()/.cuda()/.half() (patching reads cfg.device).
+        out = super()._apply(fn, *args, **kwargs)
+        self.cfg.device = str(self.wte.weight.device)
+        self.cfg.dtype = self.wte.weight.dtype
+        return out
+
+    @torch.no_grad()
+    def init_weights(self):
+        """nanochat's init: N(0, 1) embedding, Linear std 1/√fan_in·min(1, √(fan_out/fan_in)),
+        zeros for lm_head and every block's output projections (attn.c_proj, mlp.c_proj)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                fan_out, fan_in = module.weight.shape
+                std = 1.0 / math.sqrt(fan_in) * min(1.0, math.sqrt(fan_out / fan_in))
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=1.0)
+        nn.init.zeros_(self.lm_head.weight)
+        for block in self.blocks:
+            nn.init.zeros_(block.attn.c_proj.weight)
+            nn.init.zeros_(block.mlp.c_proj.weight)
+        cos, sin = rotary_tables(self.rotary_len, self.config.head_dim, device=self.cos.device)
+        self.cos.copy_(cos)
+        self.sin.copy_(sin)
+
+    def forward(self, idx, targets=None, kv_cache: KVCache | None = None, loss_reduction: str = "mean"):
+        """Logits [B, T, vocab] (fp32, soft-capped) or, with targets, nanochat's cross-entropy
+        (targets == -1 ignored; loss_reduction='none' gives a flat [B*T] tensor, as nanochat)."""
+        if not isinstance(idx, torch.Tensor) or idx.ndim != 2 or idx.dtype not in (torch.long, torch.int32):
+            got = (
+                f"{idx.dtype} tensor of shape {tuple(idx.shape)}"
+                if isinstance(idx, torch.Tensor)
+                else type(idx)
+            )
+            raise ValueError(f"GPT.forward: idx must be an integer tensor [batch, seq], got {got}")
+        B, T = idx.shape
+        T0 = 0 if kv_cache is None else kv_cache.get_pos()
+        if T0 + T > self.rotary_len:
+            raise ValueError(
+                f"GPT.forward: positions {T0}..{T0 + T - 1} exceed the rotary table of {self.rotary_len} "
+                f"(10 × sequence_len {self.config.sequence_len})"
+            )
+        if targets is not None and targets.shape != idx.shape:
+            raise ValueError(
+                f"GPT.forward: targets shape {tuple(targets.shape)} != idx shape {tuple(idx.shape)}"
+            )
+        cos, sin = self.cos[:, T0 : T0 + T], self.sin[:, T0 : T0 + T]
+        x = norm(self.hook_embed(self.wte(idx)))
+        for block in self.blocks:
+            x = block(x, cos, sin, kv_cache)
+        x = self.ln_final(x)
+        logits = self.lm_head(x).float()
+        logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
+        if targets is None:
+            return logits
+        return F.cross_entropy(
+            logits.view(-1, logits.size(-1)),
+            targets.reshape(-1).long(),
+            ignore_index=-1,
+            reduction=loss_reduction,
+        )
+
+    def run_with_cache(self, *model_args, **kwargs) -> tuple[torch.Tensor, ActivationCache]:
+        """HookedRootModule.run_with_cache, with the dict wrapped as an ActivationCache."""
+        out, cache_dict = super().run_with_cache(*model_args, **kwargs)
+        return out, ActivationCache(cache_dict, self, has_batch_dim=not kwargs.get("remove_batch_dim", False))
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def load_state_dict_checked(
+        self, state_dict: dict[str, torch.Tensor], source: str = "state dict"
+    ) -> None:
+        """Strict load that names every missing/unexpected tensor and each shape mismatch (both shapes).
+
+        A torch.compile prefix `_orig_mod.` is stripped first."""
+        state_dict = {k.removeprefix("_orig_mod."): v for k, v in state_dict.items()}
+        own = self.state_dict()
+        problems = []
+        missing = sorted(set(own) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(own))
+        if missing:
+            problems.append(f"missing tensors {missing}")
+        if unexpected:
+            problems.append(f"unexpected tensors {unexpected}")
+        for name in sorted(set(own) & set(state_dict)):
+            if tuple(own[name].shape) != tuple(state_dict[name].shape):
+                problems.append(
+                    f"tensor {name!r}: {source} has shape {tuple(state_dict[name].shape)}, "
+                    f"model expects {tuple(own[name].shape)}"
+                )
+        if problems:
+            raise ValueError(f"cannot load {source} into GPT({self.config}): " + "; ".join(problems))
+        self.load_state_dict(state_dict, strict=True)
