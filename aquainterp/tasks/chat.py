@@ -1,0 +1,102 @@
+"""Multiple-choice problems as chat conversations, and the token positions the evals and probes read.
+
+Two styles, one user layout (question, then the options one per line as "A) text", then one short
+fixed instruction line):
+- "direct": the assistant says exactly "Answer: C". Categorical eval and the probes read the model's
+  next-token logits right after "Answer:", so the decision is one token.
+- "reasoning": the assistant writes the rationale, then "\\nAnswer: C". Generative eval and RL sample
+  this and read the letter back with extract_letter.
+SFT mixes both styles.
+"""
+
+from __future__ import annotations
+
+from aquainterp.tasks.problem import LETTERS, MCProblem
+
+INSTRUCTIONS = {
+    "direct": "Reply with the letter of the correct option.",
+    "reasoning": "Work it out step by step, then give the letter.",
+}
+ANSWER_PREFIX = "Answer:"
+
+
+def option_lines(problem: MCProblem) -> list[str]:
+    return [f"{letter}) {text}" for letter, text in zip(LETTERS, problem.options)]
+
+
+def user_message(problem: MCProblem, style: str) -> str:
+    if style not in INSTRUCTIONS:
+        raise ValueError(f"conversation style must be one of {tuple(INSTRUCTIONS)}, got {style!r}")
+    return "\n".join([problem.question, *option_lines(problem), INSTRUCTIONS[style]])
+
+
+def conversation(problem: MCProblem, style: str) -> dict:
+    """The chat for one problem: {"messages": [user, assistant]} in the given style."""
+    user = user_message(problem, style)
+    answer = f"{ANSWER_PREFIX} {problem.correct}"
+    assistant = answer if style == "direct" else f"{problem.rationale}\n{answer}"
+    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]}
+
+
+def letter_token_ids(tokenizer) -> tuple[list[int], list[int]]:
+    """(tokens appended after "Answer:" in the prompt, the five letter tokens) in the rendered context.
+
+    The letters are what the tokenizer produces for "Answer: X" minus the tokens of "Answer:", so
+    they match the SFT targets token for token. A token shared by all five (a lone space) moves into
+    the prompt. Raises ValueError if a letter is still not exactly one token.
+    """
+    prefix = tokenizer.encode(ANSWER_PREFIX)
+    tails = []
+    for letter in LETTERS:
+        full = tokenizer.encode(f"{ANSWER_PREFIX} {letter}")
+        if full[: len(prefix)] != prefix:
+            raise ValueError(f"tokenizer merges across '{ANSWER_PREFIX}' in '{ANSWER_PREFIX} {letter}': "
+                             f"{full} does not start with {prefix}")
+        tails.append(full[len(prefix) :])
+    shared = []
+    while all(len(t) > 1 for t in tails) and len({t[0] for t in tails}) == 1:
+        shared.append(tails[0][0])
+        tails = [t[1:] for t in tails]
+    for letter, tail in zip(LETTERS, tails):
+        if len(tail) != 1:
+            raise ValueError(f"option letter {letter!r} after '{ANSWER_PREFIX}' is {len(tail)} tokens "
+                             f"{tail}, not one; the tokenizer needs ' {letter}' as a single token")
+    letters = [t[0] for t in tails]
+    if len(set(letters)) != len(LETTERS):
+        raise ValueError(f"option letters do not map to five distinct tokens: {letters}")
+    return prefix + shared, letters
+
+
+def decision_prompt(tokenizer, problem: MCProblem) -> tuple[list[int], list[int]]:
+    """(ids up to the decision position, the five letter token ids): the next token is the answer."""
+    answer_ids, letters = letter_token_ids(tokenizer)
+    ids = tokenizer.render_for_completion(conversation(problem, "direct"))
+    return ids + answer_ids, letters
+
+
+def option_spans(tokenizer, problem: MCProblem) -> tuple[list[int], list[tuple[int, int]]]:
+    """Decision prompt ids and, for A..E, the [start, end) token span of the line "X) text" in them.
+
+    Spans come from the tokenizer's character offsets of the user message: a span holds every token
+    that overlaps the line's characters. Guarantee: decoding ids[start:end] gives the option line
+    with at most whitespace (the surrounding newlines) added at either end; this holds for
+    tokenizers whose pre-split never glues a non-space character across a newline (GPT-4 style).
+    """
+    ids, _ = decision_prompt(tokenizer, problem)
+    user = user_message(problem, "direct")
+    user_ids, offsets = tokenizer.encode_with_offsets(user)
+    start_token = tokenizer.encode_special("<|user_start|>")
+    if start_token not in ids:
+        raise ValueError("option_spans: no <|user_start|> token in the rendered decision prompt")
+    base = ids.index(start_token) + 1
+    if ids[base : base + len(user_ids)] != user_ids:
+        raise ValueError("option_spans: the user message is not tokenized the same inside the rendered "
+                         "conversation as on its own; cannot map character offsets to prompt positions")
+    spans = []
+    line_start = len(problem.question) + 1
+    for line in option_lines(problem):
+        line_end = line_start + len(line)
+        inside = [i for i, (s, e) in enumerate(offsets) if s < line_end and e > line_start]
+        spans.append((base + inside[0], base + inside[-1] + 1))
+        line_start = line_end + 1
+    return ids, spans
