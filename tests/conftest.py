@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+SHARED_DATA = Path(os.environ.get("AQUAINTERP_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
 def pytest_addoption(parser):
@@ -26,5 +26,6 @@ def pytest_collection_modifyitems(config, items):
 def shared_data() -> Path:
     """The shared data folder (AQuA dev, GSM8K) that tests and benchmarks read."""
     if not SHARED_DATA.is_dir():
-        pytest.fail(f"shared data folder not found at {SHARED_DATA}; tests need ../shared/data")
+        pytest.fail(f"shared data folder not found at {SHARED_DATA}; tests need ../shared/data "
+                    "(or set AQUAINTERP_SHARED_DATA)")
     return SHARED_DATA
