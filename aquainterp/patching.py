@@ -1,0 +1,425 @@
+"""Activation patching: which layers, positions and heads carry the answer letter.
+
+Words as TransformerLens uses them. A *clean* prompt ends at the decision position ("... Answer:"),
+where the model should say the gold letter. Its *corrupted* twin moves the answer to another letter
+(options permuted, or numbers changed) or blurs the question (Gaussian noise on its token
+embeddings). The *metric* is the logit difference at the decision position between the clean gold
+letter and the corrupted gold letter, averaged over pairs and normalised so that the corrupted run
+scores 0 and the clean run 1.
+
+Denoising runs the corrupted prompt and writes one clean activation in (how much does this piece
+restore?); noising runs the clean prompt and writes one corrupted activation in (how much does
+breaking this piece hurt?). Either way a patch is one batch row: the prompt is stacked once per
+(cell, pair) and one hook per layer writes every row's own (position, head) at once, so a sweep over
+L×T cells and N pairs costs ceil(L·T·N / batch_size) forwards, not L·T.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+LETTERS = ("A", "B", "C", "D", "E")
+CORRUPTIONS = ("permute", "numbers", "noise")
+DIRECTIONS = ("denoise", "noise")
+ALIGNMENTS = ("start", "end")
+
+# sweep name -> (hook name of layer l, axes of one cell). Axes follow transformer_lens.patching:
+# get_act_patch_resid_pre is [layer, pos], get_act_patch_attn_head_out_all_pos is [layer, head],
+# get_act_patch_attn_head_out_by_pos is [layer, pos, head].
+SWEEPS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "resid_pre": ("blocks.{}.hook_resid_pre", ("layer", "pos")),
+    "resid_mid": ("blocks.{}.hook_resid_mid", ("layer", "pos")),
+    "resid_post": ("blocks.{}.hook_resid_post", ("layer", "pos")),
+    "attn_out": ("blocks.{}.hook_attn_out", ("layer", "pos")),
+    "mlp_out": ("blocks.{}.hook_mlp_out", ("layer", "pos")),
+    "z": ("blocks.{}.attn.hook_z", ("layer", "head")),
+    "z_pos": ("blocks.{}.attn.hook_z", ("layer", "pos", "head")),
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pairs
+
+
+@dataclass(frozen=True)
+class PatchPair:
+    """One clean/corrupted pair, tokenised up to and including the decision position.
+
+    `corrupted_letter_id` is None for noise corruption, where the gold letter does not move: the
+    foil is then the letter the noisy run likes best after the gold one. `noise_span` is the
+    [start, end) token range whose embeddings the noise corruption blurs.
+    """
+
+    name: str
+    clean_ids: tuple[int, ...]
+    corrupted_ids: tuple[int, ...]
+    clean_letter_id: int
+    corrupted_letter_id: int | None
+    letter_ids: tuple[int, ...]
+    noise_span: tuple[int, int] | None = None
+
+    def __post_init__(self):
+        if len(self.clean_ids) != len(self.corrupted_ids):
+            raise ValueError(
+                f"pair {self.name}: clean prompt has {len(self.clean_ids)} tokens, corrupted has "
+                f"{len(self.corrupted_ids)}; patching by position needs equal lengths"
+            )
+        if not self.clean_ids:
+            raise ValueError(f"pair {self.name}: empty prompt")
+        if len(self.letter_ids) != len(LETTERS) or self.clean_letter_id not in self.letter_ids:
+            raise ValueError(f"pair {self.name}: letter_ids {self.letter_ids} must be the five letter "
+                             f"tokens and include the clean gold letter {self.clean_letter_id}")
+        if self.corrupted_letter_id is None and self.noise_span is None:
+            raise ValueError(f"pair {self.name}: no corrupted letter and no noise span; nothing is corrupted")
+        if self.corrupted_letter_id == self.clean_letter_id:
+            raise ValueError(f"pair {self.name}: the corrupted gold letter equals the clean one")
+        if self.noise_span is not None:
+            start, end = self.noise_span
+            if not 0 <= start < end <= len(self.clean_ids):
+                raise ValueError(f"pair {self.name}: noise span {self.noise_span} is not inside the "
+                                 f"{len(self.clean_ids)}-token prompt")
+
+
+def _swap_gold(problem, target: str):
+    """The problem with the gold option moved to `target` (the two options swap places)."""
+    gold, new = LETTERS.index(problem.correct), LETTERS.index(target)
+    options = list(problem.options)
+    options[gold], options[new] = options[new], options[gold]
+    return dataclasses.replace(problem, options=tuple(options), correct=target)
+
+
+def _question_span(tokenizer, problem, ids: list[int]) -> tuple[int, int]:
+    """Token range of the user's question: after the last <|user_start|>, before option A."""
+    from aquainterp.tasks import option_spans
+
+    user_start = tokenizer.encode_special("<|user_start|>")
+    starts = [i for i, t in enumerate(ids) if t == user_start]
+    span_ids, spans = option_spans(tokenizer, problem)
+    if not starts or list(span_ids) != list(ids):
+        raise ValueError(f"pair {problem.source}: cannot find the question tokens (no <|user_start|> "
+                         "or option spans that disagree with the decision prompt)")
+    start, end = starts[-1] + 1, spans[0][0]
+    if end <= start:
+        raise ValueError(f"pair {problem.source}: option A starts at token {end}, before the question "
+                         f"at {start}")
+    return start, end
+
+
+def _counterfactual(problem, rng: random.Random):
+    """A same-shape problem whose numbers give another option as the answer (synthetic only)."""
+    from aquainterp.tasks import synthetic
+
+    make = getattr(synthetic, "counterfactual", None)
+    if make is None:
+        raise ValueError("corruption 'numbers' needs aquainterp.tasks.synthetic.counterfactual(problem, rng)")
+    return make(problem, rng)
+
+
+def make_pairs(tokenizer, problems, corruption: str, *, seed: int = 0,
+               skip_unalignable: bool = False) -> tuple[list[PatchPair], list[str]]:
+    """Clean/corrupted pairs from multiple-choice problems; returns (pairs, names of skipped problems).
+
+    permute: the gold option swaps places with another option, tried in a seeded order until the
+    two prompts tokenise to the same length. numbers: the synthetic task's counterfactual (other
+    numbers, same options, another gold letter). noise: the same prompt; the question's embeddings
+    are blurred at run time. A problem with no same-length corruption raises ValueError naming it,
+    or is skipped and listed when `skip_unalignable` is set.
+    """
+    from aquainterp.tasks import decision_prompt
+
+    if corruption not in CORRUPTIONS:
+        raise ValueError(f"make_pairs: corruption must be one of {CORRUPTIONS}, got {corruption!r}")
+    rng = random.Random(seed)
+    pairs, skipped = [], []
+    for problem in problems:
+        ids, letter_ids = decision_prompt(tokenizer, problem)
+        gold_id = letter_ids[LETTERS.index(problem.correct)]
+        if corruption == "noise":
+            pairs.append(PatchPair(problem.source, tuple(ids), tuple(ids), gold_id, None, tuple(letter_ids),
+                                   _question_span(tokenizer, problem, ids)))
+            continue
+        if corruption == "permute":
+            others = [x for x in LETTERS if x != problem.correct
+                      and problem.options[LETTERS.index(x)] != problem.answer_text]
+            rng.shuffle(others)
+            candidates = [_swap_gold(problem, x) for x in others]
+        else:
+            candidates = [_counterfactual(problem, rng)]
+        found = None
+        for corrupted in candidates:
+            c_ids, c_letter_ids = decision_prompt(tokenizer, corrupted)
+            if len(c_ids) == len(ids) and list(c_letter_ids) == list(letter_ids):
+                found = PatchPair(problem.source, tuple(ids), tuple(c_ids), gold_id,
+                                  letter_ids[LETTERS.index(corrupted.correct)], tuple(letter_ids))
+                break
+        if found is not None:
+            pairs.append(found)
+        elif skip_unalignable:
+            skipped.append(problem.source)
+        else:
+            raise ValueError(f"pair {problem.source}: no {corruption} corruption tokenises to the clean "
+                             f"prompt's {len(ids)} tokens; pass skip_unalignable (--skip-unalignable) to drop it")
+    return pairs, skipped
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sweeps
+
+
+@dataclass
+class SweepResult:
+    """One sweep: `normalized` [*cells] (0 = corrupted run, 1 = clean run) from the pair-mean logit
+    difference, and the raw per-pair logit differences `logit_diff` [*cells, n_pairs]."""
+
+    name: str
+    direction: str
+    axes: tuple[str, ...]
+    normalized: torch.Tensor
+    logit_diff: torch.Tensor
+
+
+class Patcher:
+    """Clean and corrupted runs of some pairs on one model, and batched patch sweeps over them.
+
+    Prompts of different lengths are right-padded: attention is causal, so padding never reaches the
+    decision position. With align="end" the position axis counts back from each pair's decision
+    position (cell T-1 is every pair's last token), which suits prompts of varied length (AQuA).
+    """
+
+    def __init__(self, model, pairs: list[PatchPair], *, batch_size: int = 32, align: str = "start",
+                 noise_scale: float = 3.0, seed: int = 0, progress: bool = True):
+        if not pairs:
+            raise ValueError("Patcher: no pairs to patch")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"Patcher: batch_size must be a positive int, got {batch_size!r}")
+        if align not in ALIGNMENTS:
+            raise ValueError(f"Patcher: align must be one of {ALIGNMENTS}, got {align!r}")
+        for name in ("n_layers", "n_heads", "d_model"):
+            if not hasattr(getattr(model, "cfg", None), name):
+                raise ValueError(f"Patcher: model.cfg has no {name!r}; expected a TransformerLens-style model")
+        if model.training:
+            model.eval()
+        self.model, self.pairs = model, list(pairs)
+        self.batch_size, self.align, self.progress = batch_size, align, progress
+        self.device = next(model.parameters()).device
+        self.n_layers, self.n_heads = model.cfg.n_layers, model.cfg.n_heads
+        n = len(self.pairs)
+        self.lengths = torch.tensor([len(p.clean_ids) for p in self.pairs], device=self.device)
+        self.n_pos = int(self.lengths.max())
+        self.tokens = {
+            "clean": self._pad([p.clean_ids for p in self.pairs]),
+            "corrupted": self._pad([p.corrupted_ids for p in self.pairs]),
+        }
+        self.decision_pos = self.lengths - 1
+        self.clean_letter = torch.tensor([p.clean_letter_id for p in self.pairs], device=self.device)
+        self.noise = self._make_noise(noise_scale, seed) if any(p.noise_span for p in self.pairs) else None
+        self._cache: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
+        self._baselines()
+
+    @torch.no_grad()
+    def _baselines(self):
+        all_pairs = torch.arange(len(self.pairs), device=self.device)
+        # The foil letter: the corrupted gold letter, or (noise) the noisy run's best non-gold letter.
+        corrupted_logits = self._logits("corrupted", all_pairs, [])
+        foil = []
+        for i, p in enumerate(self.pairs):
+            if p.corrupted_letter_id is not None:
+                foil.append(p.corrupted_letter_id)
+            else:
+                others = [t for t in p.letter_ids if t != p.clean_letter_id]
+                foil.append(max(others, key=lambda t: corrupted_logits[i, t].item()))
+        self.foil_letter = torch.tensor(foil, device=self.device)
+        self.clean_ld = self._letter_diff(self._logits("clean", all_pairs, []), all_pairs)
+        self.corrupted_ld = self._letter_diff(corrupted_logits, all_pairs)
+        self.scale = float(self.clean_ld.mean() - self.corrupted_ld.mean())
+        if not math.isfinite(self.scale) or abs(self.scale) < 1e-6:
+            raise ValueError(
+                f"Patcher: the clean and corrupted runs give the same mean letter logit difference "
+                f"({self.clean_ld.mean():.3g} vs {self.corrupted_ld.mean():.3g}); there is nothing to restore "
+                "(untrained model, or a corruption the model ignores)"
+            )
+
+    # -- runs ---------------------------------------------------------------------------------------
+
+    def _pad(self, rows) -> torch.Tensor:
+        out = torch.zeros(len(rows), self.n_pos, dtype=torch.long)
+        for i, ids in enumerate(rows):
+            out[i, : len(ids)] = torch.tensor(ids)
+            out[i, len(ids):] = ids[-1]
+        return out.to(self.device)
+
+    @torch.no_grad()
+    def _make_noise(self, scale: float, seed: int) -> torch.Tensor:
+        """Gaussian noise [pairs, pos, d_model] on each pair's noise span, std = scale × the std of the
+        clean prompts' token embeddings (ROME's recipe); fixed once so every run sees the same noise."""
+        seen = {}
+        save = lambda act, hook: seen.__setitem__("embed", act)
+        self.model.run_with_hooks(self.tokens["clean"], fwd_hooks=[("hook_embed", save)])
+        std = float(seen["embed"].float().std())
+        generator = torch.Generator().manual_seed(seed)
+        noise = torch.zeros(len(self.pairs), self.n_pos, self.model.cfg.d_model)
+        for i, p in enumerate(self.pairs):
+            if p.noise_span is not None:
+                start, end = p.noise_span
+                noise[i, start:end] = torch.randn(end - start, noise.shape[-1], generator=generator) * scale * std
+        return noise.to(self.device, seen["embed"].dtype)
+
+    def corruption_hooks(self, pair_index: torch.Tensor) -> list:
+        """Hooks that make a run on the corrupted tokens the corrupted run (the embedding noise)."""
+        if self.noise is None:
+            return []
+        noise = self.noise[pair_index]
+        return [("hook_embed", lambda act, hook: act + noise[:, : act.shape[1]])]
+
+    @torch.no_grad()
+    def _logits(self, run: str, pair_index: torch.Tensor, patch_hooks: list) -> torch.Tensor:
+        """Logits [rows, vocab] at each row's decision position, for `run` of pairs `pair_index`.
+
+        The final norm's output is cut to the decision position first, so the unembedding (the costliest
+        matmul of a small model with a 65k vocabulary) runs on one position per row instead of T.
+        Every forward has exactly batch_size rows (short ones are filled with copies of their first row,
+        which no hook patches): CPU matmul kernels change with the row count, and equal shapes make an
+        unpatched row and a baseline bitwise equal, so "no patch" reads exactly 0 and "all" exactly 1."""
+        n = len(pair_index)
+        if n > self.batch_size:
+            return torch.cat([self._logits(run, pair_index[i: i + self.batch_size], patch_hooks)
+                              for i in range(0, n, self.batch_size)])
+        filled = torch.cat([pair_index, pair_index[:1].expand(self.batch_size - n)])
+        decision = self.decision_pos[filled]
+        rows = torch.arange(self.batch_size, device=self.device)
+        keep = lambda act, hook: act[rows, decision].unsqueeze(1)
+        hooks = (self.corruption_hooks(filled) if run == "corrupted" else []) + list(patch_hooks)
+        logits = self.model.run_with_hooks(self.tokens[run][filled],
+                                           fwd_hooks=hooks + [("ln_final.hook_normalized", keep)])
+        return logits[:n, 0]
+
+    def _letter_diff(self, logits: torch.Tensor, pair_index: torch.Tensor) -> torch.Tensor:
+        rows = torch.arange(len(pair_index), device=logits.device)
+        return logits[rows, self.clean_letter[pair_index]] - logits[rows, self.foil_letter[pair_index]]
+
+    def metric(self, logits: torch.Tensor) -> torch.Tensor:
+        """The normalised metric of full logits [n_pairs, pos, vocab] (a scalar), the same pair order;
+        what transformer_lens.patching's functions take as `patching_metric`."""
+        rows = torch.arange(len(self.pairs), device=logits.device)
+        at_decision = logits[rows, self.decision_pos.to(logits.device)]
+        ld = self._letter_diff(at_decision, rows)
+        return (ld.mean() - self.corrupted_ld.mean()) / self.scale
+
+    def normalize(self, logit_diff: torch.Tensor) -> torch.Tensor:
+        """Per-pair logit differences [..., n_pairs] -> the normalised pair-mean metric [...]."""
+        return (logit_diff.mean(-1) - self.corrupted_ld.mean()) / self.scale
+
+    @torch.no_grad()
+    def activations(self, run: str, hook_template: str) -> dict[int, torch.Tensor]:
+        """`run`'s activations at `hook_template`.format(layer) for every layer and pair (cached)."""
+        key = (run, hook_template)
+        if key not in self._cache:
+            self._cache = {k: v for k, v in self._cache.items() if k[1] == hook_template}  # one kind at a time
+            store = {}
+            save = lambda act, hook: store.__setitem__(hook.name, act.detach().clone())
+            names = [hook_template.format(layer) for layer in range(self.n_layers)]
+            everyone = torch.arange(len(self.pairs), device=self.device)
+            hooks = (self.corruption_hooks(everyone) if run == "corrupted" else []) + [(n, save) for n in names]
+            self.model.run_with_hooks(self.tokens[run], fwd_hooks=hooks)
+            self._cache[key] = {layer: store[name] for layer, name in enumerate(names)}
+        return self._cache[key]
+
+    # -- sweeps -------------------------------------------------------------------------------------
+
+    def cells(self, name: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
+        """Axes and shape of a sweep's cell grid."""
+        if name not in SWEEPS:
+            raise ValueError(f"unknown sweep {name!r}; choose from {sorted(SWEEPS)}")
+        axes = SWEEPS[name][1]
+        sizes = {"layer": self.n_layers, "pos": self.n_pos, "head": self.n_heads}
+        return axes, tuple(sizes[a] for a in axes)
+
+    def _rows(self, name: str):
+        """Every (cell, pair) patch of a sweep as flat index, pair, layer, absolute position, head
+        (-1 where the sweep has no such axis), minus patches that fall outside a pair's prompt."""
+        axes, shape = self.cells(name)
+        n = len(self.pairs)
+        grids = torch.meshgrid(*[torch.arange(s, device=self.device) for s in (*shape, n)], indexing="ij")
+        cols = {axis: g.reshape(-1) for axis, g in zip((*axes, "pair"), grids)}
+        pair = cols["pair"]
+        none = torch.full_like(pair, -1)
+        pos, head = cols.get("pos", none), cols.get("head", none)
+        keep = torch.ones_like(pair, dtype=torch.bool)
+        if "pos" in axes:
+            if self.align == "end":
+                pos = pos - (self.n_pos - self.lengths[pair])
+            keep = (pos >= 0) & (pos < self.lengths[pair])
+        flat = torch.arange(pair.numel(), device=self.device)
+        return flat[keep], pair[keep], cols["layer"][keep], pos[keep], head[keep]
+
+    def _patch_hook(self, source: torch.Tensor, rows, pair, pos, head):
+        """A hook writing source[pair, pos, head] into batch rows `rows` of the running activation."""
+        def hook(act, hook):
+            act = act.clone()
+            if pos[0] >= 0 and head[0] >= 0:
+                act[rows, pos, head] = source[pair, pos, head].to(act.dtype)
+            elif pos[0] >= 0:
+                act[rows, pos] = source[pair, pos].to(act.dtype)
+            elif head[0] >= 0:
+                act[rows, :, head] = source[pair, :, head].to(act.dtype)
+            else:
+                act[rows] = source[pair].to(act.dtype)
+            return act
+        return hook
+
+    @torch.no_grad()
+    def sweep(self, name: str, direction: str = "denoise") -> SweepResult:
+        """Patch every cell of sweep `name` for every pair; one forward per `batch_size` patches."""
+        if direction not in DIRECTIONS:
+            raise ValueError(f"sweep: direction must be one of {DIRECTIONS}, got {direction!r}")
+        axes, shape = self.cells(name)
+        template = SWEEPS[name][0]
+        base, other = ("corrupted", "clean") if direction == "denoise" else ("clean", "corrupted")
+        source = self.activations(other, template)
+        base_ld = self.corrupted_ld if base == "corrupted" else self.clean_ld
+        # Patches outside a pair's prompt (padding) cannot reach its decision position: base value.
+        ld = base_ld.expand(*shape, len(self.pairs)).clone().reshape(-1)
+        flat, pair, layer, pos, head = self._rows(name)
+        chunks = range(0, len(flat), self.batch_size)
+        for start in tqdm(chunks, desc=f"{direction} {name}", disable=not self.progress, leave=False):
+            sl = slice(start, start + self.batch_size)
+            b_pair, b_layer, b_pos, b_head = pair[sl], layer[sl], pos[sl], head[sl]
+            hooks = []
+            for lay in torch.unique(b_layer).tolist():
+                rows = torch.nonzero(b_layer == lay).squeeze(1)
+                hooks.append((template.format(lay),
+                              self._patch_hook(source[lay], rows, b_pair[rows], b_pos[rows], b_head[rows])))
+            logits = self._logits(base, b_pair, hooks)
+            ld[flat[sl]] = self._letter_diff(logits, b_pair).to(ld.dtype)
+        ld = ld.reshape(*shape, len(self.pairs))
+        return SweepResult(name, direction, axes, self.normalize(ld), ld)
+
+    def position_labels(self, tokenizer=None) -> list[str]:
+        """Unique labels for the position axis: "index: token" from the longest pair's clean prompt
+        (an asterisk where pairs disagree at that position)."""
+        longest = max(range(len(self.pairs)), key=lambda i: len(self.pairs[i].clean_ids))
+        labels = []
+        for k in range(self.n_pos):
+            tokens = set()
+            for i, p in enumerate(self.pairs):
+                j = k - (self.n_pos - len(p.clean_ids)) if self.align == "end" else k
+                if 0 <= j < len(p.clean_ids):
+                    tokens.add(p.clean_ids[j])
+            j = k - (self.n_pos - len(self.pairs[longest].clean_ids)) if self.align == "end" else k
+            token = self.pairs[longest].clean_ids[j]
+            text = tokenizer.token_str(token) if tokenizer is not None else str(token)
+            index = k - self.n_pos + 1 if self.align == "end" else k
+            labels.append(f"{index}: {text}{'*' if len(tokens) > 1 else ''}")
+        return labels
+
+
+def run_sweeps(patcher: Patcher, names=tuple(SWEEPS), directions=("denoise",)) -> list[SweepResult]:
+    """Every requested sweep in every direction, in a stable order."""
+    return [patcher.sweep(name, direction) for direction, name in itertools.product(directions, names)]
