@@ -1,0 +1,363 @@
+"""ProbeSuite: run the selected probes on the fixed probe set and return one metrics dict.
+
+What the RL loop does (every `--probe-every` steps, on rank 0):
+
+    reference = freeze_reference(model, "cpu")            # once, before RL starts
+    suite = ProbeSuite(model, tokenizer, probe_problems, reference_model=reference)
+    ...
+    if due(step, args.probe_every):
+        metrics = suite.run(step, completions=rollouts)   # rollouts: (prompt, completion) pairs or Generations
+        logger.log(metrics, step)
+        suite.log_raw(logger, step)                       # histograms, hardest-questions table
+
+Guarantees: everything runs under torch.no_grad in eval mode, on the probe set only; train/eval mode
+and the RNG state are restored, and every hook is removed, so the next training step computes exactly
+what it would have without the probe run. A suite with no probes selected registers no hooks and does
+no work. The attention hooks (entropy, option mass) reduce each layer's pattern in the hook itself, so
+memory stays at one layer's [B, H, T, T] pattern.
+
+DDP: probes run on rank 0 only, on the unwrapped module (no collective is involved); `run` returns {}
+on other ranks, so it is safe to call on all of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from collections.abc import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from aquainterp.tasks import LETTERS, conversation
+from probes.counts import letter_counts
+from probes.entropy import entropy_metrics, query_window, window_entropy
+from probes.kl import completion_mask, kl_from_logits, kl_metrics, sequence_kl
+from probes.margin import letter_logits, letter_margins, margin_metrics
+from probes.option_mass import decision_rows, option_mass, option_mass_metrics, pick_option, span_mask
+from probes.probe_set import ProbeItem, build_probe_set, right_pad
+from probes.reference import unwrap
+
+PROBE_NAMES = ("entropy", "option_mass", "margin", "kl", "counts")
+ATTENTION_PROBES = ("entropy", "option_mass")
+
+
+def parse_probes(spec: str | Sequence[str]) -> tuple[str, ...]:
+    """'entropy,kl' or a sequence -> validated names; '', 'none' and 'off' mean no probes."""
+    names = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else [str(s) for s in spec]
+    names = [n for n in names if n and n.lower() not in ("none", "off")]
+    unknown = [n for n in names if n not in PROBE_NAMES]
+    if unknown:
+        raise ValueError(f"--probes: unknown probe(s) {unknown}; choose from {', '.join(PROBE_NAMES)}")
+    return tuple(dict.fromkeys(names))
+
+
+def add_probe_arguments(parser: argparse.ArgumentParser) -> None:
+    """The probe flags a training stage exposes (kebab-case; cli.normalize_flag_spelling maps snake_case)."""
+    parser.add_argument("--probes", default=",".join(PROBE_NAMES),
+                        help="comma-separated probes to run, or 'none' (default: all)")
+    parser.add_argument("--probe-every", type=int, default=20, help="run the probes every N steps (0 = never)")
+    parser.add_argument("--probe-batch", type=int, default=8, help="probe forward batch size")
+    parser.add_argument("--probe-problems", type=int, default=32, help="size of the fixed probe set")
+    parser.add_argument("--reference-device", default="cpu",
+                        help="where the frozen reference policy for KL lives ('cpu' or the model's device)")
+
+
+def due(step: int, every: int) -> bool:
+    """True on the steps the probes run: every `every` steps starting at 0; never when every <= 0."""
+    return every > 0 and step % every == 0
+
+
+def _rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _completion_pairs(completions) -> list[tuple[list[int], list[int]]]:
+    """Accept (prompt, completion) pairs or engine Generations; errors name the bad entry."""
+    pairs = []
+    for i, entry in enumerate(completions):
+        if hasattr(entry, "prompt") and hasattr(entry, "completions"):
+            pairs.extend((list(entry.prompt), list(c)) for c in entry.completions)
+            continue
+        try:
+            prompt, completion = entry
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"ProbeSuite.run: completions[{i}] must be a (prompt_ids, completion_ids) pair "
+                            f"or a Generation, got {type(entry).__name__}") from e
+        pairs.append((list(prompt), list(completion)))
+    for i, (prompt, completion) in enumerate(pairs):
+        if not prompt or not completion:
+            raise ValueError(f"ProbeSuite.run: completion pair {i} has an empty "
+                             f"{'prompt' if not prompt else 'completion'}")
+    return pairs
+
+
+class _PatternReducer:
+    """Forward hooks on hook_pattern that reduce each layer's pattern for one batch, at once, to the
+    window entropies [B, H, W] and the decision row's option masses [B, H, 5] (then free it)."""
+
+    def __init__(self, want: Sequence[str], n_layers: int, lengths: torch.Tensor, window: int, mask):
+        self.want, self.lengths, self.mask = want, lengths, mask
+        self.positions, self.valid = query_window(lengths, window)
+        self.per_layer = {key: [None] * n_layers for key in ("entropy", "entropy_normalized", "option_mass")}
+
+    def hook(self, layer: int):
+        def reduce(pattern, hook):
+            if "entropy" in self.want:
+                ent, norm = window_entropy(pattern, self.positions, self.valid)
+                self.per_layer["entropy"][layer] = ent.cpu()
+                self.per_layer["entropy_normalized"][layer] = norm.cpu()
+            if "option_mass" in self.want:
+                rows = decision_rows(pattern, self.lengths)
+                self.per_layer["option_mass"][layer] = option_mass(rows, self.mask).cpu()
+        return reduce
+
+    def stacked(self) -> dict[str, torch.Tensor]:
+        """{name: [B, L, H, ...]} for the quantities that were computed."""
+        return {k: torch.stack(v, dim=1) for k, v in self.per_layer.items() if v[0] is not None}
+
+
+class ProbeSuite:
+    def __init__(self, model, tokenizer, problems, probes: str | Sequence[str] = PROBE_NAMES,
+                 reference_model=None, batch_size: int = 8, device=None, reference_device=None,
+                 entropy_window: int = 8, kl_sequences: int = 8, max_new_tokens: int = 64,
+                 completion_style: str = "reasoning", hardest_k: int = 5, table_completions: bool = True):
+        """problems: the fixed probe set, MCProblems (or ProbeItems from build_probe_set, to share one).
+        reference_model: the frozen pre-RL policy (freeze_reference), needed by "kl". kl_sequences: how
+        many probe problems get a greedy completion for sequence KL when the caller passes none.
+        hardest_k: rows of the hardest-questions table; table_completions: fill its completion column
+        with greedy completions (generated for those rows if the run made none)."""
+        self.model = unwrap(model)
+        self.tokenizer = tokenizer
+        self.probes = parse_probes(probes)
+        if batch_size < 1:
+            raise ValueError(f"ProbeSuite: batch_size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
+        self.device = torch.device(device) if device is not None else _device_of(self.model)
+        self.reference = None
+        if "kl" in self.probes:
+            if reference_model is None:
+                raise ValueError("ProbeSuite: the 'kl' probe needs reference_model "
+                                 "(probes.reference.freeze_reference(model) before RL starts)")
+            self.reference = unwrap(reference_model)
+            if reference_device is not None and _device_of(self.reference) != torch.device(reference_device):
+                self.reference.to(reference_device)
+            self.reference.eval().requires_grad_(False)
+        self.entropy_window = entropy_window
+        self.kl_sequences = kl_sequences
+        self.max_new_tokens = max_new_tokens
+        self.completion_style = completion_style
+        self.hardest_k = hardest_k
+        self.table_completions = table_completions
+        if problems and all(isinstance(p, ProbeItem) for p in problems):
+            self.items: list[ProbeItem] = list(problems)
+        else:
+            self.items = build_probe_set(tokenizer, problems) if self.probes else []
+        self.pad_id = getattr(tokenizer, "bos_token_id", 0)
+        self.last_raw: dict = {}
+        self.last_seconds: dict[str, float] = {}
+
+    # ---- the run -----------------------------------------------------------------------------------
+
+    def run(self, step: int, completions=None) -> dict[str, float]:
+        """Metrics for this step (design names). completions: sampled (prompt, completion) token pairs
+        (or engine Generations) for sequence KL; None = greedy completions of the first `kl_sequences`
+        probe problems. Raw arrays for histograms/heatmaps/tables land in `self.last_raw`."""
+        if not self.probes or _rank() != 0:
+            self.last_raw = {}
+            return {}
+        model = self.model
+        was_training = model.training
+        cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+        model.eval()
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+                return self._measure(step, completions)
+        finally:
+            model.train(was_training)
+
+    def _measure(self, step, completions) -> dict[str, float]:
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        collected = self._forward_probe_set()
+        timings["forward"] = time.perf_counter() - t0
+        letters, gold = collected["letters"], collected["gold"]
+        margin, gold_margin, predicted = letter_margins(letters, gold)
+        metrics: dict[str, float] = {}
+        raw: dict = {"step": step, "letter_logits": letters.numpy(), "gold": gold.numpy(),
+                     "predicted": predicted.numpy()}
+        if "entropy" in self.probes:
+            ent, norm = collected["entropy"], collected["entropy_normalized"]  # [N, L, H, W]
+            ent_lh, norm_lh = ent.nanmean(dim=(0, 3)), norm.nanmean(dim=(0, 3))
+            metrics.update(entropy_metrics(ent_lh))
+            metrics["attn/entropy_normalized_mean"] = float(norm_lh.mean())
+            raw.update(entropy=ent_lh.numpy(), entropy_normalized=norm_lh.numpy(),
+                       decision_entropy=ent[..., -1].mean(0).numpy())
+        if "option_mass" in self.probes:
+            mass = collected["option_mass"]  # [N, L, H, 5]
+            metrics.update(option_mass_metrics(mass, gold, predicted))
+            raw.update(option_mass=mass.sum(-1).mean(0).numpy(), option_mass_per_option=mass.numpy(),
+                       gold_option_mass=pick_option(mass, gold).mean(0).numpy())
+        if "margin" in self.probes:
+            metrics.update(margin_metrics(margin, gold_margin))
+            raw.update(letter_margin=margin.numpy(), letter_gold_margin=gold_margin.numpy())
+        if "counts" in self.probes:
+            metrics.update(letter_counts(predicted))
+        if "kl" in self.probes:
+            kl_letter = kl_from_logits(letters, collected["reference_letters"])
+            metrics.update(kl_metrics(kl_letter, "kl_letter"))
+            raw["kl_letter"] = kl_letter.numpy()
+        generated: dict[int, list[int]] = {}
+        if "kl" in self.probes:
+            t1 = time.perf_counter()
+            if completions is None:
+                chosen = self.items[: self.kl_sequences]
+                generated.update(self._greedy({it.index for it in chosen}))
+                pairs = [(self._completion_prompt(it), generated[it.index]) for it in chosen]
+            else:
+                pairs = _completion_pairs(completions)
+            timings["generate"] = time.perf_counter() - t1
+            t2 = time.perf_counter()
+            kl_seq = self._sequence_kl(pairs)
+            timings["kl_sequence"] = time.perf_counter() - t2
+            metrics.update(kl_metrics(kl_seq, "kl_sequence"))
+            raw["kl_sequence"] = kl_seq.numpy()
+        if "margin" in self.probes and self.hardest_k > 0:
+            t3 = time.perf_counter()
+            raw["hardest"] = self._hardest_table(gold_margin, margin, predicted, generated)
+            timings["hardest_table"] = time.perf_counter() - t3
+        timings["total"] = time.perf_counter() - t0
+        self.last_raw, self.last_seconds = raw, timings
+        return metrics
+
+    def _forward_probe_set(self) -> dict[str, torch.Tensor]:
+        """One hooked forward per batch of decision prompts; hooks reduce each layer's pattern at once."""
+        want_attn = [p for p in ATTENTION_PROBES if p in self.probes]
+        n_layers = self.model.cfg.n_layers
+        out: dict[str, list[torch.Tensor]] = {"letters": [], "gold": [], "reference_letters": [],
+                                              "entropy": [], "entropy_normalized": [], "option_mass": []}
+        batches = range(0, len(self.items), self.batch_size)
+        for start in tqdm(batches, desc="probes", leave=False, disable=len(batches) < 4):
+            batch = self.items[start : start + self.batch_size]
+            ids, lengths = right_pad([it.ids for it in batch], self.pad_id)
+            ids, lengths = ids.to(self.device), lengths.to(self.device)
+            letter_ids = torch.tensor([it.letter_ids for it in batch], device=self.device)
+            reducer = _PatternReducer(want_attn, n_layers, lengths, self.entropy_window,
+                                      span_mask([it.spans for it in batch], ids.shape[1], device=self.device))
+            if want_attn:
+                hooks = [(f"blocks.{layer}.attn.hook_pattern", reducer.hook(layer)) for layer in range(n_layers)]
+                logits = self.model.run_with_hooks(ids, fwd_hooks=hooks)
+            else:
+                logits = self.model(ids)
+            out["letters"].append(letter_logits(logits, lengths - 1, letter_ids).float().cpu())
+            del logits
+            out["gold"].append(torch.tensor([it.gold for it in batch]))
+            for key, value in reducer.stacked().items():
+                out[key].append(value)
+            if self.reference is not None:
+                ref_device = _device_of(self.reference)
+                ref_logits = self.reference(ids.to(ref_device))
+                ref_letters = letter_logits(ref_logits, lengths.to(ref_device) - 1, letter_ids.to(ref_device))
+                out["reference_letters"].append(ref_letters.float().cpu())
+                del ref_logits
+        return {k: torch.cat(v) for k, v in out.items() if v}
+
+    def _sequence_kl(self, pairs) -> torch.Tensor:
+        """Exact full-vocab KL(policy || reference) per completion token, teacher forced, mean per pair."""
+        values = []
+        ref_device = _device_of(self.reference)
+        for start in range(0, len(pairs), self.batch_size):
+            chunk = pairs[start : start + self.batch_size]
+            # the last completion token is never an input: its logits would predict past the completion
+            ids, _ = right_pad([p + c[:-1] if len(c) > 1 else p for p, c in chunk], self.pad_id)
+            prompt_len = torch.tensor([len(p) for p, _ in chunk])
+            comp_len = torch.tensor([len(c) for _, c in chunk])
+            mask = completion_mask(prompt_len, comp_len, ids.shape[1])
+            policy = self.model(ids.to(self.device))
+            reference = self.reference(ids.to(ref_device)).to(self.device)
+            values.append(sequence_kl(policy, reference, mask.to(self.device)).cpu())
+            del policy, reference
+        return torch.cat(values)
+
+    # ---- completions and the hardest-questions table -------------------------------------------------
+
+    def _completion_prompt(self, item: ProbeItem) -> list[int]:
+        return list(self.tokenizer.render_for_completion(conversation(item.problem, self.completion_style)))
+
+    def _greedy(self, indices) -> dict[int, list[int]]:
+        """Greedy completions (temperature 0) of the given probe problems, stop token included."""
+        from aquainterp.engine import Engine  # the engine is only needed when we generate ourselves
+
+        engine = Engine(self.model)
+        stop = [self.tokenizer.encode_special("<|assistant_end|>")]
+        out = {}
+        for index in sorted(indices):
+            gen = engine.generate(self._completion_prompt(self.items[index]), num_samples=1,
+                                  max_new_tokens=self.max_new_tokens, temperature=0.0, stop_tokens=stop)
+            out[index] = list(gen.completions[0])
+        return out
+
+    def _hardest_table(self, gold_margin, margin, predicted, generated) -> dict:
+        """The hardest_k problems by signed gold margin (most confidently wrong first)."""
+        order = torch.argsort(gold_margin)[: self.hardest_k].tolist()
+        missing = {i for i in order if i not in generated}
+        if missing and self.table_completions:
+            generated.update(self._greedy(missing))
+        rows = []
+        for i in order:
+            problem = self.items[i].problem
+            options = " ".join(f"{letter}) {text}" for letter, text in zip(LETTERS, problem.options))
+            rows.append([i, problem.question, options, LETTERS[int(predicted[i])], problem.correct,
+                         round(float(gold_margin[i]), 4), round(float(margin[i]), 4),
+                         self.tokenizer.decode(generated[i]) if i in generated else ""])
+        columns = ["index", "question", "options", "model_letter", "gold_letter", "gold_margin", "margin",
+                   "completion"]
+        return {"columns": columns, "rows": rows}
+
+    # ---- logging and figures ---------------------------------------------------------------------------
+
+    def log_raw(self, logger, step: int) -> None:
+        """Histograms (margins, KL) and the hardest-questions table of the last run, through Logger."""
+        raw = self.last_raw
+        for key in ("letter_margin", "letter_gold_margin", "kl_letter", "kl_sequence"):
+            if key in raw:
+                values = [float(v) for v in raw[key] if math.isfinite(float(v))]
+                logger.log_histogram(f"rl/{key}", values, step)
+        if "hardest" in raw:
+            logger.log_table("rl/hardest_questions", raw["hardest"]["columns"], raw["hardest"]["rows"], step)
+
+    def attention_figures(self, prompt_indices: Sequence[int] = (0,), max_tokens: int = 48) -> dict:
+        """Plotly figures: for each chosen probe prompt, a layer×head grid of attention patterns over its
+        last `max_tokens` tokens; and, after a run, layer×head heatmaps of entropy and option mass."""
+        from probes.figures import matrix_heatmap, pattern_grid
+
+        figures = {}
+        model = self.model
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                for index in prompt_indices:
+                    if not 0 <= index < len(self.items):
+                        raise IndexError(f"attention_figures: prompt index {index} outside the probe set "
+                                         f"of {len(self.items)}")
+                    ids = torch.tensor([self.items[index].ids], device=self.device)
+                    _, cache = model.run_with_cache(ids, names_filter=lambda name: name.endswith("hook_pattern"))
+                    patterns = torch.stack([cache[f"blocks.{layer}.attn.hook_pattern"][0]
+                                            for layer in range(model.cfg.n_layers)]).float().cpu()
+                    labels = [self.tokenizer.token_str(t) for t in self.items[index].ids]
+                    figures[f"attn/patterns/prompt{index}"] = pattern_grid(
+                        patterns, labels, max_tokens, title=f"probe prompt {index}: attention patterns")
+        finally:
+            model.train(was_training)
+        for key, title in (("entropy", "attention entropy (nats)"), ("option_mass", "attention mass on options"),
+                           ("gold_option_mass", "attention mass on the gold option")):
+            if key in self.last_raw:
+                figures[f"attn/{key}_heatmap"] = matrix_heatmap(self.last_raw[key], title)
+        return figures
