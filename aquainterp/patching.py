@@ -20,6 +20,7 @@ import dataclasses
 import itertools
 import math
 import random
+import re
 from dataclasses import dataclass
 
 import torch
@@ -112,14 +113,63 @@ def _question_span(tokenizer, problem, ids: list[int]) -> tuple[int, int]:
     return start, end
 
 
-def _counterfactual(problem, rng: random.Random):
-    """A same-shape problem whose numbers give another option as the answer (synthetic only)."""
-    from aquainterp.tasks import synthetic
+_STEP = re.compile(r"^\s*(\d+)\s*([-+*/])\s*(\d+)\s*=\s*(\d+)\s*$")
+_OPS = {"+": lambda x, y: x + y, "-": lambda x, y: x - y, "*": lambda x, y: x * y,
+        "/": lambda x, y: x // y if y and x % y == 0 else None}
 
-    make = getattr(synthetic, "counterfactual", None)
-    if make is None:
-        raise ValueError("corruption 'numbers' needs aquainterp.tasks.synthetic.counterfactual(problem, rng)")
-    return make(problem, rng)
+
+def _chain(problem):
+    """The rationale as a computation over the question's numbers, or None if it is not one.
+
+    Each rationale line "x op y = v" becomes (op, ref, ref); a ref is ("q", value) for a number of the
+    question, ("s", k) for the result of step k. A literal that could be both is ambiguous: None."""
+    numbers = {int(m) for m in re.findall(r"\d+", problem.question)}
+    steps, results = [], []
+    for line in problem.rationale.splitlines():
+        m = _STEP.match(line)
+        if m is None:
+            return None
+        refs = []
+        for literal in (int(m.group(1)), int(m.group(3))):
+            is_step, is_question = literal in results, literal in numbers
+            if is_step == is_question:
+                return None
+            refs.append(("s", results.index(literal)) if is_step else ("q", literal))
+        steps.append((m.group(2), *refs))
+        results.append(int(m.group(4)))
+    return steps or None
+
+
+def _evaluate(steps, values: dict[int, int]) -> int | None:
+    """Run a chain with question numbers remapped by `values`; None if a step leaves the naturals."""
+    results = []
+    for op, *refs in steps:
+        x, y = (values.get(v, v) if kind == "q" else results[v] for kind, v in refs)
+        out = _OPS[op](x, y)
+        if out is None or out < 0:
+            return None
+        results.append(out)
+    return results[-1]
+
+
+def _counterfactuals(problem, rng: random.Random, tries: int = 200):
+    """Synthetic problems with one question number changed (same digit count, options untouched) so
+    that another option is the answer: the "counterfactual numbers" corruption, in a seeded order."""
+    steps = _chain(problem)
+    if steps is None:
+        return
+    numbers = sorted({int(m) for m in re.findall(r"\d+", problem.question)})
+    candidates = [(old, new) for old in numbers
+                  for new in range(10 ** (len(str(old)) - 1) if old >= 10 else 0, 10 ** len(str(old)))
+                  if new != old and new not in numbers]
+    rng.shuffle(candidates)
+    option_letter = {text.strip(): letter for letter, text in zip(LETTERS, problem.options)}
+    for old, new in candidates[:tries]:
+        answer = _evaluate(steps, {old: new})
+        letter = option_letter.get(str(answer))
+        if letter is not None and letter != problem.correct:
+            question = re.sub(rf"\b{old}\b", str(new), problem.question)
+            yield dataclasses.replace(problem, question=question, correct=letter)
 
 
 def make_pairs(tokenizer, problems, corruption: str, *, seed: int = 0,
@@ -127,8 +177,8 @@ def make_pairs(tokenizer, problems, corruption: str, *, seed: int = 0,
     """Clean/corrupted pairs from multiple-choice problems; returns (pairs, names of skipped problems).
 
     permute: the gold option swaps places with another option, tried in a seeded order until the
-    two prompts tokenise to the same length. numbers: the synthetic task's counterfactual (other
-    numbers, same options, another gold letter). noise: the same prompt; the question's embeddings
+    two prompts tokenise to the same length. numbers: one number of a synthetic question changes
+    (same digit count, options untouched) so that the rationale's arithmetic lands on another option. noise: the same prompt; the question's embeddings
     are blurred at run time. A problem with no same-length corruption raises ValueError naming it,
     or is skipped and listed when `skip_unalignable` is set.
     """
@@ -151,7 +201,7 @@ def make_pairs(tokenizer, problems, corruption: str, *, seed: int = 0,
             rng.shuffle(others)
             candidates = [_swap_gold(problem, x) for x in others]
         else:
-            candidates = [_counterfactual(problem, rng)]
+            candidates = _counterfactuals(problem, rng)
         found = None
         for corrupted in candidates:
             c_ids, c_letter_ids = decision_prompt(tokenizer, corrupted)
@@ -164,8 +214,8 @@ def make_pairs(tokenizer, problems, corruption: str, *, seed: int = 0,
         elif skip_unalignable:
             skipped.append(problem.source)
         else:
-            raise ValueError(f"pair {problem.source}: no {corruption} corruption tokenises to the clean "
-                             f"prompt's {len(ids)} tokens; pass skip_unalignable (--skip-unalignable) to drop it")
+            raise ValueError(f"pair {problem.source}: no {corruption} corruption found that tokenises to "
+                             f"the clean prompt's {len(ids)} tokens; pass skip_unalignable (--skip-unalignable) to drop it")
     return pairs, skipped
 
 
