@@ -20,6 +20,7 @@ from aquainterp import __version__
 # name -> (module that implements it, one-line help). Only commands that exist are listed here.
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("aquainterp.info", "print versions, devices and the Rust core this install runs on"),
+    "patch": ("aquainterp.patch_cmd", "activation patching of a checkpoint: tensors, JSON, HTML heatmaps"),
 }
 
 

@@ -260,7 +260,6 @@ class Patcher:
         self.batch_size, self.align, self.progress = batch_size, align, progress
         self.device = next(model.parameters()).device
         self.n_layers, self.n_heads = model.cfg.n_layers, model.cfg.n_heads
-        n = len(self.pairs)
         self.lengths = torch.tensor([len(p.clean_ids) for p in self.pairs], device=self.device)
         self.n_pos = int(self.lengths.max())
         self.tokens = {
@@ -438,7 +437,7 @@ class Patcher:
         ld = base_ld.expand(*shape, len(self.pairs)).clone().reshape(-1)
         flat, pair, layer, pos, head = self._rows(name)
         chunks = range(0, len(flat), self.batch_size)
-        for start in tqdm(chunks, desc=f"{direction} {name}", disable=not self.progress, leave=False):
+        for start in tqdm(chunks, desc=f"{direction} {name}", disable=not self.progress):
             sl = slice(start, start + self.batch_size)
             b_pair, b_layer, b_pos, b_head = pair[sl], layer[sl], pos[sl], head[sl]
             hooks = []
@@ -458,7 +457,7 @@ class Patcher:
         labels = []
         for k in range(self.n_pos):
             tokens = set()
-            for i, p in enumerate(self.pairs):
+            for p in self.pairs:
                 j = k - (self.n_pos - len(p.clean_ids)) if self.align == "end" else k
                 if 0 <= j < len(p.clean_ids):
                     tokens.add(p.clean_ids[j])

@@ -1,0 +1,255 @@
+"""`aquainterp patch`: activation patching of a saved checkpoint, written as tensors, JSON and HTML.
+
+    aquainterp patch --checkpoint runs/sft --task synthetic --n-pairs 16 --corruption permute --out runs/patch
+
+Loads the model (our checkpoint, or an HF NanoChat directory through the bridge), builds clean/corrupted
+pairs from the task, runs the sweeps (aquainterp.patching) and writes into --out:
+- patching.safetensors: per sweep `{direction}/{sweep}/normalized` [*cells] and `.../logit_diff`
+  [*cells, pairs], plus the baselines and token ids;
+- summary.json: the run's settings, the pairs, baselines and each sweep's axes, range and top cells;
+- patching.html: one self-contained page of labelled heatmaps (plotly.js inlined, works offline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from aquainterp.patching import ALIGNMENTS, CORRUPTIONS, DIRECTIONS, SWEEPS, Patcher, SweepResult
+
+TASKS = ("synthetic", "aqua")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=Path, help="checkpoint folder written by aquainterp.checkpoint")
+    source.add_argument("--hf-dir", type=Path, help="HF NanoChatForCausalLM directory (imported via the bridge)")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    parser.add_argument("--tokenizer", type=Path, default=None,
+                        help="tokenizer folder, when the checkpoint or HF dir carries none")
+    parser.add_argument("--task", choices=TASKS, default="synthetic")
+    parser.add_argument("--data", default=None,
+                        help="AQuA JSON Lines file or hub id (task aqua; default deepmind/aqua_rat)")
+    parser.add_argument("--split", default=None, help="synthetic: train|eval (default eval); aqua hub split")
+    parser.add_argument("--n-pairs", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=32, help="patched sequences per forward")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--corruption", choices=CORRUPTIONS, default="permute")
+    parser.add_argument("--direction", choices=(*DIRECTIONS, "both"), default="denoise")
+    parser.add_argument("--sweeps", default=",".join(SWEEPS), help=f"comma list from {','.join(SWEEPS)}")
+    parser.add_argument("--align", choices=ALIGNMENTS, default="end",
+                        help="position axis counts from the prompt start, or back from the decision token")
+    parser.add_argument("--noise-scale", type=float, default=3.0, help="noise std in embedding stds")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-unalignable", action="store_true",
+                        help="drop problems with no same-length corruption instead of stopping")
+    parser.add_argument("--out", type=Path, required=True)
+
+
+def fail(message: str) -> int:
+    print(f"aquainterp patch: error: {message}", file=sys.stderr)
+    return 2
+
+
+def load(args):
+    """(model, tokenizer, description) from --checkpoint or --hf-dir; ValueError with a plain message."""
+    from aquainterp.tokenizer import Tokenizer
+
+    if args.checkpoint is not None:
+        from aquainterp.checkpoint import load_model
+
+        where = f"checkpoint {args.checkpoint}"
+        try:
+            model, tokenizer, meta = load_model(args.checkpoint, args.step, device=args.device)
+        except Exception as e:  # the CLI boundary: a bad checkpoint is a message, not a traceback
+            raise ValueError(f"cannot load {where}: {e}") from e
+        described = {"checkpoint": str(args.checkpoint), "step": meta.get("step", args.step)}
+    else:
+        from aquainterp.bridge import import_hf
+
+        where = f"HF directory {args.hf_dir}"
+        try:
+            model = import_hf(args.hf_dir).to(args.device)
+        except Exception as e:
+            raise ValueError(f"cannot load {where}: {e}") from e
+        tokenizer = None
+        if (args.hf_dir / "tokenizer.json").is_file() and args.tokenizer is None:
+            args.tokenizer = args.hf_dir
+        described = {"hf_dir": str(args.hf_dir)}
+    if args.tokenizer is not None:
+        try:
+            tokenizer = Tokenizer.load(args.tokenizer)
+        except Exception as e:
+            raise ValueError(f"cannot load tokenizer {args.tokenizer}: {e}") from e
+    if tokenizer is None:
+        raise ValueError(f"{where} carries no tokenizer; pass --tokenizer DIR")
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
+                         f"{model.config.vocab_size}: they do not belong together")
+    described["model_config"] = model.config.to_dict()
+    return model.eval(), tokenizer, described
+
+
+def problems(args):
+    """A stream of problems for the task (more than --n-pairs, since some may not pair up)."""
+    if args.task == "synthetic":
+        from aquainterp.tasks.synthetic import SyntheticTask
+
+        task = SyntheticTask(seed=args.seed, split=args.split or "eval")
+        return task.problems(args.n_pairs * 4)
+    from aquainterp.tasks.aqua import load_aqua
+
+    source = args.data or "deepmind/aqua_rat"
+    return load_aqua(source, split=args.split or "validation")
+
+
+def build_pairs(args, tokenizer, pool):
+    from aquainterp.patching import make_pairs
+
+    pairs, skipped = [], []
+    for start in range(0, len(pool), args.n_pairs):
+        got, dropped = make_pairs(tokenizer, pool[start: start + args.n_pairs], args.corruption,
+                                  seed=args.seed + start, skip_unalignable=args.skip_unalignable)
+        pairs += got
+        skipped += dropped
+        if len(pairs) >= args.n_pairs:
+            break
+    if not pairs:
+        raise ValueError(f"no {args.corruption} pairs could be built from {len(pool)} {args.task} problems")
+    return pairs[: args.n_pairs], skipped
+
+
+# ---------------------------------------------------------------------------------------------------
+# Outputs
+
+
+def save_tensors(path: Path, patcher: Patcher, results: list[SweepResult]) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {
+        "clean_logit_diff": patcher.clean_ld, "corrupted_logit_diff": patcher.corrupted_ld,
+        "clean_tokens": patcher.tokens["clean"], "corrupted_tokens": patcher.tokens["corrupted"],
+        "lengths": patcher.lengths,
+    }
+    for r in results:
+        tensors[f"{r.direction}/{r.name}/normalized"] = r.normalized
+        tensors[f"{r.direction}/{r.name}/logit_diff"] = r.logit_diff
+    axes = {f"{r.direction}/{r.name}": list(r.axes) for r in results}
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path),
+              metadata={"axes": json.dumps(axes), "align": patcher.align})
+
+
+def cell_label(r: SweepResult, index: tuple[int, ...], positions: list[str]) -> dict:
+    out = {}
+    for axis, i in zip(r.axes, index):
+        out[axis] = int(i)
+        if axis == "pos":
+            out["token"] = positions[i]
+    return out
+
+
+def summarize(r: SweepResult, positions: list[str], top: int = 5) -> dict:
+    values = r.normalized
+    order = values.abs().flatten().argsort(descending=True)[:top].tolist()
+    cells = [dict(cell_label(r, tuple(torch.unravel_index(torch.tensor(i), values.shape)), positions),
+                  value=float(values.flatten()[i])) for i in order]
+    return {"axes": list(r.axes), "shape": list(values.shape), "min": float(values.min()),
+            "max": float(values.max()), "mean": float(values.mean()), "std": float(values.std()),
+            "top_cells": cells}
+
+
+def heatmap(r: SweepResult, positions: list[str], n_heads: int):
+    """A plotly heatmap of one sweep: layers (or layer.head) down, positions (or heads) across."""
+    import plotly.graph_objects as go
+
+    v = r.normalized.detach().cpu()
+    if r.axes == ("layer", "pos"):
+        z, x, y = v, positions, [f"L{layer}" for layer in range(v.shape[0])]
+    elif r.axes == ("layer", "head"):
+        z, x, y = v, [f"H{h}" for h in range(v.shape[1])], [f"L{layer}" for layer in range(v.shape[0])]
+    else:  # (layer, pos, head): one row per head
+        z = v.permute(0, 2, 1).reshape(-1, v.shape[1])
+        x, y = positions, [f"L{layer}H{h}" for layer in range(v.shape[0]) for h in range(n_heads)]
+    title = f"{r.direction}: {r.name} ({' × '.join(r.axes)}), 0 = corrupted, 1 = clean"
+    fig = go.Figure(go.Heatmap(z=z.tolist(), x=x, y=y, colorscale="RdBu", zmid=0.0,
+                               colorbar={"title": "restored"},
+                               hovertemplate="%{y} · %{x}<br>%{z:.3f}<extra></extra>"))
+    fig.update_layout(title=title, yaxis={"autorange": "reversed", "type": "category"},
+                      xaxis={"type": "category", "tickangle": -60},
+                      height=max(300, 40 + 28 * len(y)), width=max(700, 30 + 16 * len(x)))
+    return fig
+
+
+def write_html(path: Path, results: list[SweepResult], positions: list[str], n_heads: int, header: str) -> None:
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>activation patching</title></head>"
+             f"<body style='font-family:sans-serif'><h1>Activation patching</h1><pre>{header}</pre>"]
+    for i, r in enumerate(results):
+        parts.append(heatmap(r, positions, n_heads).to_html(full_html=False, include_plotlyjs=(i == 0)))
+    parts.append("</body></html>")
+    path.write_text("\n".join(parts), encoding="utf-8")
+
+
+def write_report(out: Path, patcher: Patcher, results: list[SweepResult], tokenizer, settings: dict) -> dict:
+    """Tensors, summary.json and patching.html under `out`; returns the summary."""
+    import html
+
+    out.mkdir(parents=True, exist_ok=True)
+    positions = patcher.position_labels(tokenizer)
+    save_tensors(out / "patching.safetensors", patcher, results)
+    summary = {
+        **settings,
+        "pairs": [{"name": p.name, "tokens": len(p.clean_ids),
+                   "clean_letter": tokenizer.token_str(p.clean_letter_id) if tokenizer else p.clean_letter_id,
+                   "foil_letter": tokenizer.token_str(int(f)) if tokenizer else int(f),
+                   "clean_logit_diff": float(c), "corrupted_logit_diff": float(d)}
+                  for p, f, c, d in zip(patcher.pairs, patcher.foil_letter, patcher.clean_ld, patcher.corrupted_ld)],
+        "clean_logit_diff_mean": float(patcher.clean_ld.mean()),
+        "corrupted_logit_diff_mean": float(patcher.corrupted_ld.mean()),
+        "positions": positions,
+        "sweeps": {f"{r.direction}/{r.name}": summarize(r, positions) for r in results},
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    header = html.escape(json.dumps({k: summary[k] for k in settings} | {
+        "clean_logit_diff_mean": summary["clean_logit_diff_mean"],
+        "corrupted_logit_diff_mean": summary["corrupted_logit_diff_mean"]}, indent=1))
+    write_html(out / "patching.html", results, positions, patcher.n_heads, header)
+    return summary
+
+
+def run(args: argparse.Namespace) -> int:
+    names = [s.strip() for s in args.sweeps.split(",") if s.strip()]
+    unknown = [s for s in names if s not in SWEEPS]
+    if unknown or not names:
+        return fail(f"--sweeps: unknown {unknown or 'empty list'}; choose from {','.join(SWEEPS)}")
+    for flag in ("n_pairs", "batch_size"):
+        if getattr(args, flag) < 1:
+            return fail(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    try:
+        torch.device(args.device)
+    except RuntimeError as e:
+        return fail(f"--device {args.device!r}: {e}")
+    try:
+        model, tokenizer, described = load(args)
+        pairs, skipped = build_pairs(args, tokenizer, problems(args))
+        patcher = Patcher(model, pairs, batch_size=args.batch_size, align=args.align,
+                          noise_scale=args.noise_scale, seed=args.seed)
+    except (ValueError, FileNotFoundError) as e:
+        return fail(str(e))
+    directions = DIRECTIONS if args.direction == "both" else (args.direction,)
+    results = [patcher.sweep(name, d) for d in directions for name in names]
+    settings = {**described, "task": args.task, "data": args.data, "corruption": args.corruption,
+                "n_pairs": len(pairs), "skipped": skipped, "align": args.align, "seed": args.seed,
+                "noise_scale": args.noise_scale if args.corruption == "noise" else None,
+                "directions": list(directions), "sweeps": names}
+    summary = write_report(args.out, patcher, results, tokenizer, settings)
+    print(f"{len(pairs)} pairs ({len(skipped)} skipped); clean logit diff {summary['clean_logit_diff_mean']:.3f}, "
+          f"corrupted {summary['corrupted_logit_diff_mean']:.3f}")
+    for key, s in summary["sweeps"].items():
+        best = s["top_cells"][0]
+        print(f"  {key:22s} range [{s['min']:+.3f}, {s['max']:+.3f}]  strongest {best}")
+    print(f"wrote {args.out}/patching.safetensors, summary.json, patching.html")
+    return 0
