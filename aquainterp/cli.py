@@ -21,6 +21,7 @@ from aquainterp import __version__
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("aquainterp.info", "print versions, devices and the Rust core this install runs on"),
     "patch": ("aquainterp.patch_cmd", "activation patching of a checkpoint: tensors, JSON, HTML heatmaps"),
+    "dashboard": ("dashboards.cli", "dashboard templates: W&B workspace push/export/load, offline HTML report"),
 }
 
 

@@ -1,0 +1,190 @@
+"""`aquainterp dashboard <action>`: templates to W&B workspaces (push, export, load) and offline HTML.
+
+    aquainterp dashboard list
+    aquainterp dashboard export --template NAME|all [-o OUT]   workspace JSON, no network
+    aquainterp dashboard load WORKSPACE.json [-o TEMPLATE.json] W&B workspace JSON -> our template
+    aquainterp dashboard push --template NAME --entity E --project P   saved workspace on W&B (network)
+    aquainterp dashboard html --run RUN_DIR --template NAME|all -o report.html [--screenshot PNG]
+    aquainterp dashboard sample --run RUN_DIR                  record a synthetic run to try the above
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import netrc
+import os
+import socket
+import sys
+from pathlib import Path
+from urllib.parse import urlparse
+
+from dashboards.template import Template, TemplateError, all_templates, get_template, template_names
+
+DEFAULT_BASE_URL = "https://api.wandb.ai"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="<action>", required=True)
+    sub.add_parser("list", help="list the shipped templates")
+
+    p = sub.add_parser("export", help="write a template's W&B workspace model as JSON (no network)")
+    p.add_argument("--template", required=True, help="template name or title, a .json path, or 'all'")
+    p.add_argument("--entity", default=os.environ.get("WANDB_ENTITY", "aquainterp"))
+    p.add_argument("--project", default=os.environ.get("WANDB_PROJECT", "aquainterp"))
+    p.add_argument("-o", "--output", help="output file (a folder for --template all); default stdout")
+
+    p = sub.add_parser("load", help="read a W&B workspace JSON back into our template JSON")
+    p.add_argument("workspace", help="workspace JSON written by export (or W&B's view model)")
+    p.add_argument("-o", "--output", help="template JSON to write; default stdout")
+
+    p = sub.add_parser("push", help="save the template as a W&B workspace (needs network and a login)")
+    p.add_argument("--template", required=True)
+    p.add_argument("--entity", required=True)
+    p.add_argument("--project", required=True)
+
+    p = sub.add_parser("html", help="self-contained plotly HTML report of a run")
+    p.add_argument("--run", required=True, help="run directory (metrics.jsonl and/or wandb/)")
+    p.add_argument("--template", default="all", help="template name, or 'all' (default)")
+    p.add_argument("-o", "--output", required=True, help="HTML file to write")
+    p.add_argument("--source", choices=("auto", "jsonl", "wandb"), default="auto",
+                   help="read metrics.jsonl or the offline W&B run (auto: jsonl when present)")
+    p.add_argument("--screenshot", help="also open the page in headless Chromium and save a PNG here")
+
+    p = sub.add_parser("sample", help="record a synthetic RL run through the Logger (for trying reports)")
+    p.add_argument("--run", required=True, help="run directory to write")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--mode", choices=("disabled", "offline"), default="disabled",
+                   help="also write an offline W&B run (offline) or only metrics.jsonl (disabled)")
+
+
+def _templates(name: str) -> list[Template]:
+    return all_templates() if name == "all" else [get_template(name)]
+
+
+def _write(text: str, output: str | None) -> None:
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(text, encoding="utf-8")
+        print(f"wrote {output}", file=sys.stderr)
+
+
+def push_blocker(environ=os.environ) -> str | None:
+    """Why a push cannot work here, found without any network call; None when it may go ahead."""
+    mode = environ.get("WANDB_MODE", "").lower()
+    if mode in ("offline", "disabled", "dryrun"):
+        return (f"dashboard push needs W&B online, but WANDB_MODE={mode}. Unset WANDB_MODE (or set it to "
+                "online), or use `aquainterp dashboard export` to write the workspace JSON without network.")
+    if environ.get("WANDB_DISABLED", "").lower() in ("true", "1"):
+        return "dashboard push needs W&B, but WANDB_DISABLED is set. Unset it and run `wandb login`."
+    base = environ.get("WANDB_BASE_URL", DEFAULT_BASE_URL)
+    host = urlparse(base).hostname or base
+    if not environ.get("WANDB_API_KEY") and not environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        try:
+            path = environ.get("NETRC") or str(Path(environ.get("HOME", "~")).expanduser() / ".netrc")
+            logged_in = netrc.netrc(path).authenticators(host) is not None
+        except (FileNotFoundError, netrc.NetrcParseError, OSError):
+            logged_in = False
+        if not logged_in:
+            return (f"not logged in to W&B: no WANDB_API_KEY and no entry for {host} in ~/.netrc. "
+                    "Run `wandb login` (or set WANDB_API_KEY) and retry.")
+    return None
+
+
+def _reachable(base_url: str, timeout: float = 5.0) -> str | None:
+    parsed = urlparse(base_url)
+    host, port = parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return None
+    except OSError as e:
+        return (f"cannot reach W&B at {host}:{port} ({e}); dashboard push needs network. "
+                "Use `aquainterp dashboard export` to write the workspace JSON offline.")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except (TemplateError, FileNotFoundError, ValueError) as e:
+        print(f"aquainterp dashboard {args.action}: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.action == "list":
+        for t in all_templates():
+            print(f"{t.name:20s} {t.title} ({len(t.panels)} panels)")
+        return 0
+
+    if args.action == "export":
+        from dashboards.workspace import workspace_json
+
+        templates = _templates(args.template)
+        if len(templates) == 1:
+            _write(workspace_json(templates[0], args.entity, args.project), args.output)
+        else:
+            if args.output is None:
+                raise ValueError("--template all writes one file per template: give a folder with -o")
+            for t in templates:
+                _write(workspace_json(t, args.entity, args.project), str(Path(args.output) / f"{t.name}.json"))
+        return 0
+
+    if args.action == "load":
+        from dashboards.workspace import template_from_model
+
+        path = Path(args.workspace)
+        try:
+            model = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        template = template_from_model(model, str(path))
+        _write(json.dumps(template.to_dict(), indent=2) + "\n", args.output)
+        return 0
+
+    if args.action == "push":
+        template = get_template(args.template)  # bad names fail before anything else
+        blocker = push_blocker() or _reachable(os.environ.get("WANDB_BASE_URL", DEFAULT_BASE_URL))
+        if blocker:
+            print(f"aquainterp dashboard push: {blocker}", file=sys.stderr)
+            return 2
+        from dashboards.workspace import template_to_workspace
+
+        workspace = template_to_workspace(template, args.entity, args.project)
+        try:
+            workspace.save()
+        except Exception as e:
+            print(f"aquainterp dashboard push: W&B refused the workspace ({type(e).__name__}: {e})",
+                  file=sys.stderr)
+            return 1
+        print(f"saved workspace {template.title!r} to {args.entity}/{args.project}: {workspace.url}")
+        return 0
+
+    if args.action == "html":
+        from dashboards.html import write_html
+
+        templates = _templates(args.template)
+        out = write_html(templates, args.run, args.output, args.source)
+        print(f"wrote {out} ({sum(len(t.panels) for t in templates)} panels, {out.stat().st_size / 1e6:.1f} MB)")
+        if args.screenshot:
+            from dashboards.browser import inspect_page
+
+            report = inspect_page(out, args.screenshot)
+            print(f"chromium: {report.rendered}/{report.panels} panels rendered, "
+                  f"{len(report.console_errors)} console errors, screenshot {report.screenshot}")
+            for err in report.console_errors:
+                print(f"  {err}", file=sys.stderr)
+            if report.console_errors or report.rendered != report.panels:
+                return 1
+        return 0
+
+    if args.action == "sample":
+        from dashboards.sample_run import record_sample_run
+
+        if args.steps < 1:
+            raise ValueError(f"--steps must be >= 1, got {args.steps}")
+        record_sample_run(args.run, steps=args.steps, mode=args.mode)
+        print(f"recorded a synthetic run of {args.steps} steps in {args.run} (templates: {', '.join(template_names())})")
+        return 0
+    raise ValueError(f"unknown action {args.action!r}")
