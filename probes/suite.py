@@ -351,7 +351,9 @@ class ProbeSuite:
                     _, cache = model.run_with_cache(ids, names_filter=lambda name: name.endswith("hook_pattern"))
                     patterns = torch.stack([cache[f"blocks.{layer}.attn.hook_pattern"][0]
                                             for layer in range(model.cfg.n_layers)]).float().cpu()
-                    labels = [self.tokenizer.token_str(t) for t in self.items[index].ids]
+                    ids_list = self.items[index].ids
+                    labels = ([self.tokenizer.token_str(t) for t in ids_list] if self.tokenizer is not None
+                              else [str(t) for t in ids_list])
                     figures[f"attn/patterns/prompt{index}"] = pattern_grid(
                         patterns, labels, max_tokens, title=f"probe prompt {index}: attention patterns")
         finally:

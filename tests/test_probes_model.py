@@ -257,12 +257,12 @@ def test_attention_figures_have_one_heatmap_per_layer_and_head():
     model = tiny_model()
     s = suite(model, ("entropy", "option_mass"))
     s.run(0)
-    s.tokenizer = type("Labels", (), {"token_str": staticmethod(lambda t: f"t{t}")})()
     figs = s.attention_figures(prompt_indices=(1,), max_tokens=10)
     assert set(figs) == {"attn/patterns/prompt1", "attn/entropy_heatmap", "attn/option_mass_heatmap",
                          "attn/gold_option_mass_heatmap"}
     grid = figs["attn/patterns/prompt1"]
     assert len(grid.data) == 4 and grid.data[0].z.shape == (10, 10)
+    assert list(grid.data[0].x) == [f"{i}:{t}" for i, t in enumerate(s.items[1].ids)][-10:]  # no tokenizer: ids
     with pytest.raises(IndexError, match="prompt index 9 outside the probe set of 5"):
         s.attention_figures(prompt_indices=(9,))
 
