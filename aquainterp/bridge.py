@@ -1,0 +1,217 @@
+"""Our GPT ⇄ a Hugging Face `NanoChatForCausalLM` directory, and TransformerLens's TransformerBridge on it.
+
+HF's NanoChat port computes nanochat's math (same rotary sign convention, QK-norm after rotary, ReLU²,
+weightless RMSNorm, soft-cap 15), so the export is a renaming of tensors, no permutation. The one knob
+to set is the RMSNorm eps: nanochat uses torch's default (float32 machine epsilon), HF's default is 1e-6,
+so we write ours into config.json. `load_transformer_bridge` on an exported directory giving our logits
+is the proof that our hook points mean what TransformerLens's mean.
+
+Weights go through safetensors only (no pickles).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from aquainterp.model import GPT, ROPE_BASE, SOFTCAP, GPTConfig
+
+NANOCHAT_EPS = torch.finfo(torch.float32).eps
+
+# (our name pattern, HF name pattern); {l} is the layer index.
+_NAME_MAP = [
+    ("wte.weight", "model.embed_tokens.weight"),
+    ("blocks.{l}.attn.c_q.weight", "model.layers.{l}.self_attn.q_proj.weight"),
+    ("blocks.{l}.attn.c_k.weight", "model.layers.{l}.self_attn.k_proj.weight"),
+    ("blocks.{l}.attn.c_v.weight", "model.layers.{l}.self_attn.v_proj.weight"),
+    ("blocks.{l}.attn.c_proj.weight", "model.layers.{l}.self_attn.o_proj.weight"),
+    ("blocks.{l}.mlp.c_fc.weight", "model.layers.{l}.mlp.fc1.weight"),
+    ("blocks.{l}.mlp.c_proj.weight", "model.layers.{l}.mlp.fc2.weight"),
+    ("lm_head.weight", "lm_head.weight"),
+]
+
+
+def _rename(name: str, to_hf: bool) -> str:
+    for ours, theirs in _NAME_MAP:
+        src, dst = (ours, theirs) if to_hf else (theirs, ours)
+        match = re.fullmatch(re.escape(src).replace(r"\{l\}", r"(\d+)"), name)
+        if match:
+            return dst.replace("{l}", match.group(1)) if match.groups() else dst
+    raise KeyError(f"no {'HF' if to_hf else 'aquainterp'} name for tensor {name!r}")
+
+
+def hf_config_dict(
+    config: GPTConfig, bos_token_id: int | None = None, eos_token_id: int | None = None
+) -> dict:
+    """config.json contents of the NanoChatForCausalLM equivalent to `config`."""
+    return {
+        "architectures": ["NanoChatForCausalLM"],
+        "model_type": "nanochat",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.n_embd,
+        "intermediate_size": 4 * config.n_embd,
+        "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.n_kv_head,
+        "head_dim": config.head_dim,
+        "max_position_embeddings": config.sequence_len,
+        "hidden_act": "relu2",
+        "rms_norm_eps": NANOCHAT_EPS,
+        "rope_parameters": {"rope_type": "default", "rope_theta": ROPE_BASE},
+        "final_logit_softcapping": SOFTCAP,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "tie_word_embeddings": False,
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
+        "pad_token_id": eos_token_id,
+        "dtype": "float32",
+    }
+
+
+def export_hf(model: GPT, tokenizer, out_dir) -> Path:
+    """Write `model` (+ `tokenizer`, if given) as an HF NanoChatForCausalLM directory; returns it.
+
+    Files: config.json, model.safetensors (fp32), and with a tokenizer its tokenizer.json (from
+    Tokenizer.save) plus a tokenizer_config.json so AutoTokenizer can load it."""
+    if not isinstance(model, GPT):
+        raise TypeError(f"export_hf: model must be an aquainterp GPT, got {type(model).__name__}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    bos = eos = None
+    if tokenizer is not None:
+        if tokenizer.vocab_size > model.config.vocab_size:
+            raise ValueError(
+                f"export_hf: tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                f"{model.config.vocab_size}"
+            )
+        tokenizer.save(out)
+        bos = tokenizer.bos_token_id
+        eos = tokenizer.encode_special("<|assistant_end|>")
+        tokenizer_config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": "<|bos|>",
+            "eos_token": "<|assistant_end|>",
+            "pad_token": "<|assistant_end|>",
+            "add_bos_token": False,
+            "model_max_length": model.config.sequence_len,
+        }
+        (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+    (out / "config.json").write_text(json.dumps(hf_config_dict(model.config, bos, eos), indent=2) + "\n")
+    tensors = {
+        _rename(k, to_hf=True): v.detach().to("cpu", torch.float32).contiguous()
+        for k, v in model.state_dict().items()
+    }
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def _config_from_hf(cfg: dict, where: Path) -> GPTConfig:
+    """GPTConfig from an HF config.json, refusing anything our model cannot compute."""
+
+    def need(key, expected, default=None):
+        value = cfg.get(key, default)
+        if value != expected:
+            raise ValueError(f"{where}: {key} = {value!r}, aquainterp's GPT needs {expected!r}")
+
+    need("model_type", "nanochat")
+    need("hidden_act", "relu2", "relu2")
+    need("final_logit_softcapping", SOFTCAP, SOFTCAP)
+    need("attention_bias", False, False)
+    need("tie_word_embeddings", False, False)
+    rope = cfg.get("rope_parameters") or {
+        "rope_type": "default",
+        "rope_theta": cfg.get("rope_theta", ROPE_BASE),
+    }
+    need("rope_parameters", {"rope_type": "default", "rope_theta": ROPE_BASE}, rope)
+    hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    need("intermediate_size", 4 * hidden)
+    if cfg.get("head_dim") not in (None, hidden // heads):
+        raise ValueError(
+            f"{where}: head_dim = {cfg['head_dim']}, aquainterp's GPT needs hidden_size/heads = {hidden // heads}"
+        )
+    eps = cfg.get("rms_norm_eps", 1e-6)
+    if eps != NANOCHAT_EPS:
+        warnings.warn(
+            f"{where}: rms_norm_eps = {eps}; aquainterp's GPT uses torch's default ({NANOCHAT_EPS:.3g}) as nanochat "
+            "does, so logits will differ slightly from HF's",
+            stacklevel=3,
+        )
+    return GPTConfig(
+        sequence_len=cfg.get("max_position_embeddings", 2048),
+        vocab_size=cfg["vocab_size"],
+        n_layer=cfg["num_hidden_layers"],
+        n_head=heads,
+        n_kv_head=cfg.get("num_key_value_heads") or heads,
+        n_embd=hidden,
+    )
+
+
+def import_hf(directory) -> GPT:
+    """Read an HF NanoChatForCausalLM directory (config.json + model.safetensors) into our GPT."""
+    directory = Path(directory)
+    config_path, weights_path = directory / "config.json", directory / "model.safetensors"
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"import_hf: {path} not found (expected an exported NanoChatForCausalLM dir)"
+            )
+    config = _config_from_hf(json.loads(config_path.read_text()), config_path)
+    hf_state = load_file(str(weights_path))
+    unknown = []
+    state = {}
+    for name, tensor in hf_state.items():
+        try:
+            state[_rename(name, to_hf=False)] = tensor
+        except KeyError:
+            unknown.append(name)
+    if unknown:
+        raise ValueError(f"import_hf: {weights_path} has tensors NanoChat does not define: {sorted(unknown)}")
+    model = GPT(config)
+    model.load_state_dict_checked(state, source=str(weights_path))
+    return model.eval()
+
+
+def load_transformer_bridge(directory, device: str | None = None, dtype: torch.dtype = torch.float32):
+    """TransformerLens's TransformerBridge over an exported directory, loaded from local files only.
+
+    Without tokenizer files in the directory the bridge gets a byte-free stand-in tokenizer whose ids are
+    just our token ids, so `bridge(tokens)` and `run_with_cache(tokens)` work on id tensors."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"load_transformer_bridge: {directory / 'config.json'} not found")
+    tokenizer = None
+    if not (directory / "tokenizer.json").is_file():
+        tokenizer = _id_tokenizer(json.loads((directory / "config.json").read_text())["vocab_size"])
+    bridge = TransformerBridge.boot_transformers(
+        str(directory), device=device or "cpu", dtype=dtype, tokenizer=tokenizer
+    )
+    return bridge
+
+
+def _id_tokenizer(vocab_size: int):
+    """A PreTrainedTokenizerFast whose token i is the string "<i>" (for bridges over tokenizer-less exports)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"<{i}>": i for i in range(vocab_size)}
+    core = HFTokenizer(WordLevel(vocab, unk_token="<0>"))
+    core.pre_tokenizer = WhitespaceSplit()
+    # add_bos_token/name_or_path: TransformerLens otherwise re-loads the tokenizer from its hub name.
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<0>",
+        eos_token="<0>",
+        pad_token="<0>",
+        add_bos_token=True,
+        name_or_path="aquainterp/id-tokenizer",
+    )

@@ -1,0 +1,173 @@
+"""Export to HF NanoChatForCausalLM / import back / TransformerBridge: same logits, same activations."""
+
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local files; never the hub
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+from transformers import NanoChatConfig, NanoChatForCausalLM  # noqa: E402
+
+from aquainterp.bridge import export_hf, import_hf, load_transformer_bridge  # noqa: E402
+from aquainterp.model import GPT, GPTConfig  # noqa: E402
+
+VOCAB = 96
+
+
+def random_gpt(config: GPTConfig, seed: int = 0) -> GPT:
+    """Random non-zero weights everywhere (std 1 embedding, 1/√fan_in matrices)."""
+    torch.manual_seed(seed)
+    model = GPT(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 1.0 if p is model.wte.weight else p.shape[-1] ** -0.5)
+    return model.eval()
+
+
+def ids(batch=2, T=11, seed=1):
+    return torch.randint(0, VOCAB, (batch, T), generator=torch.Generator().manual_seed(seed))
+
+
+def hf_model(directory, attn="eager"):
+    return NanoChatForCausalLM.from_pretrained(directory, attn_implementation=attn).eval()
+
+
+def compare_everything(model: GPT, directory, with_bridge: bool):
+    """Ours vs HF (eager and SDPA) vs TransformerBridge: logits ≤ 1e-4, our pattern == HF attentions,
+    and every hook both of us define holds the same activation."""
+    x = ids()
+    with torch.no_grad():
+        ours, cache = model.run_with_cache(x)
+        torch.testing.assert_close(model(x), ours, atol=1e-5, rtol=0)
+        eager = hf_model(directory)(x, output_attentions=True)
+        sdpa = hf_model(directory, "sdpa")(x).logits
+    torch.testing.assert_close(eager.logits, ours, atol=1e-4, rtol=0)
+    torch.testing.assert_close(sdpa, ours, atol=1e-4, rtol=0)
+    for layer, attentions in enumerate(eager.attentions):
+        torch.testing.assert_close(cache["pattern", layer], attentions, atol=1e-5, rtol=0)
+    if not with_bridge:
+        return
+    bridge = load_transformer_bridge(directory)
+    with torch.no_grad():
+        torch.testing.assert_close(bridge(x), ours, atol=1e-4, rtol=0)
+        _, bridge_cache = bridge.run_with_cache(x)
+    shared = [k for k in cache.keys() if k in bridge_cache.cache_dict]
+    # Only rot_q/rot_k are ours alone (the bridge delegates rotary+QK-norm to HF's attention).
+    assert sorted(set(cache.keys()) - set(shared)) == sorted(
+        f"blocks.{l}.attn.hook_rot_{qk}" for l in range(model.config.n_layer) for qk in "qk"
+    )
+    for name in shared:
+        if name.endswith("hook_attn_scores"):
+            # With attention delegated to HF (NanoChat's QK-norm comes after rotary) TL 4.3's bridge fires
+            # this hook with the softmaxed weights. Ours are TL's pre-softmax scores (scaled, -inf masked):
+            # check they give the bridge's pattern.
+            layer_pattern = bridge_cache[name.replace("hook_attn_scores", "hook_pattern")]
+            torch.testing.assert_close(cache[name].softmax(-1), layer_pattern, atol=1e-5, rtol=0, msg=name)
+            continue
+        torch.testing.assert_close(cache[name], bridge_cache[name], atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_export_matches_hf_and_bridge_with_gqa(tmp_path):
+    model = random_gpt(
+        GPTConfig.from_depth(2, vocab_size=VOCAB, sequence_len=64, aspect_ratio=64, head_dim=32, n_kv_head=2)
+    )
+    assert (model.config.n_head, model.config.n_kv_head) == (4, 2)
+    compare_everything(model, export_hf(model, None, tmp_path / "hf"), with_bridge=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("depth", [1, 2, 3, 4])
+def test_export_matches_hf_and_bridge_depths_1_to_4(tmp_path, depth):
+    model = random_gpt(GPTConfig.from_depth(depth, vocab_size=VOCAB, sequence_len=64), seed=depth)
+    compare_everything(model, export_hf(model, None, tmp_path / "hf"), with_bridge=True)
+
+
+def test_import_of_export_is_exact(tmp_path):
+    model = random_gpt(GPTConfig.from_depth(3, vocab_size=VOCAB, sequence_len=64, n_kv_head=1))
+    back = import_hf(export_hf(model, None, tmp_path / "hf"))
+    assert back.config == model.config
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(back.state_dict()[name], tensor), name
+    with torch.no_grad():
+        assert torch.equal(back(ids()), model(ids()))
+
+
+def test_exported_config_is_a_valid_nanochat_config(tmp_path):
+    model = random_gpt(
+        GPTConfig(sequence_len=48, vocab_size=VOCAB, n_layer=2, n_head=2, n_kv_head=1, n_embd=64)
+    )
+    out = export_hf(model, None, tmp_path / "hf")
+    cfg = NanoChatConfig.from_pretrained(out)
+    assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers) == (64, 256, 2)
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.max_position_embeddings) == (2, 1, 48)
+    assert cfg.rms_norm_eps == torch.finfo(torch.float32).eps  # nanochat's F.rms_norm default, not HF's 1e-6
+    assert cfg.final_logit_softcapping == 15.0 and cfg.rope_parameters["rope_theta"] == 10000.0
+    assert not cfg.tie_word_embeddings
+    assert sorted(load_file(out / "model.safetensors")) == sorted(
+        ["model.embed_tokens.weight", "lm_head.weight"]
+        + [
+            f"model.layers.{l}.{m}.weight"
+            for l in range(2)
+            for m in [
+                "self_attn.q_proj",
+                "self_attn.k_proj",
+                "self_attn.v_proj",
+                "self_attn.o_proj",
+                "mlp.fc1",
+                "mlp.fc2",
+            ]
+        ]
+    )
+
+
+def test_import_errors_name_the_problem(tmp_path):
+    model = random_gpt(
+        GPTConfig(sequence_len=32, vocab_size=VOCAB, n_layer=1, n_head=2, n_kv_head=2, n_embd=64)
+    )
+    out = export_hf(model, None, tmp_path / "hf")
+    weights = out / "model.safetensors"
+    state = load_file(weights)
+
+    state["model.layers.0.mlp.fc1.weight"] = torch.zeros(128, 64)
+    save_file(state, weights)
+    with pytest.raises(
+        ValueError,
+        match=r"'blocks.0.mlp.c_fc.weight': .*model.safetensors has shape \(128, 64\), model expects \(256, 64\)",
+    ):
+        import_hf(out)
+
+    state["model.layers.0.mlp.fc1.weight"] = torch.zeros(256, 64)
+    state["model.layers.0.mlp.gate_proj.weight"] = torch.zeros(1)
+    save_file(state, weights)
+    with pytest.raises(
+        ValueError, match=r"tensors NanoChat does not define: \['model.layers.0.mlp.gate_proj.weight'\]"
+    ):
+        import_hf(out)
+
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "hidden_act": "gelu"}))
+    with pytest.raises(ValueError, match=r"config.json: hidden_act = 'gelu', aquainterp's GPT needs 'relu2'"):
+        import_hf(out)
+    (out / "config.json").write_text(
+        json.dumps({**config, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}})
+    )
+    with pytest.raises(ValueError, match="rope_parameters"):
+        import_hf(out)
+    with pytest.raises(FileNotFoundError, match="nowhere/config.json not found"):
+        import_hf(tmp_path / "nowhere")
+
+
+def test_import_warns_about_hf_default_eps(tmp_path):
+    model = random_gpt(
+        GPTConfig(sequence_len=32, vocab_size=VOCAB, n_layer=1, n_head=2, n_kv_head=2, n_embd=64)
+    )
+    out = export_hf(model, None, tmp_path / "hf")
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-6}))
+    with pytest.warns(UserWarning, match="rms_norm_eps = 1e-06"):
+        back = import_hf(out)
+    with torch.no_grad():  # still the same model up to the eps difference
+        torch.testing.assert_close(back(ids()), model(ids()), atol=1e-3, rtol=0)
