@@ -322,8 +322,9 @@ class ProbeSuite:
 
     # ---- logging and figures ---------------------------------------------------------------------------
 
-    def log_raw(self, logger, step: int) -> None:
-        """Histograms (margins, KL) and the hardest-questions table of the last run, through Logger."""
+    def log_raw(self, logger, step: int, figures: Sequence[int] = ()) -> None:
+        """Histograms (margins, KL) and the hardest-questions table of the last run, through Logger;
+        with `figures` (probe prompt indices), also the attention figures (W&B online, files offline)."""
         raw = self.last_raw
         for key in ("letter_margin", "letter_gold_margin", "kl_letter", "kl_sequence"):
             if key in raw:
@@ -331,6 +332,9 @@ class ProbeSuite:
                 logger.log_histogram(f"rl/{key}", values, step)
         if "hardest" in raw:
             logger.log_table("rl/hardest_questions", raw["hardest"]["columns"], raw["hardest"]["rows"], step)
+        if figures:
+            for name, figure in self.attention_figures(prompt_indices=figures).items():
+                logger.log_figure(name, figure, step)
 
     def attention_figures(self, prompt_indices: Sequence[int] = (0,), max_tokens: int = 48) -> dict:
         """Plotly figures: for each chosen probe prompt, a layer×head grid of attention patterns over its

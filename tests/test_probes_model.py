@@ -282,3 +282,27 @@ def test_bad_input_errors():
         s.run(0, completions=[7])
     assert parse_probes("none") == () and parse_probes("kl, counts") == ("kl", "counts")
     assert [due(s, 5) for s in (0, 3, 5, 10)] == [True, False, True, True] and not due(5, 0)
+
+
+def test_log_raw_writes_histograms_table_and_figures_through_the_logger(tmp_path):
+    import json
+
+    from aquainterp.logger import Logger
+
+    model = tiny_model()
+    s = suite(model, ("entropy", "option_mass", "margin", "kl", "counts"), reference_model=freeze_reference(model),
+              hardest_k=2)
+    logger = Logger(tmp_path, mode="disabled")
+    metrics = s.run(3, completions=[([1, 2, 3], [4, 5])])
+    logger.log(metrics, step=3)
+    s.log_raw(logger, 3, figures=(0,))
+    logger.finish()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    by_name = {k: v for row in rows for k, v in row.items() if k != "step"}
+    assert all(row["step"] == 3 for row in rows)
+    assert by_name["rl/letter_margin"]["values"] == pytest.approx(s.last_raw["letter_margin"].tolist())
+    assert by_name["rl/kl_sequence"]["values"] == [0.0]
+    assert by_name["rl/hardest_questions"]["_type"] == "table" and len(by_name["rl/hardest_questions"]["rows"]) == 2
+    assert by_name["attn/patterns/prompt0"]["_type"] == "plotly"
+    assert (tmp_path / by_name["attn/entropy_heatmap"]["path"]).is_file()
+    assert by_name["attn/entropy_mean"] == metrics["attn/entropy_mean"]
