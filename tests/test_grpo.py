@@ -11,7 +11,6 @@ from training.grpo import (
     completion_reward,
     group_advantages,
     kl_k3,
-    pass_at_k,
     policy_loss,
     token_logprobs,
 )
@@ -211,13 +210,3 @@ def test_bad_shapes_and_arguments_name_the_problem():
         policy_loss(lp, lp, torch.zeros(2), torch.ones(2, 3), 6, clip_eps=-0.1)
     with pytest.raises(ValueError, match="group_size"):
         group_advantages(torch.zeros(4))
-
-
-def test_pass_at_k_known_values():
-    assert pass_at_k(4, 0, 2) == 0.0
-    assert pass_at_k(4, 4, 1) == 1.0
-    assert pass_at_k(4, 1, 1) == pytest.approx(0.25)
-    assert pass_at_k(4, 1, 2) == pytest.approx(0.5)  # 1 − C(3,2)/C(4,2) = 1 − 3/6
-    assert pass_at_k(5, 2, 5) == 1.0
-    with pytest.raises(ValueError, match="k <= num_samples"):
-        pass_at_k(2, 1, 3)

@@ -12,12 +12,23 @@ from safetensors.torch import load_file
 from aquainterp.model import GPT, GPTConfig
 from aquainterp.tasks import MCProblem
 from training import rl
+from training.common import Dist
 from training.grpo import token_logprobs
 from training.optim import build_optimizers
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread is several times faster."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+CPU = Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 PROBLEM = MCProblem("1+1?", ("1", "2", "3", "4", "5"), "1+1 = 2", "B", "test:0")
 
 
@@ -54,8 +65,7 @@ def test_one_update_raises_rewarded_completion_on_real_gpt():
     before_good, before_bad = _completion_logprob(model, prompt, good), _completion_logprob(model, prompt, bad)
     optimizers = build_optimizers(model, d_model=model.config.n_embd, init_lr_frac=1.0)
     config = rl.RLConfig(depth=1, device_batch_size=3)  # 3 does not divide 4: micro-batches of 3 + 1
-    stats = rl.train_on_rollouts(model, optimizers, rollouts, config, torch.device("cpu"),
-                                 rl.autocast_for(torch.device("cpu")), pad_id=0)
+    stats = rl.train_on_rollouts(model, optimizers, rollouts, config, CPU, pad_id=0)
     assert stats["rl/num_tokens"] == 12
     # on-policy epoch 0: ratio 1, loss = −mean over tokens of A = −(3·½ + 3·(−½)) ·2 / 12 = 0
     assert stats["rl/loss"] == pytest.approx(0.0, abs=1e-6)
@@ -68,8 +78,7 @@ def test_all_equal_rewards_leave_the_model_unchanged():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     optimizers = build_optimizers(model, d_model=model.config.n_embd, init_lr_frac=1.0, weight_decay=0.0)
     rollouts = [_rollout([1, 2], [[3, 4], [5]], [1.0, 1.0])]
-    rl.train_on_rollouts(model, optimizers, rollouts, rl.RLConfig(depth=1), torch.device("cpu"),
-                         rl.autocast_for(torch.device("cpu")), pad_id=0)
+    rl.train_on_rollouts(model, optimizers, rollouts, rl.RLConfig(depth=1), CPU, pad_id=0)
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, before[k], rtol=0, atol=0, msg=k)
 
@@ -113,8 +122,26 @@ def test_cli_accepts_both_spellings(capsys):
 # ------------------------------------------------------------------------------ end to end (tokenizer)
 
 
+def _policy(seed=0):
+    """A fresh depth-2 GPT over a small real BPE tokenizer trained on the synthetic corpus."""
+    from tasks_tokenizer import trained_tokenizer
+
+    tokenizer = trained_tokenizer()
+    if not hasattr(tokenizer, "save"):  # the tests' stand-in until aquainterp.tokenizer lands: save its json
+        def save(directory):
+            Path(directory).mkdir(parents=True, exist_ok=True)
+            tokenizer._tok.save(str(Path(directory) / "tokenizer.json"))
+
+        tokenizer.save = save
+        tokenizer.fingerprint = lambda: "stand-in"
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig.from_depth(2, vocab_size=tokenizer.vocab_size, sequence_len=512))
+    model.init_weights()
+    return model, tokenizer
+
+
 def _smoke_config(tmp_path, shared_data, **kw):
-    base = dict(task="aqua", data=str(shared_data / "aqua_rat" / "dev.json"), depth=2, max_steps=1,
+    base = dict(task="aqua", data=str(shared_data / "aqua_rat" / "dev.json"), max_steps=1,
                 examples_per_step=2, num_samples=3, max_new_tokens=12, eval_examples=3, pass_k=2,
                 eval_every=0, table_every=1, table_rows=4, out=str(tmp_path / "run"), progress=False, seed=3)
     base.update(kw)
@@ -127,10 +154,10 @@ def _metrics(out: Path) -> list[dict]:
 
 def test_one_rl_step_on_aqua_dev_rows_end_to_end(tmp_path, shared_data):
     config = _smoke_config(tmp_path, shared_data, probes=("margin", "kl", "counts"), probe_every=1, probe_batch=3)
-    summary = rl.run(config)
+    summary = rl.run(config, policy=_policy())
     rows = _metrics(Path(config.out))
     names = set().union(*rows)
-    for name in ("rl/acc", "rl/mean_reward", "rl/pass@k", "rl/avg_completion_len", "eval/aqua_acc",
+    for name in ("rl/acc", "rl/mean_reward", "rl/pass@k", "rl/avg_completion_len", "eval/aqua_acc", "rl/lr",
                  "eval/aqua_categorical_acc", "rl/kl_letter_mean", "rl/letter_margin_mean", "rl/samples",
                  *(f"rl/letter_pred_counts/{x}" for x in "ABCDE")):
         assert name in names, name
@@ -145,6 +172,7 @@ def test_one_rl_step_on_aqua_dev_rows_end_to_end(tmp_path, shared_data):
     first_kl = next(r for r in rows if "rl/kl_letter_mean" in r)
     assert first_kl["step"] == 0 and first_kl["rl/kl_letter_mean"] == pytest.approx(0.0, abs=1e-6)
     assert set(summary["before"]) == {"eval/aqua_categorical_acc", "eval/aqua_acc", "rl/pass@k"}
+    assert all(0 <= v <= 1 for v in summary["before"].values())
     assert (Path(config.out) / "checkpoints" / "step_000001" / "model.safetensors").is_file()
     assert json.loads((Path(config.out) / "summary.json").read_text())["steps"] == 1
 
@@ -152,10 +180,10 @@ def test_one_rl_step_on_aqua_dev_rows_end_to_end(tmp_path, shared_data):
 def test_same_seed_same_run_and_resume_continues_exactly(tmp_path, shared_data):
     kw = dict(task="synthetic", data=None, max_steps=2, eval_examples=2, table_every=0, kl_coef=0.05,
               ppo_epochs=2, clip_eps=0.2)
-    straight = rl.run(_smoke_config(tmp_path / "a", shared_data, **kw))
-    rl.run(_smoke_config(tmp_path / "b", shared_data, **{**kw, "max_steps": 1}))
+    straight = rl.run(_smoke_config(tmp_path / "a", shared_data, **kw), policy=_policy())
+    rl.run(_smoke_config(tmp_path / "b", shared_data, **{**kw, "max_steps": 1}), policy=_policy())
     # a later invocation asked for 2 steps resumes from b's step-1 checkpoint
-    resumed = rl.run(_smoke_config(tmp_path / "b", shared_data, **kw, resume=True))
+    resumed = rl.run(_smoke_config(tmp_path / "b", shared_data, **kw, resume=True), policy=_policy())
     assert resumed["steps"] == 1
     a = load_file(str(tmp_path / "a" / "run" / "checkpoints" / "step_000002" / "model.safetensors"))
     b = load_file(str(tmp_path / "b" / "run" / "checkpoints" / "step_000002" / "model.safetensors"))
@@ -163,3 +191,34 @@ def test_same_seed_same_run_and_resume_continues_exactly(tmp_path, shared_data):
         assert torch.equal(a[k], b[k]), k
     assert straight["after"] == resumed["after"]
     assert straight["history"][1] == resumed["history"][0]
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_equal_one_process(tmp_path, shared_data):
+    """torchrun with 2 CPU ranks (gloo) and 1 process, same global batch: same weights after 2 steps."""
+    import subprocess
+    import sys
+
+    args = ["--task", "aqua", "--data", str(shared_data / "aqua_rat" / "dev.json"), "--depth", "2",
+            "--max-steps", "2", "--examples-per-step", "4", "--num-samples", "3", "--max-new-tokens", "10",
+            "--eval-examples", "4", "--pass-k", "2", "--eval-every", "0", "--table-every", "0",
+            "--device", "cpu", "--seed", "5", "--no-progress", "--kl_coef", "0.05", "--save-every", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    for nproc, name in ((2, "two"), (1, "one")):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "training.rl", *args, "--out", str(tmp_path / name)]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    one = load_file(str(tmp_path / "one" / "checkpoints" / "step_000002" / "model.safetensors"))
+    two = load_file(str(tmp_path / "two" / "checkpoints" / "step_000002" / "model.safetensors"))
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5, msg=k)
+    # and the second step did move the weights (the comparison is not between two untouched models)
+    first = load_file(str(tmp_path / "one" / "checkpoints" / "step_000001" / "model.safetensors"))
+    assert any(not torch.equal(first[k], one[k]) for k in one)
+    m1, m2 = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    r1 = [r for r in m1 if "rl/acc" in r]
+    r2 = [r for r in m2 if "rl/acc" in r]
+    assert [r["rl/avg_completion_len"] for r in r1] == [r["rl/avg_completion_len"] for r in r2]
+    assert json.loads((tmp_path / "one" / "summary.json").read_text())["before"] == \
+        json.loads((tmp_path / "two" / "summary.json").read_text())["before"]

@@ -144,14 +144,3 @@ def policy_loss(
         ratio_max=float(ratio_dev.max()) if ratio_dev.numel() else 0.0,
     )
     return loss, stats
-
-
-def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
-    """Unbiased pass@k from n samples with c correct (Chen et al. 2021): 1 − C(n−c, k) / C(n, k)."""
-    if not 1 <= k <= num_samples:
-        raise ValueError(f"pass_at_k: need 1 <= k <= num_samples, got k={k}, num_samples={num_samples}")
-    if not 0 <= num_correct <= num_samples:
-        raise ValueError(f"pass_at_k: num_correct={num_correct} outside [0, {num_samples}]")
-    if num_samples - num_correct < k:
-        return 1.0
-    return 1.0 - math.comb(num_samples - num_correct, k) / math.comb(num_samples, k)

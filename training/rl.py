@@ -19,7 +19,6 @@ exactly where the last checkpoint left off.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
@@ -31,14 +30,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
+import torch.distributed as torch_dist
 from tqdm.auto import tqdm
 
-from aquainterp.checkpoint import latest_step, load_checkpoint, load_optimizers, save_checkpoint
 from aquainterp.engine import Engine
 from aquainterp.logger import Logger
 from aquainterp.tasks import LETTERS, MCProblem, conversation, extract_letter
-from training.grpo import completion_reward, group_advantages, pass_at_k, policy_loss, token_logprobs
+from training import common
+from training.common import Dist
+from training.grpo import completion_reward, group_advantages, policy_loss, token_logprobs
 from training.optim import apply_schedule, build_optimizers
 
 PROBE_NAMES = ("entropy", "option_mass", "margin", "kl", "counts")
@@ -90,21 +90,26 @@ class RLConfig:
     save_every: int = 0  # 0 = only at the end
     resume: bool = False
     device: str = "auto"
+    bf16: str = "auto"  # auto = on with a GPU
     seed: int = 0
     wandb: str = "disabled"  # online | offline | disabled
     run_name: str | None = None
     progress: bool = True
     extra: dict = field(default_factory=dict)  # free-form notes copied into the run config
 
-    def validate(self) -> None:
+    def validate(self, policy_given: bool = False) -> None:
         """Raise ValueError naming the option for anything that cannot work."""
         def need(cond: bool, msg: str) -> None:
             if not cond:
                 raise ValueError(f"training.rl: {msg}")
 
         need(self.task in ("synthetic", "aqua"), f"--task must be synthetic or aqua, got {self.task!r}")
-        need((self.checkpoint is None) != (self.depth is None),
-             "give exactly one of --checkpoint (start from SFT) or --depth (fresh model)")
+        if policy_given:
+            need(self.checkpoint is None and self.depth is None,
+                 "run(config, policy=...) starts from the given policy; leave --checkpoint and --depth unset")
+        else:
+            need((self.checkpoint is None) != (self.depth is None),
+                 "give exactly one of --checkpoint (start from SFT) or --depth (fresh model)")
         need(self.depth is None or self.depth >= 1, f"--depth must be >= 1, got {self.depth}")
         for name in ("max_steps", "examples_per_step", "num_samples", "max_new_tokens", "ppo_epochs",
                      "device_batch_size", "eval_examples", "pass_k", "probe_batch", "table_rows"):
@@ -118,6 +123,7 @@ class RLConfig:
         need(self.kl_coef >= 0, f"--kl-coef must be >= 0, got {self.kl_coef}")
         need(math.isfinite(self.format_reward), f"--format-reward must be finite, got {self.format_reward}")
         need(0 < self.init_lr_frac <= 1, f"--init-lr-frac must be in (0, 1], got {self.init_lr_frac}")
+        need(self.bf16 in ("auto", "on", "off"), f"--bf16 must be auto, on or off, got {self.bf16!r}")
         need(self.wandb in ("online", "offline", "disabled"), f"--wandb must be online|offline|disabled, "
                                                               f"got {self.wandb!r}")
         unknown = [p for p in self.probes if p not in PROBE_NAMES]
@@ -213,37 +219,44 @@ def pack_sequences(rollouts: list[Rollout], pad_id: int) -> tuple[torch.Tensor, 
 # ------------------------------------------------------------------------------------------ training
 
 
-def sequence_logprobs(model, inputs: torch.Tensor, targets: torch.Tensor, autocast) -> torch.Tensor:
+def sequence_logprobs(model, inputs: torch.Tensor, targets: torch.Tensor, bf16: bool) -> torch.Tensor:
     """Per-token log p(target) [B, T] under `model` at temperature 1 (0 on ignored positions)."""
-    with autocast:
+    with common.autocast(inputs.device, bf16):
         logits = model(inputs)
     return token_logprobs(logits, targets)
 
 
-def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-    return value
+def global_sum(value: torch.Tensor, ddp: Dist) -> torch.Tensor:
+    """Sum of a small CPU tensor over all ranks (moved to the rank's device for NCCL and back)."""
+    return common.all_reduce_sum(value.to(ddp.device), ddp).cpu()
 
 
-def sync_gradients(model) -> None:
-    """Sum gradients over ranks: each rank's loss is already divided by the GLOBAL token count."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+def sync_gradients(model, ddp: Dist) -> None:
+    """Sum gradients over ranks: each rank's loss is already divided by the GLOBAL token count, so the
+    sum is the gradient of the whole step's loss (every rank holds the full optimizer, as training.optim)."""
+    if not ddp.enabled:
         return
     for p in model.parameters():
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        torch_dist.all_reduce(p.grad, op=torch_dist.ReduceOp.SUM)
 
 
-def train_on_rollouts(model, optimizers, rollouts: list[Rollout], config: RLConfig, device, autocast,
-                      pad_id: int, reference=None, step: int = 0) -> dict[str, float]:
-    """PPO epochs over this rank's rollouts; one optimizer step per epoch. Returns global stats."""
+def train_on_rollouts(model, optimizers, rollouts: list[Rollout], config: RLConfig, ddp: Dist, pad_id: int,
+                      reference=None, step: int = 0, bf16: bool = False, ckpt_dir: Path | None = None
+                      ) -> dict[str, float]:
+    """PPO epochs over this rank's rollouts; one optimizer step per epoch. Returns global stats.
+
+    Epoch 0 is on-policy (the stored old log-probs come from its own forward, so ratio ≡ 1 and the
+    gradient is plain REINFORCE with the group baseline); later epochs reuse the same rollouts with
+    the clipped ratio. A non-finite loss stops the run before any optimizer step of that epoch.
+    """
+    device = ddp.device
     inputs, targets = pack_sequences(rollouts, pad_id)
     rewards = torch.tensor([r.rewards for r in rollouts], dtype=torch.float32)
     advantages = group_advantages(rewards, std_normalize=config.std_normalize).flatten()
     mask = (targets >= 0).float()
-    num_valid = all_reduce_sum(mask.sum().to(device)).item()
+    num_valid = global_sum(mask.sum(), ddp).item()
     if num_valid == 0:
         raise RuntimeError("training.rl: no completion tokens in this step on any rank (max_new_tokens?)")
     chunks = [slice(i, i + config.device_batch_size) for i in range(0, inputs.size(0), config.device_batch_size)]
@@ -251,7 +264,7 @@ def train_on_rollouts(model, optimizers, rollouts: list[Rollout], config: RLConf
     if reference is not None:
         with torch.no_grad():
             for c, sl in enumerate(chunks):
-                ref[c] = sequence_logprobs(reference, inputs[sl].to(device), targets[sl].to(device), autocast)
+                ref[c] = sequence_logprobs(reference, inputs[sl].to(device), targets[sl].to(device), bf16)
     totals = torch.zeros(4, dtype=torch.float64)  # loss, pg_sum, kl_sum, clipped
     for epoch in range(config.ppo_epochs):
         for opt in optimizers:
@@ -259,7 +272,7 @@ def train_on_rollouts(model, optimizers, rollouts: list[Rollout], config: RLConf
         epoch_loss = 0.0
         for c, sl in enumerate(chunks):
             x, y = inputs[sl].to(device), targets[sl].to(device)
-            logp = sequence_logprobs(model, x, y, autocast)
+            logp = sequence_logprobs(model, x, y, bf16)
             if epoch == 0:
                 old[c] = logp.detach()  # the policy that sampled (up to numerics): ratio ≡ 1 on epoch 0
             loss, stats = policy_loss(logp, old[c], advantages[sl].to(device), mask[sl].to(device), num_valid,
@@ -269,14 +282,12 @@ def train_on_rollouts(model, optimizers, rollouts: list[Rollout], config: RLConf
             if epoch == config.ppo_epochs - 1:
                 totals += torch.tensor([0.0, stats.pg_sum, stats.kl_sum, stats.clipped_tokens], dtype=torch.float64)
         totals[0] = epoch_loss
-        sync_gradients(model)
-        global_loss = all_reduce_sum(torch.tensor(epoch_loss, dtype=torch.float64, device=device)).item()
-        if not math.isfinite(global_loss):
-            raise FloatingPointError(f"training.rl: non-finite loss {global_loss} at step {step} (PPO epoch "
-                                     f"{epoch}); stopped before the optimizer step, weights are unchanged")
+        sync_gradients(model, ddp)
+        global_loss = global_sum(torch.tensor(epoch_loss, dtype=torch.float64), ddp).item()
+        common.check_finite(global_loss, step, skip=False, ckpt_dir=ckpt_dir or Path(config.out) / "checkpoints")
         for opt in optimizers:
             opt.step()
-    totals = all_reduce_sum(totals.to(device)).cpu()
+    totals = global_sum(totals, ddp)
     return {
         "rl/loss": totals[0].item(),
         "rl/kl_penalty_mean": totals[2].item() / num_valid,
@@ -288,7 +299,7 @@ def train_on_rollouts(model, optimizers, rollouts: list[Rollout], config: RLConf
 # ---------------------------------------------------------------------------------------- telemetry
 
 
-def rollout_metrics(rollouts: list[Rollout], device) -> dict[str, float]:
+def rollout_metrics(rollouts: list[Rollout], ddp: Dist) -> dict[str, float]:
     """rl/acc, rl/mean_reward, rl/avg_completion_len, rl/letter_pred_counts/A..E over ALL ranks."""
     counts = torch.zeros(len(LETTERS) + 4, dtype=torch.float64)
     for r in rollouts:
@@ -299,7 +310,7 @@ def rollout_metrics(rollouts: list[Rollout], device) -> dict[str, float]:
             counts[6] += reward
             counts[7] += len(comp)
             counts[8] += 1
-    counts = all_reduce_sum(counts.to(device)).cpu()
+    counts = global_sum(counts, ddp)
     n = counts[8].item()
     out = {"rl/acc": counts[5].item() / n, "rl/mean_reward": counts[6].item() / n,
            "rl/avg_completion_len": counts[7].item() / n}
@@ -338,88 +349,23 @@ def table_rows(rollouts: list[Rollout], tokenizer, n: int) -> list[list]:
 # --------------------------------------------------------------------------------------------- eval
 
 
-def eval_metric_names(task: str) -> tuple[str, str]:
-    """(categorical, generative) metric names: DESIGN's eval/aqua_* for AQuA, eval/* for synthetic."""
-    if task == "aqua":
-        return "eval/aqua_categorical_acc", "eval/aqua_acc"
-    return "eval/categorical_acc", "eval/generative_acc"
+def evaluate_policy(model, tokenizer, problems: list[MCProblem], config: RLConfig) -> dict[str, float]:
+    """Held-out eval through aquainterp.evaluate (sharded over ranks, summed): categorical accuracy
+    (letter logits at the decision position), generative accuracy (one greedy completion, extracted
+    letter) and pass@k (k samples at eval_temperature, the same seeds at every eval).
 
+    Names: eval/{task}_categorical_acc, eval/{task}_acc (eval/aqua_* for AQuA as DESIGN.md), rl/pass@k."""
+    from aquainterp.evaluate import categorical_eval, generative_eval
 
-@torch.no_grad()
-def evaluate_policy(model, engine: Engine, tokenizer, problems: list[MCProblem], config: RLConfig,
-                    stop_tokens, device, autocast) -> dict[str, float]:
-    """Categorical accuracy (argmax over the five letter logits at the decision position), generative
-    accuracy (greedy completion, extracted letter) and pass@k (k samples at eval_temperature) on the
-    held-out problems, sharded over ranks and summed."""
-    from aquainterp.tasks import decision_prompt
-
-    rank, world = dist_rank_world()
-    mine = list(range(rank, len(problems), world))
-    counts = torch.zeros(4, dtype=torch.float64)  # categorical hits, generative hits, pass@k sum, n
-    for idx in mine:
-        problem = problems[idx]
-        ids, letter_ids = decision_prompt(tokenizer, problem)
-        with autocast:
-            logits = model(torch.tensor([ids], dtype=torch.long, device=device))[0, -1].float()
-        counts[0] += float(LETTERS[int(logits[letter_ids].argmax())] == problem.correct)
-        prompt = tokenizer.render_for_completion(conversation(problem, "reasoning"))
-        greedy = engine.generate(prompt, num_samples=1, max_new_tokens=config.max_new_tokens, temperature=0.0,
-                                 stop_tokens=stop_tokens)
-        counts[1] += float(extract_letter(tokenizer.decode(_strip_stop(greedy.completions[0], stop_tokens)))
-                           == problem.correct)
-        sampled = engine.generate(prompt, num_samples=config.pass_k, max_new_tokens=config.max_new_tokens,
-                                  temperature=config.eval_temperature, top_k=config.top_k, stop_tokens=stop_tokens,
-                                  seed=sample_seed(config.seed + 1, 0, idx))
-        correct = sum(extract_letter(tokenizer.decode(_strip_stop(c, stop_tokens))) == problem.correct
-                      for c in sampled.completions)
-        counts[2] += pass_at_k(config.pass_k, correct, config.pass_k)
-        counts[3] += 1
-    counts = all_reduce_sum(counts.to(device)).cpu()
-    n = max(counts[3].item(), 1.0)
-    cat_name, gen_name = eval_metric_names(config.task)
-    return {cat_name: counts[0].item() / n, gen_name: counts[1].item() / n, "rl/pass@k": counts[2].item() / n}
-
-
-def _strip_stop(completion: list[int], stop_tokens) -> list[int]:
-    return completion[:-1] if completion and completion[-1] in stop_tokens else completion
-
-
-# ------------------------------------------------------------------------------------ process setup
-
-
-def dist_rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"training.rl: --device {name} asked for CUDA but torch sees no GPU")
-    return device
-
-
-def setup_distributed(device: torch.device) -> tuple[bool, torch.device]:
-    """Join the torchrun process group when WORLD_SIZE > 1 (gloo on CPU, NCCL on GPU).
-    Returns (whether this call created the group, the device of this rank)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1 or (dist.is_available() and dist.is_initialized()):
-        return False, device
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return True, device
-
-
-def autocast_for(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    task = "aqua" if config.task == "aqua" else "synthetic"
+    show = config.progress
+    cat = categorical_eval(model, tokenizer, problems, batch_size=config.device_batch_size, progress=show)
+    greedy = generative_eval(model, tokenizer, problems, num_samples=1, max_new_tokens=config.max_new_tokens,
+                             temperature=0.0, progress=show)
+    sampled = generative_eval(model, tokenizer, problems, num_samples=config.pass_k,
+                              max_new_tokens=config.max_new_tokens, temperature=config.eval_temperature,
+                              top_k=config.top_k, seed=sample_seed(config.seed, 0, 0) + 7, progress=show)
+    return {**cat.metrics(task), f"eval/{task}_acc": greedy.accuracy, "rl/pass@k": sampled.pass_at[config.pass_k]}
 
 
 # ----------------------------------------------------------------------------------- model and data
@@ -463,54 +409,62 @@ def start_model(config: RLConfig, train: list[MCProblem], device):
 # ---------------------------------------------------------------------------------------------- run
 
 
-def run(config: RLConfig) -> dict:
-    """Run GRPO as configured; returns {"before", "after" (eval dicts), "steps", "minutes", "history"}."""
-    config.validate()
-    device = resolve_device(config.device)
-    created_group, device = setup_distributed(device)
+def run(config: RLConfig, policy: tuple | None = None) -> dict:
+    """Run GRPO as configured; returns {"before", "after" (eval dicts), "steps", "minutes", "history"}.
+
+    Under torchrun every rank calls this; plain `python` (or the demo) runs one process. `policy` =
+    (model, tokenizer) starts from an in-memory model instead of --checkpoint/--depth (the demo hands
+    over its freshly trained SFT model this way); RL updates that model in place."""
+    config.validate(policy_given=policy is not None)
+    ddp = common.setup_distributed(config.device)
     try:
-        return _run(config, device)
+        return _run(config, ddp, policy)
     finally:
-        if created_group:
-            dist.destroy_process_group()
+        common.teardown_distributed()
 
 
-def _run(config: RLConfig, device: torch.device) -> dict:
-    rank, world = dist_rank_world()
-    if config.examples_per_step % world:
+def _run(config: RLConfig, ddp: Dist, policy: tuple | None = None) -> dict:
+    if config.examples_per_step % ddp.world_size:
         raise ValueError(f"training.rl: --examples-per-step {config.examples_per_step} must be divisible by the "
-                         f"number of ranks {world}")
+                         f"number of ranks {ddp.world_size}")
     t0 = time.time()
-    random.seed(config.seed)
-    torch.manual_seed(config.seed)
-    autocast = autocast_for(device)
+    common.seed_everything(config.seed)
+    bf16 = common.resolve_flag(config.bf16, ddp.device, "bf16")
+    device = ddp.device
     out = Path(config.out)
     ckpt_dir = out / "checkpoints"
+    common.clean_stale_temp(ckpt_dir, ddp)
 
     train, held_out = load_problems(config)
-    model, tokenizer, source = start_model(config, train, device)
+    if policy is not None:
+        model, tokenizer = policy
+        model.to(device)
+        source = {"policy": "in-memory"}
+    else:
+        model, tokenizer, source = start_model(config, train, device)
     reference = None
     if config.kl_coef > 0 or "kl" in config.probes:
         from probes.reference import freeze_reference
 
-        reference = freeze_reference(model, device)
+        reference = freeze_reference(model, device)  # the pre-RL policy, before any resume
     optimizers = build_optimizers(model, d_model=model.config.n_embd, matrix_lr=config.matrix_lr,
                                   embedding_lr=config.embedding_lr, unembedding_lr=config.unembedding_lr,
                                   weight_decay=config.weight_decay, init_lr_frac=config.init_lr_frac)
     start_step, before = 0, None
-    resume_from = latest_step(ckpt_dir) if config.resume else None
-    if resume_from is not None:
-        ckpt = load_checkpoint(ckpt_dir, resume_from, device=device)
-        model.load_state_dict_checked(ckpt.model_state, str(ckpt.path))
-        load_optimizers(optimizers, ckpt)
-        start_step, before = ckpt.meta["rl_step"], ckpt.meta["before"]
+    resumed = common.resume(ckpt_dir, model, optimizers, device) if config.resume else None
+    if resumed is not None:
+        start_step, meta = resumed
+        before = meta["before"]
+        if meta.get("config", {}).get("seed") != config.seed:
+            raise ValueError(f"training.rl: --resume from {ckpt_dir} was run with --seed "
+                             f"{meta.get('config', {}).get('seed')}, this invocation has {config.seed}")
 
     engine = Engine(model)
-    stop_tokens = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.bos_token_id}
-    pad_id = tokenizer.encode_special("<|assistant_end|>")
-    run_config = {**dataclasses.asdict(config), "pass@k_k": config.pass_k, "world_size": world, **source,
-                  "train_pool": len(train), "held_out": len(held_out), "stage": "rl"}
-    logger = Logger(out, run_name=config.run_name, mode=config.wandb, config=run_config, rank=rank)
+    end_id = tokenizer.encode_special("<|assistant_end|>")
+    stop_tokens = {end_id, tokenizer.bos_token_id}
+    run_config = {**common.config_dict(config), "pass@k_k": config.pass_k, "world_size": ddp.world_size,
+                  **source, "train_pool": len(train), "held_out": len(held_out), "stage": "rl"}
+    logger = Logger(out, run_name=config.run_name, mode=config.wandb, config=run_config, rank=ddp.rank)
     suite = None
     if config.probes:
         from probes.suite import ProbeSuite
@@ -519,28 +473,25 @@ def _run(config: RLConfig, device: torch.device) -> dict:
                            reference_model=reference, batch_size=config.device_batch_size)
 
     if before is None:
-        before = evaluate_policy(model, engine, tokenizer, held_out, config, stop_tokens, device, autocast)
-    if start_step == 0:
+        before = evaluate_policy(model, tokenizer, held_out, config)
         logger.log(before, step=0)
     history = []
-    bar = tqdm(range(start_step, config.max_steps), desc="rl", disable=rank != 0 or not config.progress,
-               initial=start_step, total=config.max_steps)
-    last_eval = before
+    bar = tqdm(range(start_step, config.max_steps), desc="rl", disable=not ddp.is_main or not config.progress,
+               initial=start_step, total=config.max_steps, dynamic_ncols=True)
     for step in bar:
         if step > 0 and config.eval_every and step % config.eval_every == 0:
-            last_eval = evaluate_policy(model, engine, tokenizer, held_out, config, stop_tokens, device, autocast)
-            logger.log(last_eval, step=step)
+            logger.log(evaluate_policy(model, tokenizer, held_out, config), step=step)
         matrix_lr = apply_schedule(optimizers, 1.0 - step / config.max_steps, None)  # nanochat: linear to 0
         rollouts = []
-        for i in range(rank, config.examples_per_step, world):
+        for i in range(ddp.rank, config.examples_per_step, ddp.world_size):
             g = example_index(step, i, config.examples_per_step)
             rollouts.append(rollout(engine, tokenizer, train[g % len(train)], config,
                                     sample_seed(config.seed, step, g), stop_tokens))
         if suite is not None and config.probe_every and step % config.probe_every == 0:
             run_probes(suite, logger, step, rollouts)
-        metrics = rollout_metrics(rollouts, device)
-        stats = train_on_rollouts(model, optimizers, rollouts, config, device, autocast, pad_id, reference, step)
-        metrics.update(stats)
+        metrics = rollout_metrics(rollouts, ddp)
+        metrics.update(train_on_rollouts(model, optimizers, rollouts, config, ddp, end_id, reference, step, bf16,
+                                         ckpt_dir))
         metrics["rl/lr"] = matrix_lr
         logger.log(metrics, step=step)
         history.append({"step": step, **metrics})
@@ -550,28 +501,21 @@ def _run(config: RLConfig, device: torch.device) -> dict:
         bar.set_postfix(acc=f"{metrics['rl/acc']:.3f}", reward=f"{metrics['rl/mean_reward']:.3f}")
         done = step + 1
         if (config.save_every and done % config.save_every == 0) or done == config.max_steps:
-            save_rl_checkpoint(ckpt_dir, done, model, optimizers, tokenizer, config, before, rank)
-    after = evaluate_policy(model, engine, tokenizer, held_out, config, stop_tokens, device, autocast)
+            common.save(ckpt_dir, done, model, optimizers, {"stage": "rl", "before": before,
+                                                            "config": common.config_dict(config)},
+                        ddp, tokenizer=tokenizer)
+    bar.close()
+    after = evaluate_policy(model, tokenizer, held_out, config)
     logger.log(after, step=config.max_steps)
     if suite is not None:
         run_probes(suite, logger, config.max_steps, None)
     logger.finish()
     summary = {"before": before, "after": after, "steps": config.max_steps - start_step,
                "minutes": (time.time() - t0) / 60, "history": history}
-    if rank == 0:
+    if ddp.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=1))
     return summary
-
-
-def save_rl_checkpoint(ckpt_dir: Path, step: int, model, optimizers, tokenizer, config: RLConfig, before: dict,
-                       rank: int) -> None:
-    """Rank 0 writes; everyone waits so no rank races ahead of a checkpoint it may resume from."""
-    if rank == 0:
-        meta = {"stage": "rl", "rl_step": step, "before": before, "config": dataclasses.asdict(config)}
-        save_checkpoint(ckpt_dir, step, model, optimizers, meta, tokenizer=tokenizer)
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -615,7 +559,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--out", default=d.out, help="run folder: metrics.jsonl, checkpoints/, summary.json")
     a("--save-every", type=int, default=d.save_every, help="0 = only at the end")
     a("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    a("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
+    a("--device", default=d.device, help="auto | cpu | cuda | mps")
+    a("--bf16", choices=("auto", "on", "off"), default=d.bf16, help="bf16 autocast (auto = on with a GPU)")
     a("--seed", type=int, default=d.seed)
     a("--wandb", choices=("online", "offline", "disabled"), default=d.wandb)
     a("--run-name", default=None)
@@ -641,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = run(config_from_args(args))
     except ValueError as e:
         parser.error(str(e))
-    if dist_rank_world()[0] == 0:
+    if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=1))
     return 0
 
