@@ -98,6 +98,15 @@ def _completion_pairs(completions) -> list[tuple[list[int], list[int]]]:
     return pairs
 
 
+def _is_pattern(name: str) -> bool:
+    return name.endswith("attn.hook_pattern")
+
+
+def _leave_unchanged(tensor, hook):
+    """A hook that reads nothing: it only switches the model to its explicit-softmax attention path."""
+    return None
+
+
 class _PatternReducer:
     """Forward hooks on hook_pattern that reduce each layer's pattern for one batch, at once, to the
     window entropies [B, H, W] and the decision row's option masses [B, H, 5] (then free it)."""
@@ -262,7 +271,11 @@ class ProbeSuite:
                 out[key].append(value)
             if self.reference is not None:
                 ref_device = _device_of(self.reference)
-                ref_logits = self.reference(ids.to(ref_device))
+                if want_attn:  # same attention path as the policy, so an unchanged policy gives exactly 0
+                    ref_logits = self.reference.run_with_hooks(
+                        ids.to(ref_device), fwd_hooks=[(_is_pattern, _leave_unchanged)])
+                else:
+                    ref_logits = self.reference(ids.to(ref_device))
                 ref_letters = letter_logits(ref_logits, lengths.to(ref_device) - 1, letter_ids.to(ref_device))
                 out["reference_letters"].append(ref_letters.float().cpu())
                 del ref_logits

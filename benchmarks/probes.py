@@ -1,0 +1,136 @@
+"""What the probes cost: per-probe milliseconds on a depth-4 CPU model, and the RL step time with
+probes at the default cadence vs probes off, measured side by side in one run.
+
+    .venv/bin/python benchmarks/probes.py                 # depth 4, CPU, a small RL step
+    .venv/bin/python benchmarks/probes.py --examples-per-step 16 --num-samples 16 --max-new-tokens 256
+
+The RL step is training/rl.py's own loop body (rollouts with the Engine, run_probes on the due steps,
+train_on_rollouts). Both arms replay the same steps with the same sampling seeds and the learning rate
+held at 0, so they generate and train on identical tokens and differ only by the probe runs; the arms
+alternate block by block (a block = probe_every steps) so machine load hits both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+from aquainterp.cli import normalize_flag_spelling
+from aquainterp.logger import Logger
+from probes.reference import freeze_reference
+from probes.suite import PROBE_NAMES, ProbeSuite, due
+from training import rl
+from training.common import Dist
+from training.optim import apply_schedule, build_optimizers
+
+
+def timed(fn, repeats: int) -> tuple[float, float]:
+    """(median, min) seconds of fn() over `repeats` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), min(times)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per probe (median reported)")
+    parser.add_argument("--probe-problems", type=int, default=rl.RLConfig().probe_batch)
+    parser.add_argument("--probe-every", type=int, default=rl.RLConfig().probe_every)
+    parser.add_argument("--blocks", type=int, default=2, help="blocks of probe_every steps per arm")
+    parser.add_argument("--examples-per-step", type=int, default=4)
+    parser.add_argument("--num-samples", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    args = parser.parse_args(normalize_flag_spelling(list(sys.argv[1:] if argv is None else argv)))
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+
+    config = rl.RLConfig(depth=args.depth, examples_per_step=args.examples_per_step, num_samples=args.num_samples,
+                         max_new_tokens=args.max_new_tokens, probes=PROBE_NAMES, probe_every=args.probe_every,
+                         probe_batch=args.probe_problems, eval_examples=args.probe_problems,
+                         max_steps=args.blocks * args.probe_every * 2, progress=False)
+    train, held_out = rl.load_problems(config)
+    model, tokenizer = rl.build_fresh(config, train, device)
+    with torch.no_grad():  # a fresh model has a zero lm_head (uniform logits); give it some preference
+        model.lm_head.weight.normal_(0, 0.02)
+    reference = freeze_reference(model, device)
+    probe_set = held_out[: args.probe_problems]
+    engine = rl.Engine(model)
+    stop = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.bos_token_id}
+    print(f"model: depth {args.depth}, {model.num_params() / 1e6:.2f}M params, vocab {tokenizer.vocab_size}, "
+          f"device {device}, torch threads {torch.get_num_threads()}; probe set {len(probe_set)} problems, "
+          f"batch {config.device_batch_size}")
+
+    # ---- per-probe cost -------------------------------------------------------------------------------
+    rollouts = [rl.rollout(engine, tokenizer, train[i], config, i, stop) for i in range(config.examples_per_step)]
+    pairs = [(r.prompt, c) for r in rollouts for c in r.completions if c]
+    print("\nper-probe cost (median of", args.repeats, "runs, ms):")
+    cases = [(name, (name,), {"hardest_k": 0}, pairs) for name in PROBE_NAMES]
+    cases += [("margin + hardest table (greedy completions)", ("margin",), {}, pairs),
+              ("kl with greedy completions (no rollouts given)", ("kl",), {}, None),
+              ("all five, as the RL loop calls them", PROBE_NAMES, {}, pairs)]
+    for label, probes, kw, completions in cases:
+        suite = ProbeSuite(model, tokenizer, probe_set, probes=probes, reference_model=reference,
+                           batch_size=config.device_batch_size, max_new_tokens=args.max_new_tokens, **kw)
+        kl_pairs = completions[: suite.kl_sequences] if completions else None
+        med, best = timed(lambda s=suite, c=kl_pairs: s.run(0, completions=c), args.repeats)
+        parts = ", ".join(f"{k} {v * 1e3:.0f}" for k, v in suite.last_seconds.items() if k != "total")
+        print(f"  {label:48s} {med * 1e3:8.1f}  (min {best * 1e3:.1f}; {parts})")
+
+    # ---- RL step with probes at the default cadence vs off ----------------------------------------------
+    ddp = Dist(rank=0, local_rank=0, world_size=1, device=device)
+    optimizers = build_optimizers(model, d_model=model.config.n_embd)
+    pad_id = tokenizer.encode_special("<|assistant_end|>")
+    suite = ProbeSuite(model, tokenizer, probe_set, probes=PROBE_NAMES, reference_model=reference,
+                       batch_size=config.device_batch_size, max_new_tokens=args.max_new_tokens)
+    with tempfile.TemporaryDirectory() as tmp:
+        logger = Logger(tmp, mode="disabled")
+
+        def step(s: int, probes_on: bool) -> tuple[float, float]:
+            t0 = time.perf_counter()
+            apply_schedule(optimizers, 0.0, None)  # lr 0: both arms replay identical rollouts
+            batch = [rl.rollout(engine, tokenizer, train[(s * config.examples_per_step + i) % len(train)],
+                                config, rl.sample_seed(config.seed, s, i), stop)
+                     for i in range(config.examples_per_step)]
+            t_probe = 0.0
+            if probes_on and due(s, config.probe_every):  # rl.py's test: probe_every and step % probe_every == 0
+                tp = time.perf_counter()
+                rl.run_probes(suite, logger, s, batch)
+                t_probe = time.perf_counter() - tp
+            rl.train_on_rollouts(model, optimizers, batch, config, ddp, pad_id, None, s)
+            return time.perf_counter() - t0, t_probe
+
+        totals = {"off": 0.0, "on": 0.0}
+        probe_time = 0.0
+        step(0, False)  # warm-up
+        for block in range(args.blocks):
+            order = ("off", "on") if block % 2 == 0 else ("on", "off")
+            for arm in order:
+                for i in range(args.probe_every):
+                    s = block * args.probe_every + i
+                    dt, tp = step(s, arm == "on")
+                    totals[arm] += dt
+                    probe_time += tp
+        logger.finish()
+    n = args.blocks * args.probe_every
+    off, on = totals["off"] / n, totals["on"] / n
+    print(f"\nRL step (examples_per_step {config.examples_per_step} x num_samples {config.num_samples}, "
+          f"max_new_tokens {config.max_new_tokens}), {n} steps per arm, probes every {args.probe_every}:")
+    print(f"  probes off   {off * 1e3:9.1f} ms/step")
+    print(f"  probes on    {on * 1e3:9.1f} ms/step  (one probe run: {probe_time / args.blocks * 1e3:.0f} ms)")
+    print(f"  ratio on/off {on / off:.3f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Probes on the real pipeline: tokenizer + tasks build the probe set, the engine makes completions.
+
+Checks what only the real tokenizer can show: option spans decode to the option lines, the letter ids
+are the tokens the letters get after "Answer:" in the rendered conversation, and a full run with
+every probe (greedy completions included) returns the design's metric names and leaves training
+numerics untouched.
+"""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from tasks_tokenizer import trained_tokenizer
+
+from aquainterp.model import GPT, GPTConfig
+from aquainterp.tasks import LETTERS, conversation
+from aquainterp.tasks.synthetic import SyntheticTask
+from probes.probe_set import build_probe_set
+from probes.reference import freeze_reference
+from probes.suite import PROBE_NAMES, ProbeSuite
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return trained_tokenizer()  # aquainterp.tokenizer.Tokenizer trained on the synthetic corpus
+
+
+@pytest.fixture(scope="module")
+def problems():
+    return SyntheticTask(seed=0, split="eval").problems(6)
+
+
+def model_for(tokenizer, seed=0):
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig.from_depth(2, vocab_size=tokenizer.vocab_size, sequence_len=256, aspect_ratio=32,
+                                     head_dim=32))
+    model.init_weights()
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.c_proj.weight.normal_(0, 0.1)
+        model.lm_head.weight.normal_(0, 0.3)
+    return model
+
+
+def test_option_spans_decode_to_the_option_lines(tokenizer, problems):
+    for item in build_probe_set(tokenizer, problems):
+        for letter, text, (start, end) in zip(LETTERS, item.problem.options, item.spans):
+            assert tokenizer.decode(list(item.ids[start:end])).strip() == f"{letter}) {text}"
+        assert item.gold == LETTERS.index(item.problem.correct)
+
+
+def test_letter_ids_are_the_letters_as_tokenised_after_answer(tokenizer, problems):
+    for item in build_probe_set(tokenizer, problems):
+        for letter, letter_id in zip(LETTERS, item.letter_ids):
+            as_gold = dataclasses.replace(item.problem, correct=letter)
+            prompt = tokenizer.render_for_completion(conversation(as_gold, "direct"))
+            # the assistant turn "Answer: X" is tokenised on its own when the chat is rendered for SFT:
+            # the decision prompt's tail plus this letter's id must be exactly those tokens
+            assert list(item.ids[: len(prompt)]) == list(prompt)
+            assert list(item.ids[len(prompt):]) + [letter_id] == tokenizer.encode(f"Answer: {letter}")
+        assert len(set(item.letter_ids)) == 5
+
+
+def test_full_run_returns_design_metrics_and_greedy_sequence_kl(tokenizer, problems):
+    model = model_for(tokenizer)
+    suite = ProbeSuite(model, tokenizer, problems, reference_model=freeze_reference(model), batch_size=4,
+                       kl_sequences=2, max_new_tokens=6, hardest_k=2)
+    metrics = suite.run(0)
+    cfg = model.cfg
+    expected = {"attn/entropy_mean", "attn/entropy_normalized_mean", "attn/option_mass_mean",
+                "attn/gold_option_mass_mean", "attn/chosen_option_mass_mean",
+                "rl/letter_margin_mean", "rl/letter_margin_std", "rl/letter_gold_margin_mean",
+                "rl/letter_gold_margin_std", "rl/kl_letter_mean", "rl/kl_letter_std",
+                "rl/kl_sequence_mean", "rl/kl_sequence_std"}
+    expected |= {f"rl/letter_pred_counts/{x}" for x in LETTERS}
+    expected |= {f"attn/{kind}/layer{l}/head{h}" for kind in ("entropy", "option_mass")
+                 for l in range(cfg.n_layers) for h in range(cfg.n_heads)}
+    assert set(metrics) == expected
+    assert all(math.isfinite(v) for v in metrics.values())
+    assert sum(metrics[f"rl/letter_pred_counts/{x}"] for x in LETTERS) == len(problems)
+    assert metrics["rl/kl_letter_mean"] == 0.0 and metrics["rl/kl_sequence_mean"] == 0.0
+    assert suite.last_raw["kl_sequence"].shape == (2,)
+    table = suite.last_raw["hardest"]
+    assert len(table["rows"]) == 2 and all(isinstance(row[-1], str) and row[-1] for row in table["rows"])
+    figures = suite.attention_figures(prompt_indices=(0,), max_tokens=12)
+    assert "attn/patterns/prompt0" in figures and "attn/entropy_heatmap" in figures
+    assert tuple(PROBE_NAMES) == ("entropy", "option_mass", "margin", "kl", "counts")
+
+
+def test_greedy_probe_run_between_training_steps_changes_nothing(tokenizer, problems):
+    def train(probe: bool):
+        model = model_for(tokenizer, seed=1)
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        suite = ProbeSuite(model, tokenizer, problems[:3], reference_model=freeze_reference(model),
+                           kl_sequences=1, max_new_tokens=4, hardest_k=1)
+        torch.manual_seed(7)
+        for step in range(2):
+            x = torch.randint(0, tokenizer.vocab_size, (2, 16))
+            loss = model(x[:, :-1], targets=x[:, 1:])
+            opt.zero_grad()
+            loss.backward()
+            if probe and step == 0:
+                assert suite.run(step)  # greedy generation, hooks, reference, table
+                assert model.training
+            opt.step()
+        return [p.detach().clone() for p in model.parameters()], [p.grad.clone() for p in model.parameters()]
+
+    (params_a, grads_a), (params_b, grads_b) = train(False), train(True)
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
+    assert all(torch.equal(a, b) for a, b in zip(params_a, params_b))
