@@ -1,0 +1,175 @@
+"""Model benchmarks, each a ratio measured side by side in one run (A and B interleaved, median of repeats).
+
+    .venv/bin/python benchmarks/model.py                      # depth 4 and 8, batch 8 × 512, CPU
+    .venv/bin/python benchmarks/model.py --depths 2 --batch 2 --seq-len 128 --repeats 2   # quick look
+
+1. forward with hook points present but unused vs the same math with no HookPoint modules (target ≤ 1.02×)
+2. training step (forward + backward) vs HF NanoChatForCausalLM on the same weights (target ≤ 1×)
+3. run_with_cache (every hook) vs TransformerBridge.run_with_cache on the same weights (target < 1×)
+4. greedy generation of 256 tokens, KV cache vs full recompute (target ≥ 5× faster)
+
+Ratios are ours / theirs for 1–3 (smaller is better) and recompute / cache for 4.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from aquainterp.bridge import export_hf, load_transformer_bridge  # noqa: E402
+from aquainterp.cli import normalize_flag_spelling  # noqa: E402
+from aquainterp.engine import Engine  # noqa: E402
+from aquainterp.model import GPT, GPTConfig, apply_rotary_emb, norm  # noqa: E402
+
+
+def hookless_forward(model: GPT, idx: torch.Tensor) -> torch.Tensor:
+    """The model's no-hook forward written with functional ops only: no HookPoint, no submodule calls."""
+    cfg = model.config
+    B, T = idx.shape
+    H, Hkv, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+    cos, sin = model.cos[:, :T], model.sin[:, :T]
+    x = norm(F.embedding(idx, model.wte.weight))
+    for blk in model.blocks:
+        attn, mlp = blk.attn, blk.mlp
+        h = norm(x)
+        q = norm(apply_rotary_emb(F.linear(h, attn.c_q.weight).view(B, T, H, D), cos, sin))
+        k = norm(apply_rotary_emb(F.linear(h, attn.c_k.weight).view(B, T, Hkv, D), cos, sin))
+        v = F.linear(h, attn.c_v.weight).view(B, T, Hkv, D)
+        y = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=H != Hkv
+        )
+        x = x + F.linear(y.transpose(1, 2).reshape(B, T, -1), attn.c_proj.weight)
+        x = x + F.linear(F.relu(F.linear(norm(x), mlp.c_fc.weight)).square(), mlp.c_proj.weight)
+    logits = F.linear(norm(x), model.lm_head.weight).float()
+    return 15.0 * torch.tanh(logits / 15.0)
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def side_by_side(label: str, a, b, repeats: int) -> tuple[float, float]:
+    """Median seconds of a and b, run alternately (a load spike hits both), after one warm-up each."""
+    a(), b()
+    ta, tb = [], []
+    for _ in tqdm(range(repeats), desc=label, leave=False, file=sys.stderr):
+        ta.append(timed(a))
+        tb.append(timed(b))
+    return statistics.median(ta), statistics.median(tb)
+
+
+def report(label: str, ours: float, theirs: float, target: str):
+    print(f"  {label:<52} {ours * 1e3:9.1f} ms vs {theirs * 1e3:9.1f} ms   ratio {ours / theirs:5.3f}  ({target})")
+
+
+def random_model(depth: int, vocab: int, seq_len: int) -> GPT:
+    """Random non-zero weights (nanochat's init zeroes output projections, which would flatter nobody)."""
+    torch.manual_seed(depth)
+    model = GPT(GPTConfig.from_depth(depth, vocab_size=vocab, sequence_len=seq_len))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 1.0 if p is model.wte.weight else p.shape[-1] ** -0.5)
+    return model
+
+
+def bench_depth(depth: int, args):
+    from transformers import NanoChatForCausalLM
+
+    model = random_model(depth, args.vocab, max(args.seq_len, args.prompt_len + args.new_tokens))
+    c = model.config
+    print(f"depth {depth}: n_embd {c.n_embd}, heads {c.n_head}, vocab {c.vocab_size}, {model.num_params():,} params")
+    idx = torch.randint(0, args.vocab, (args.batch, args.seq_len))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        export_hf(model, None, tmp)
+        hf = NanoChatForCausalLM.from_pretrained(tmp)  # default attention (SDPA), as a user would load it
+        bridge = load_transformer_bridge(tmp)
+
+    with torch.no_grad():
+        model.eval()
+        diff = (model(idx) - hookless_forward(model, idx)).abs().max().item()
+        assert diff == 0.0, f"hookless reference differs from the model by {diff}"
+        ours, plain = side_by_side("forward", lambda: model(idx), lambda: hookless_forward(model, idx), args.repeats)
+        report("forward, hooks unused vs no HookPoint modules", ours, plain, "target <= 1.02")
+
+    model.train()
+    hf.train()
+
+    def our_step():
+        model.zero_grad(set_to_none=True)
+        model(idx, idx).backward()
+
+    def hf_step():
+        hf.zero_grad(set_to_none=True)
+        hf(input_ids=idx, labels=idx).loss.backward()
+
+    ours, theirs = side_by_side("train step", our_step, hf_step, args.repeats)
+    report("train step (fwd+bwd) vs HF NanoChatForCausalLM", ours, theirs, "target <= 1")
+    model.zero_grad(set_to_none=True)
+    hf.zero_grad(set_to_none=True)
+
+    with torch.no_grad():
+        model.eval()
+        hf.eval()
+        ours, theirs = side_by_side(
+            "run_with_cache", lambda: model.run_with_cache(idx), lambda: bridge.run_with_cache(idx), args.repeats
+        )
+        report("run_with_cache (all hooks) vs TransformerBridge", ours, theirs, "target < 1")
+        hf_fwd, _ = side_by_side("HF forward", lambda: hf(idx), lambda: None, args.repeats)
+        report("  our run_with_cache vs HF forward (for reference)", ours, hf_fwd, "info")
+        report("  bridge run_with_cache vs HF forward (for reference)", theirs, hf_fwd, "info")
+
+    prompt = torch.randint(0, args.vocab, (args.prompt_len,)).tolist()
+    engine = Engine(model.eval())
+
+    @torch.no_grad()
+    def recompute():
+        ids = torch.tensor([prompt])
+        for _ in range(args.new_tokens):
+            ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+        return ids[0, len(prompt) :].tolist()
+
+    cached_tokens = engine.generate(prompt, max_new_tokens=args.new_tokens, temperature=0.0).completions[0]
+    t_cache = statistics.median(
+        timed(lambda: engine.generate(prompt, max_new_tokens=args.new_tokens, temperature=0.0)) for _ in range(2)
+    )
+    full_tokens = []
+    t_full = timed(lambda: full_tokens.extend(recompute()))
+    assert full_tokens == cached_tokens, "KV-cache generation differs from full recompute"
+    print(
+        f"  {'generate ' + str(args.new_tokens) + ' tokens: recompute vs KV cache':<52} {t_full * 1e3:9.1f} ms vs "
+        f"{t_cache * 1e3:9.1f} ms   speedup {t_full / t_cache:5.1f}× (target >= 5; same tokens)"
+    )
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--depths", type=int, nargs="+", default=[4, 8])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--vocab", type=int, default=8192, help="vocab size (65536 needs ~1 GB per logits tensor here)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=256)
+    args = p.parse_args(normalize_flag_spelling(sys.argv[1:] if argv is None else argv))
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, fp32; "
+        f"batch {args.batch} × {args.seq_len} tokens, median of {args.repeats}; load avg {os.getloadavg()[0]:.1f}"
+    )
+    for depth in args.depths:
+        bench_depth(depth, args)
+
+
+if __name__ == "__main__":
+    main()
