@@ -1,0 +1,246 @@
+"""The parts every training stage shares: processes, devices, seeds, checkpoints, safety, progress, metrics.
+
+A stage (base, mid, sft, and the RL stage) is: parse flags -> a config dataclass -> `run(config)`.
+Inside `run` it calls these helpers in this order:
+
+    dist = setup_distributed(config.device)          # torchrun env -> process group (NCCL/gloo)
+    seed_everything(config.seed)
+    logger = open_logger(run_dir, config, dist)      # aquainterp.logger.Logger, rank 0 writes
+    start = resume(ckpt_dir, model, optimizers)       # --resume: model, optimizer, RNG, data position
+    ... loop: autocast(dist.device, bf16); check_finite(loss, ...); progress.update(...) ...
+    save(ckpt_dir, step, model, optimizers, meta, dist)   # rank 0 writes; everyone waits
+    teardown_distributed()
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, is_dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+
+from aquainterp.checkpoint import (
+    latest_step,
+    load_checkpoint,
+    load_optimizers,
+    load_state_into,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf; the run stopped without writing a checkpoint of the bad state."""
+
+
+@dataclass
+class Dist:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """'auto' -> cuda when present, else cpu; 'cuda'/'cpu'/'mps' are checked so typos fail early."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device must be auto, cpu, cuda or mps, got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available on this machine")
+    return torch.device(name)
+
+
+def setup_distributed(device: str = "auto") -> Dist:
+    """One process (plain python) or one of WORLD_SIZE processes started by torchrun."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = pick_device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    if world_size > 1 and not torch_dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        torch_dist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None)
+    return Dist(rank=rank, local_rank=local_rank, world_size=world_size, device=dev)
+
+
+def teardown_distributed() -> None:
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def barrier(dist: Dist) -> None:
+    if dist.enabled:
+        torch_dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor, dist: Dist) -> torch.Tensor:
+    if dist.enabled:
+        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.SUM)
+    return t
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast on CUDA when enabled; a no-op context elsewhere (CPU runs stay fp32 and exact)."""
+    if enabled and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def resolve_flag(value: str, device: torch.device, what: str) -> bool:
+    """--bf16/--compile take auto|on|off; auto means on with a GPU."""
+    if value not in ("auto", "on", "off"):
+        raise ValueError(f"--{what} must be auto, on or off, got {value!r}")
+    return device.type == "cuda" if value == "auto" else value == "on"
+
+
+def check_finite(loss: float, step: int, skip: bool, ckpt_dir: Path) -> bool:
+    """True if the step may be applied. NaN/inf: raise (default) or return False (--skip-nonfinite)."""
+    if math.isfinite(loss):
+        return True
+    if skip:
+        print(f"step {step}: loss is {loss}; skipping this update (--skip-nonfinite)")
+        return False
+    last = latest_step(ckpt_dir)
+    kept = f"the last good checkpoint is {ckpt_dir}/step_{last:06d}" if last is not None else "no checkpoint was written yet"
+    raise NonFiniteLossError(f"step {step}: training loss is {loss}; stopped before applying the update, {kept}. "
+                             "Lower the learning rate or resume from it with --resume (--skip-nonfinite skips such steps).")
+
+
+def config_dict(config) -> dict:
+    d = asdict(config) if is_dataclass(config) else dict(config)
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
+
+
+def open_logger(run_dir: Path, config, dist: Dist, wandb_mode: str, run_name: str | None = None):
+    """aquainterp.logger.Logger; metrics.jsonl in run_dir, W&B by mode; inactive on ranks > 0."""
+    from aquainterp.logger import Logger
+
+    return Logger(run_dir, run_name=run_name, mode=wandb_mode, config=config_dict(config), rank=dist.rank)
+
+
+def unwrap(model):
+    """The plain GPT under DDP and torch.compile wrappers (checkpoints store its keys)."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def clean_stale_temp(ckpt_dir: Path, dist: Dist) -> None:
+    """Remove temp folders of checkpoint writes that a crash interrupted (never complete checkpoints)."""
+    if dist.is_main and ckpt_dir.is_dir():
+        for p in ckpt_dir.iterdir():
+            if p.name.startswith((".tmp_step_", ".old_step_")):
+                shutil.rmtree(p, ignore_errors=True)
+    barrier(dist)
+
+
+def save(ckpt_dir: Path, step: int, model, optimizers, meta: dict, dist: Dist, tokenizer=None) -> None:
+    """Rank 0 writes model + optimizer + meta (with RNG state); the other ranks wait for it."""
+    if dist.is_main:
+        save_checkpoint(ckpt_dir, step, unwrap(model), optimizers, {**meta, "rng": rng_state(),
+                                                                      "world_size": dist.world_size},
+                        tokenizer=tokenizer)
+    barrier(dist)
+
+
+def resume(ckpt_dir: Path, model, optimizers, device) -> tuple[int, dict] | None:
+    """Restore the latest checkpoint of this run (model, optimizers keeping the configured lrs, RNG).
+
+    Returns (step, meta) or None when the run has no checkpoint yet. Every rank reads the same files.
+    """
+    step = latest_step(ckpt_dir)
+    if step is None:
+        return None
+    ckpt = load_checkpoint(ckpt_dir, step, device=str(device))
+    load_state_into(unwrap(model), ckpt.model_state, ckpt.path)
+    initial = [[g["initial_lr"] for g in opt.param_groups] for opt in optimizers]
+    load_optimizers(optimizers, ckpt)
+    for opt, lrs in zip(optimizers, initial):  # the flags of this invocation set the learning rates
+        for g, lr in zip(opt.param_groups, lrs):
+            g["initial_lr"] = lr
+    set_rng_state(ckpt.meta["rng"])
+    return step, ckpt.meta
+
+
+def init_from(directory: Path, device) -> tuple:
+    """(model, tokenizer, meta) from a previous stage's checkpoints (its latest step)."""
+    from aquainterp.checkpoint import load_model
+
+    model, tokenizer, meta = load_model(directory, None, device=str(device))
+    if tokenizer is None:
+        raise ValueError(f"--init-from {directory}: the checkpoint has no tokenizer/ folder")
+    model.train()
+    return model, tokenizer, meta
+
+
+class Progress:
+    """A tqdm bar on rank 0 showing loss, tokens/s and ETA (tqdm computes the ETA from the step rate)."""
+
+    def __init__(self, start: int, total: int, dist: Dist, desc: str):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, initial=start, desc=desc, disable=not dist.is_main, dynamic_ncols=True)
+        self.t0 = time.perf_counter()
+
+    def tick(self) -> float:
+        """Seconds since the last tick."""
+        now = time.perf_counter()
+        dt, self.t0 = now - self.t0, now
+        return dt
+
+    def update(self, loss: float, tokens_per_sec: float, **extra) -> None:
+        post = {"loss": f"{loss:.4f}", "tok/s": f"{tokens_per_sec:,.0f}"}
+        post.update({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in extra.items()})
+        self.bar.set_postfix(post, refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def add_arguments(parser: argparse.ArgumentParser, defaults) -> None:
+    """One flag per config field, kebab-case (snake_case accepted by normalize_flag_spelling)."""
+    for name, value in vars(defaults).items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            parser.add_argument(flag, action="store_true", help="(default: off)")
+        else:
+            kind = type(value) if value is not None else str
+            parser.add_argument(flag, type=kind, default=value, help=f"(default: {value})")
+
+
+def parse_config(cls, argv: list[str] | None, description: str):
+    from aquainterp.cli import normalize_flag_spelling
+
+    parser = argparse.ArgumentParser(description=description)
+    add_arguments(parser, cls())
+    args = parser.parse_args(normalize_flag_spelling(list(sys.argv[1:] if argv is None else argv)))
+    return cls(**vars(args))

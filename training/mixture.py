@@ -1,0 +1,68 @@
+"""Conversation mixtures for mid-training and SFT: synthetic, AQuA-RAT and GSM8K rows as chats.
+
+Multiple-choice rows (synthetic, AQuA) become aquainterp.tasks conversations; the styles given are
+used in turn, row i getting styles[i % len(styles)], so SFT sees both "direct" (the letter only) and
+"reasoning" (rationale, then the letter). GSM8K rows have no options: the user asks the question and
+the assistant gives the worked solution and "Answer: <number>". The list is shuffled with the seed,
+so a mixture is a deterministic function of its flags.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+STYLES = ("direct", "reasoning")
+
+
+@dataclass
+class MixtureSpec:
+    synthetic: int = 0  # number of synthetic train problems
+    synthetic_seed: int = 0
+    aqua: str | None = None  # hub id or local JSON Lines path
+    aqua_split: str = "train"
+    aqua_limit: int | None = None
+    gsm8k: str | None = None
+    gsm8k_split: str = "train"
+    gsm8k_limit: int | None = None
+    styles: tuple[str, ...] = STYLES
+    seed: int = 0
+
+
+def gsm8k_conversation(problem) -> dict:
+    return {"messages": [{"role": "user", "content": problem.question},
+                         {"role": "assistant", "content": f"{problem.solution}\nAnswer: {problem.answer}"}]}
+
+
+def parse_styles(text: str) -> tuple[str, ...]:
+    styles = tuple(s.strip() for s in text.split(",") if s.strip())
+    bad = [s for s in styles if s not in STYLES]
+    if bad or not styles:
+        raise ValueError(f"--styles: expected a comma list of {STYLES}, got {text!r}")
+    return styles
+
+
+def build_mixture(spec: MixtureSpec) -> list[dict]:
+    """The shuffled list of conversations; a summary of its sources goes with each run's meta."""
+    from aquainterp.tasks.chat import conversation
+
+    chats: list[dict] = []
+    problems = []
+    if spec.synthetic:
+        from aquainterp.tasks.synthetic import SyntheticTask
+
+        problems += SyntheticTask(seed=spec.synthetic_seed, split="train").problems(spec.synthetic)
+    if spec.aqua:
+        from aquainterp.tasks.aqua import load_aqua
+
+        problems += load_aqua(spec.aqua, split=spec.aqua_split)[: spec.aqua_limit]
+    for i, p in enumerate(problems):
+        chats.append(conversation(p, spec.styles[i % len(spec.styles)]))
+    if spec.gsm8k:
+        from aquainterp.tasks.gsm8k import load_gsm8k
+
+        chats += [gsm8k_conversation(p) for p in load_gsm8k(spec.gsm8k, split=spec.gsm8k_split)[: spec.gsm8k_limit]]
+    if not chats:
+        raise ValueError("the conversation mixture is empty: give --synthetic N, --aqua SOURCE or --gsm8k SOURCE")
+    random.Random(spec.seed).shuffle(chats)
+    return chats
