@@ -1,0 +1,152 @@
+"""Evaluation accounting on real GPTs: random weights (chance), forced answers (exact), pass@k, DDP."""
+
+import random
+from collections import Counter
+
+import pytest
+import torch
+from tasks_tokenizer import trained_tokenizer
+
+from aquainterp.evaluate import evaluate, load_problems, pass_at_k
+from aquainterp.model import GPT, GPTConfig
+from aquainterp.tasks import LETTERS
+from aquainterp.tasks.chat import letter_token_ids
+from aquainterp.tasks.synthetic import SyntheticTask
+
+
+def tiny_gpt(vocab_size: int, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig.from_depth(2, vocab_size=vocab_size, sequence_len=256))
+    model.init_weights()
+    # nanochat zero-inits lm_head (every logit 0); a random head gives a genuinely random policy
+    torch.nn.init.normal_(model.lm_head.weight, std=1.0)
+    return model
+
+
+def force_answer(model: GPT, tok, choose):
+    """Hook the real GPT so that, whatever it computes, its next token after the last input token
+    follows "<|assistant_start|>Answer: X<|assistant_end|>", X = choose() at the letter position.
+    Works with and without the KV cache (the hook reads the input ids of each call)."""
+    prompt_tail, letters = letter_token_ids(tok)
+    start, end = tok.encode_special("<|assistant_start|>"), tok.encode_special("<|assistant_end|>")
+    chain = [start, *prompt_tail]
+    assert len(set(chain)) == len(chain)
+    following = dict(zip(chain, chain[1:]))
+    for letter in letters:
+        following[letter] = end
+
+    next_of = torch.full((tok.vocab_size,), end, dtype=torch.long)
+    for token, nxt in following.items():
+        next_of[token] = nxt
+
+    def hook(module, args, kwargs, logits):
+        idx = args[0]
+        target = next_of.to(idx.device)[idx]
+        at_letter = (idx == chain[-1]).nonzero().tolist()
+        for b, t in at_letter:
+            target[b, t] = letters[LETTERS.index(choose())]
+        return torch.full_like(logits, -10.0).scatter(-1, target[..., None], 10.0)
+
+    model.register_forward_hook(hook, with_kwargs=True)
+    return model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """On a loaded 2-core machine, torch's 2 intra-op threads make these tiny forwards ~50x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return trained_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    return SyntheticTask(seed=0, split="eval").problems(100)
+
+
+def test_pass_at_k_known_values():
+    assert pass_at_k(4, 0, 2) == 0.0
+    assert pass_at_k(4, 4, 1) == 1.0
+    assert pass_at_k(4, 1, 1) == pytest.approx(0.25)
+    assert pass_at_k(4, 1, 2) == pytest.approx(0.5)
+    assert pass_at_k(5, 2, 3) == pytest.approx(1 - 1 / 10)
+    with pytest.raises(ValueError, match="need 1 <= k <= n"):
+        pass_at_k(2, 1, 3)
+
+
+@pytest.mark.parametrize("mode", ["categorical", "generative"])
+def test_forced_c_scores_exactly_the_share_of_c(tok, synthetic, mode):
+    model = force_answer(tiny_gpt(tok.vocab_size), tok, lambda: "C")
+    kwargs = {"max_new_tokens": 8} if mode == "generative" else {"batch_size": 7}
+    result = evaluate(model, tok, synthetic, mode, progress=False, **kwargs)
+    golds = Counter(p.correct for p in synthetic)
+    assert result.problems == result.samples == result.answered == 100
+    assert result.correct == golds["C"]
+    assert result.accuracy == golds["C"] / 100
+    # every prediction is C: the confusion table's C column is the gold histogram
+    assert [row[LETTERS.index("C")] for row in result.confusion] == [golds[x] for x in LETTERS]
+    assert result.per_letter_accuracy() == {x: float(x == "C") for x in LETTERS}
+    if mode == "generative":
+        assert result.pass_at == {1: pytest.approx(golds["C"] / 100)}
+        assert result.metrics("synthetic")["eval/synthetic_acc"] == golds["C"] / 100
+    else:
+        assert result.metrics("synthetic") == {"eval/synthetic_categorical_acc": golds["C"] / 100}
+
+
+def test_forced_c_on_aqua_dev(tok, shared_data):
+    problems = load_problems("aqua", str(shared_data / "aqua_rat" / "dev.json"))
+    model = force_answer(tiny_gpt(tok.vocab_size), tok, lambda: "C")
+    result = evaluate(model, tok, problems, "categorical", progress=False, batch_size=32)
+    assert (result.correct, result.samples) == (43, 254)  # 43 of the 254 dev golds are C
+
+
+def test_random_weights_categorical_is_chance(tok):
+    problems = SyntheticTask(seed=0, split="eval").problems(500)
+    accs = [evaluate(tiny_gpt(tok.vocab_size, seed), tok, problems, "categorical", progress=False,
+                     batch_size=50).accuracy for seed in range(3)]
+    print("random-weight categorical accuracy:", accs)
+    # 500 problems: binomial sd ~0.018 around 0.2
+    assert all(0.13 < a < 0.27 for a in accs), accs
+
+
+def test_uniform_random_answers_generative_is_chance_and_pass_at_k(tok):
+    problems = SyntheticTask(seed=0, split="eval").problems(150)
+    rng = random.Random(0)
+    model = force_answer(tiny_gpt(tok.vocab_size), tok, lambda: rng.choice(LETTERS))
+    result = evaluate(model, tok, problems, "generative", num_samples=4, max_new_tokens=8, progress=False)
+    print("uniform-letter generative:", result.accuracy, result.pass_at)
+    assert result.samples == 600 and result.answered == 600
+    assert 0.14 < result.accuracy < 0.26
+    assert set(result.pass_at) == {1, 2, 4}
+    assert result.pass_at[1] == pytest.approx(result.accuracy)
+    assert 0.5 < result.pass_at[4] < 0.68  # 1 - 0.8**4 = 0.59
+
+
+def test_random_weights_generative_accounting(tok, synthetic):
+    result = evaluate(tiny_gpt(tok.vocab_size), tok, synthetic[:20], "generative", max_new_tokens=16,
+                      progress=False)
+    print("random-weight generative:", result.accuracy, "answered", result.answered, "of", result.samples)
+    assert result.samples == 20
+    assert result.correct <= result.answered <= result.samples
+    assert sum(map(sum, result.confusion)) == 20
+    assert sum(row[-1] for row in result.confusion) == result.samples - result.answered
+
+
+def test_bad_arguments(tok, synthetic):
+    model = tiny_gpt(tok.vocab_size)
+    with pytest.raises(ValueError, match="mode must be one of .*got 'vote'"):
+        evaluate(model, tok, synthetic, "vote")
+    with pytest.raises(ValueError, match="no problems"):
+        evaluate(model, tok, [], "categorical")
+    with pytest.raises(ValueError, match="task must be 'synthetic' or 'aqua', got 'gsm'"):
+        load_problems("gsm")
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        load_problems("synthetic", n=0)
+    with pytest.raises(ValueError, match="num_samples must be >= 1"):
+        evaluate(model, tok, synthetic, "generative", num_samples=0)
