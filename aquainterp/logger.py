@@ -26,8 +26,11 @@ import json
 import math
 import os
 import re
+import struct
+import time
 import warnings
-from collections.abc import Mapping, Sequence
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -293,8 +296,31 @@ class Logger:
             run, self.wandb_run = self.wandb_run, None
             try:
                 run.finish()
+                if self.mode == "offline":
+                    self._wait_for_run_file(Path(run.dir).parent / f"run-{run.id}.wandb")
             except Exception as e:
                 self._warn_once("finish", f"Logger: wandb finish failed ({e})")
+
+    def _wait_for_run_file(self, path: Path, timeout: float = 30.0) -> None:
+        """wandb's finish() can return before its core has written the run file: wait for the exit record.
+
+        Then `wandb sync`, dashboards.wandb_run and the HTML report see the whole run right away.
+        """
+        from wandb.proto import wandb_internal_pb2 as pb
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                for raw in iter_wandb_records(path):
+                    record = pb.Record()
+                    record.ParseFromString(raw)
+                    if record.WhichOneof("record_type") == "exit":
+                        return
+            except (FileNotFoundError, ValueError):
+                pass  # not created or half written yet
+            time.sleep(0.05)
+        self._warn_once("exit", f"Logger: {path} has no exit record {timeout:.0f} s after finish(); "
+                        "the offline run may be incomplete")
 
     @property
     def wandb_dir(self) -> Path | None:
@@ -329,3 +355,73 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
                 raise ValueError(f"{path}:{lineno}: each line must be an object with an integer 'step'")
             rows.append(row)
     return rows
+
+
+# ------------------------------------------------------------------ reading an offline W&B run file
+# wandb 0.31 writes runs from its Go core and no longer ships a Python reader, so we read the file
+# ourselves (records are wandb's own protobufs, decoded by dashboards.wandb_run). The container is
+# LevelDB's log format (google/leveldb doc/log_format.md) behind a 7-byte W&B header:
+#   header := ident ":W&B" (4 bytes) | magic 0xBEE1 (uint16 LE) | version (uint8)
+#   file   := 32 KiB blocks; a block holds chunks and a zero trailer shorter than a chunk header
+#   chunk  := crc32 (uint32 LE) | length (uint16 LE) | type (FULL=1, FIRST=2, MIDDLE=3, LAST=4) | data
+#             (W&B's checksum is zlib.crc32 over the type byte, then the data)
+WANDB_IDENT = b":W&B"
+WANDB_MAGIC = 0xBEE1
+WANDB_HEADER = struct.Struct("<4sHB")
+_CHUNK = struct.Struct("<IHB")
+_BLOCK = 32768
+_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+
+
+def find_wandb_file(path: str | Path) -> Path:
+    """The .wandb file for a run dir, a wandb/ dir holding one offline run, or the file itself."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    found = list(path.glob("run-*.wandb")) or list(path.glob("*/run-*.wandb")) \
+        or list(path.glob("wandb/*/run-*.wandb"))
+    candidates = sorted({c.resolve() for c in found})  # wandb/latest-run is a link to one of them
+    if not candidates:
+        raise FileNotFoundError(f"no W&B run file (run-*.wandb) in {path} or its wandb/ folder")
+    if len(candidates) > 1:
+        names = ", ".join(str(c.parent.name) for c in candidates)
+        raise ValueError(f"{path} holds {len(candidates)} W&B runs ({names}); pass one run directory")
+    return candidates[0]
+
+
+def iter_wandb_records(path: str | Path) -> Iterator[bytes]:
+    """Yield each record's bytes; ValueError names the file and offset on a bad header or checksum."""
+    path = find_wandb_file(path)
+    data = path.read_bytes()
+    if len(data) < WANDB_HEADER.size:
+        raise ValueError(f"{path}: too short to be a W&B run file ({len(data)} bytes)")
+    ident, magic, _version = WANDB_HEADER.unpack_from(data, 0)
+    if ident != WANDB_IDENT or magic != WANDB_MAGIC:
+        raise ValueError(f"{path}: not a W&B run file (header {data[:7]!r})")
+    pos, pending = WANDB_HEADER.size, b""
+    while pos + _CHUNK.size <= len(data):
+        left_in_block = _BLOCK - pos % _BLOCK
+        if left_in_block < _CHUNK.size:  # zero trailer: skip to the next block
+            pos += left_in_block
+            continue
+        crc, length, kind = _CHUNK.unpack_from(data, pos)
+        if crc == 0 and length == 0 and kind == 0:  # preallocated/zero-filled tail
+            break
+        start = pos + _CHUNK.size
+        chunk = data[start:start + length]
+        if len(chunk) < length:
+            break  # a run still being written: the last record is incomplete
+        if zlib.crc32(chunk, zlib.crc32(bytes([kind]))) & 0xFFFFFFFF != crc:
+            raise ValueError(f"{path}: checksum mismatch in the record chunk at byte {pos}")
+        pos = start + length
+        if kind == _FULL:
+            yield chunk
+        elif kind == _FIRST:
+            pending = chunk
+        elif kind == _MIDDLE:
+            pending += chunk
+        elif kind == _LAST:
+            yield pending + chunk
+            pending = b""
+        else:
+            raise ValueError(f"{path}: unknown chunk type {kind} at byte {pos}")

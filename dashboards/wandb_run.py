@@ -1,85 +1,16 @@
 """Read the history of an offline W&B run (the `run-<id>.wandb` file) without the network.
 
-wandb 0.31 writes runs from its Go core and no longer ships a Python reader, so we read the file
-format ourselves and decode each record with wandb's own protobuf classes (`wandb_internal_pb2`).
-The container is LevelDB's log format (google/leveldb doc/log_format.md) behind a 7-byte W&B header:
-
-    header := ident ":W&B" (4 bytes) | magic 0xBEE1 (uint16 LE) | version (uint8)
-    file   := 32 KiB blocks; a block holds chunks and a zero trailer shorter than a chunk header
-    chunk  := crc32 (uint32 LE) | length (uint16 LE) | type (FULL=1, FIRST=2, MIDDLE=3, LAST=4) | data
-              (W&B's checksum is zlib.crc32 over the type byte, then the data)
-
-The history rows come back in the shape of metrics.jsonl so the offline HTML report can take either.
+The records come from aquainterp.logger.iter_wandb_records (the file format is described there) and
+are decoded with wandb's own protobuf classes (`wandb_internal_pb2`). History rows come back in the
+shape of metrics.jsonl, so the offline HTML report can take either source.
 """
 
 from __future__ import annotations
 
 import json
-import struct
-import zlib
-from collections.abc import Iterator
 from pathlib import Path
 
-IDENT = b":W&B"
-MAGIC = 0xBEE1
-HEADER = struct.Struct("<4sHB")
-CHUNK = struct.Struct("<IHB")
-BLOCK = 32768
-FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
-
-
-def find_wandb_file(path: str | Path) -> Path:
-    """The .wandb file for a run dir, a wandb/ dir holding one offline run, or the file itself."""
-    path = Path(path)
-    if path.is_file():
-        return path
-    found = list(path.glob("run-*.wandb")) or list(path.glob("*/run-*.wandb")) \
-        or list(path.glob("wandb/*/run-*.wandb"))
-    candidates = sorted({c.resolve() for c in found})  # wandb/latest-run is a link to one of them
-    if not candidates:
-        raise FileNotFoundError(f"no W&B run file (run-*.wandb) in {path} or its wandb/ folder")
-    if len(candidates) > 1:
-        names = ", ".join(str(c.parent.name) for c in candidates)
-        raise ValueError(f"{path} holds {len(candidates)} W&B runs ({names}); pass one run directory")
-    return candidates[0]
-
-
-def iter_records(path: str | Path) -> Iterator[bytes]:
-    """Yield each record's bytes; ValueError names the file and offset on a bad header or checksum."""
-    path = find_wandb_file(path)
-    data = path.read_bytes()
-    if len(data) < HEADER.size:
-        raise ValueError(f"{path}: too short to be a W&B run file ({len(data)} bytes)")
-    ident, magic, _version = HEADER.unpack_from(data, 0)
-    if ident != IDENT or magic != MAGIC:
-        raise ValueError(f"{path}: not a W&B run file (header {data[:7]!r})")
-    pos, pending = HEADER.size, b""
-    while pos + CHUNK.size <= len(data):
-        left_in_block = BLOCK - pos % BLOCK
-        if left_in_block < CHUNK.size:  # zero trailer: skip to the next block
-            pos += left_in_block
-            continue
-        crc, length, kind = CHUNK.unpack_from(data, pos)
-        if crc == 0 and length == 0 and kind == 0:  # preallocated/zero-filled tail
-            break
-        start = pos + CHUNK.size
-        chunk = data[start:start + length]
-        if len(chunk) < length:
-            break  # a run still being written: the last record is incomplete
-        if zlib.crc32(chunk, zlib.crc32(bytes([kind]))) & 0xFFFFFFFF != crc:
-            raise ValueError(f"{path}: checksum mismatch in the record chunk at byte {pos}")
-        pos = start + length
-        if kind == FULL:
-            yield chunk
-        elif kind == FIRST:
-            pending = chunk
-        elif kind == MIDDLE:
-            pending += chunk
-        elif kind == LAST:
-            yield pending + chunk
-            pending = b""
-        else:
-            raise ValueError(f"{path}: unknown chunk type {kind} at byte {pos}")
+from aquainterp.logger import find_wandb_file, iter_wandb_records
 
 
 def _item_value(item):
@@ -96,7 +27,7 @@ def read_history(path: str | Path) -> list[dict]:
     from wandb.proto import wandb_internal_pb2 as pb
 
     rows = []
-    for raw in iter_records(path):
+    for raw in iter_wandb_records(path):
         record = pb.Record()
         record.ParseFromString(raw)
         if record.WhichOneof("record_type") != "history":
