@@ -402,3 +402,29 @@ def test_load_state_dict_checked_names_tensor_and_shapes():
         in msg
     )
     assert "missing tensors ['lm_head.weight']" in msg and "unexpected tensors ['extra.weight']" in msg
+
+
+# ---------------------------------------------------------------- GPU-minded paths, checked on CPU
+
+
+@pytest.mark.slow
+def test_no_hook_forward_is_one_graph_for_torch_compile():
+    """torch.compile(model, fullgraph=True) must not break on the hook points in the no-hook path."""
+    model = random_gpt(small_config())
+    idx = tokens()
+    explanation = torch._dynamo.explain(model)(idx)
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(idx), model(idx), atol=0, rtol=0)
+
+
+def test_bf16_autocast_forward_and_kv_cache():
+    model = random_gpt(small_config())
+    idx = tokens()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        full = model(idx)
+        cache = KVCache(batch_size=2, num_layers=2, max_len=12)
+        parts = torch.cat([model(idx[:, :7], kv_cache=cache), model(idx[:, 7:], kv_cache=cache)], dim=1)
+    assert full.dtype == torch.float32 and cache.k.dtype == torch.bfloat16  # fp32 soft-capped logits
+    torch.testing.assert_close(parts, full, atol=0, rtol=0)
+    torch.testing.assert_close(full, model(idx), atol=0.1, rtol=0)  # bf16 matmuls: close, not equal
