@@ -1,7 +1,7 @@
 """Chat rendering, decision prompts and option spans, with a real trained tokenizer."""
 
 import pytest
-from tasks_tokenizer import trained_tokenizer
+from tasks_tokenizer import train, trained_tokenizer
 
 from aquainterp.tasks import LETTERS, MCProblem, conversation, decision_prompt, extract_letter, option_spans
 from aquainterp.tasks.aqua import load_aqua
@@ -47,19 +47,15 @@ def test_decision_prompt_matches_the_sft_rendering():
 
 def test_shared_space_token_moves_into_the_prompt():
     """A tokenizer that never merged " X": the space is shared by all five and goes into the prompt."""
-    from tasks_tokenizer import StandInTokenizer
-
-    tok = StandInTokenizer(["Answer:A Answer:B Answer:C Answer:D Answer:E xyz"] * 50, vocab_size=300)
+    tok = train(["Answer:A Answer:B Answer:C Answer:D Answer:E xyz"] * 50)
     prompt_tail, letters = letter_token_ids(tok)
     assert tok.decode(prompt_tail) == "Answer: "
     assert [tok.decode([t]) for t in letters] == list(LETTERS)
 
 
 def test_letter_that_is_not_one_token_is_an_error():
-    from tasks_tokenizer import StandInTokenizer
-
     # " A".." D" become tokens, " E" stays space + letter: no single-token letter for E
-    tok = StandInTokenizer(["Answer: A Answer: B Answer: C Answer: D xyzE"] * 50, vocab_size=280)
+    tok = train(["Answer: A Answer: B Answer: C Answer: D xyzE"] * 50)
     assert len(tok.encode(" E")) == 2
     with pytest.raises(ValueError, match=r"option letter 'E' after 'Answer:' is 2 tokens"):
         decision_prompt(tok, PROBLEM)
