@@ -171,3 +171,36 @@ def test_import_warns_about_hf_default_eps(tmp_path):
         back = import_hf(out)
     with torch.no_grad():  # still the same model up to the eps difference
         torch.testing.assert_close(back(ids()), model(ids()), atol=1e-3, rtol=0)
+
+
+@pytest.mark.filterwarnings("ignore:train_from_iterator")  # a small corpus runs out of merges: fine here
+def test_export_with_tokenizer_gives_hf_and_bridge_the_same_tokens(tmp_path):
+    from transformers import AutoTokenizer
+
+    from aquainterp.tokenizer import Tokenizer
+
+    texts = [f"Question {i}: what is {i} + {2 * i}? Answer: C) {3 * i} apples." for i in range(200)]
+    tok = Tokenizer.train_from_iterator(texts, vocab_size=512)
+    model = random_gpt(
+        GPTConfig(sequence_len=64, vocab_size=640, n_layer=1, n_head=2, n_kv_head=1, n_embd=64)
+    )
+    out = export_hf(model, tok, tmp_path / "hf")
+    assert Tokenizer.load(out).fingerprint() == tok.fingerprint()
+    config = json.loads((out / "config.json").read_text())
+    assert config["bos_token_id"] == tok.bos_token_id == tok.encode_special("<|bos|>")
+    assert config["eos_token_id"] == tok.encode_special("<|assistant_end|>")
+    text = "Question 7: what is 7 + 14? Answer: B) 21 pears."
+    assert AutoTokenizer.from_pretrained(out)(text)["input_ids"] == tok.encode(text)
+    bridge = load_transformer_bridge(out)
+    tokens = bridge.to_tokens(text)
+    assert tokens[0].tolist() == tok.encode(text, prepend="<|bos|>")  # nanochat's documents start with BOS
+    with torch.no_grad():
+        torch.testing.assert_close(bridge(tokens), model(tokens), atol=1e-4, rtol=0)
+    small = random_gpt(
+        GPTConfig(sequence_len=8, vocab_size=tok.vocab_size - 1, n_layer=1, n_head=1, n_kv_head=1, n_embd=64)
+    )
+    with pytest.raises(
+        ValueError,
+        match=f"tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {tok.vocab_size - 1}",
+    ):
+        export_hf(small, tok, tmp_path / "x")
