@@ -1,0 +1,99 @@
+"""Train the BPE tokenizer (rustbpe) on a text source and report its compression on each task.
+
+    python -m training.tok_train --data hf:HuggingFaceFW/fineweb-edu:sample-10BT --vocab-size 65536
+    python -m training.tok_train --data synthetic --vocab-size 1024 --max-chars 2000000   # toy
+
+Compression is UTF-8 bytes per token on held-out text of every task we train on (more is better):
+synthetic eval-split problems always, AQuA-RAT and GSM8K when --aqua / --gsm8k name a source.
+Documents are the same plain-text rendering base training sees (question, options, rationale).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from training.common import parse_config
+
+
+@dataclass
+class TokTrainConfig:
+    data: str = "synthetic"
+    out_dir: str = "runs/tokenizer"
+    vocab_size: int = 65536
+    max_chars: int = 2_000_000_000
+    doc_cap: int = 10_000  # characters kept of each document (nanochat's cap)
+    eval_docs: int = 500
+    aqua: str | None = None
+    gsm8k: str | None = None
+    gsm8k_split: str = "test"
+
+
+def capped_texts(source: str, max_chars: int, doc_cap: int) -> Iterator[str]:
+    from training.data import documents
+
+    total = 0
+    for text in documents(source):
+        text = text[:doc_cap]
+        yield text
+        total += len(text)
+        if total >= max_chars:
+            return
+
+
+def heldout_texts(config: TokTrainConfig) -> dict[str, list[str]]:
+    """Held-out documents per task, rendered as plain text."""
+    from aquainterp.tasks.synthetic import SyntheticTask, document
+
+    out = {"synthetic": [document(p) for p in SyntheticTask(seed=0, split="eval").problems(config.eval_docs)]}
+    if config.aqua:
+        from aquainterp.tasks.aqua import load_aqua
+
+        out["aqua"] = [document(p) for p in load_aqua(config.aqua, split="validation")[: config.eval_docs]]
+    if config.gsm8k:
+        from aquainterp.tasks.gsm8k import load_gsm8k
+
+        out["gsm8k"] = [f"{p.question}\n{p.solution}\nAnswer: {p.answer}\n"
+                        for p in load_gsm8k(config.gsm8k, split=config.gsm8k_split)[: config.eval_docs]]
+    return out
+
+
+def bytes_per_token(tokenizer, texts: list[str]) -> float:
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    n_tokens = sum(len(ids) for ids in tokenizer.encode_batch(texts))
+    return n_bytes / max(n_tokens, 1)
+
+
+def run(config: TokTrainConfig) -> dict:
+    """Train, save to out_dir (tokenizer.json + compression.json), return {task: bytes per token}."""
+    from tqdm.auto import tqdm
+
+    from aquainterp.tokenizer import Tokenizer
+
+    t0 = time.perf_counter()
+    texts = tqdm(capped_texts(config.data, config.max_chars, config.doc_cap), desc="tokenizer text", unit="doc")
+    tokenizer = Tokenizer.train_from_iterator(texts, vocab_size=config.vocab_size)
+    train_s = time.perf_counter() - t0
+    out_dir = Path(config.out_dir)
+    tokenizer.save(out_dir)
+    report = {name: bytes_per_token(tokenizer, docs) for name, docs in heldout_texts(config).items()}
+    summary = {"vocab_size": tokenizer.vocab_size, "train_seconds": train_s, "bytes_per_token": report,
+               "data": config.data, "fingerprint": tokenizer.fingerprint()}
+    (out_dir / "compression.json").write_text(json.dumps(summary, indent=1))
+    print(f"tokenizer: vocab {tokenizer.vocab_size:,}, trained in {train_s:.1f}s, saved to {out_dir}")
+    print("| task | bytes/token |\n| --- | --- |")
+    for name, bpt in report.items():
+        print(f"| {name} | {bpt:.3f} |")
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    run(parse_config(TokTrainConfig, argv, __doc__.split("\n")[0]))
+
+
+if __name__ == "__main__":
+    main()
+
