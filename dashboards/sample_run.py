@@ -66,7 +66,7 @@ def record_sample_run(run_dir: str | Path, steps: int = 30, n_layers: int = 4, n
         pattern = rng.dirichlet(np.ones(12) * (2 - progress), size=n_heads)
         fig = go.Figure(go.Heatmap(z=pattern, x=[f"tok {t}" for t in range(12)],
                                    y=[f"head {h}" for h in range(n_heads)], colorscale="Blues"))
-        logger.log_figure("attn/decision_pattern", fig, step=step)
+        logger.log_figure("attn/patterns/prompt0", fig, step=step)  # the name probes/suite.py uses
     logger.finish()
     return logger
 
