@@ -201,6 +201,9 @@ def make_pairs(tokenizer, problems, corruption: str, *, seed: int = 0,
             rng.shuffle(others)
             candidates = [_swap_gold(problem, x) for x in others]
         else:
+            if _chain(problem) is None:
+                raise ValueError(f"pair {problem.source}: corruption 'numbers' needs a rationale of "
+                                 "'x op y = v' lines over the question's numbers (the synthetic task)")
             candidates = _counterfactuals(problem, rng)
         found = None
         for corrupted in candidates:
@@ -214,8 +217,8 @@ def make_pairs(tokenizer, problems, corruption: str, *, seed: int = 0,
         elif skip_unalignable:
             skipped.append(problem.source)
         else:
-            raise ValueError(f"pair {problem.source}: no {corruption} corruption found that tokenises to "
-                             f"the clean prompt's {len(ids)} tokens; pass skip_unalignable (--skip-unalignable) to drop it")
+            raise ValueError(f"pair {problem.source}: no {corruption} corruption found that keeps the "
+                             f"clean prompt's {len(ids)} tokens (and another gold letter); pass skip_unalignable (--skip-unalignable) to drop it")
     return pairs, skipped
 
 
