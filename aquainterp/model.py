@@ -167,6 +167,23 @@ class CausalSelfAttention(nn.Module):
         self.hook_pattern = HookPoint()  # [batch, head, query_pos, key_pos]
         self.hook_z = HookPoint()  # [batch, pos, head, d_head]
 
+    # TransformerLens weight views (ActivationCache.stack_head_results reads W_O; probes may read the rest).
+    @property
+    def W_Q(self) -> torch.Tensor:  # [head, d_model, d_head]
+        return self.c_q.weight.view(self.n_head, self.head_dim, -1).transpose(1, 2)
+
+    @property
+    def W_K(self) -> torch.Tensor:  # [kv_head, d_model, d_head]
+        return self.c_k.weight.view(self.n_kv_head, self.head_dim, -1).transpose(1, 2)
+
+    @property
+    def W_V(self) -> torch.Tensor:  # [kv_head, d_model, d_head]
+        return self.c_v.weight.view(self.n_kv_head, self.head_dim, -1).transpose(1, 2)
+
+    @property
+    def W_O(self) -> torch.Tensor:  # [head, d_head, d_model]
+        return self.c_proj.weight.T.reshape(self.n_head, self.head_dim, -1)
+
     def needs_explicit_attention(self) -> bool:
         """True when a hook reads or writes scores/pattern, which the fused kernel never materialises."""
         return _active(self.hook_attn_scores) or _active(self.hook_pattern)
@@ -226,6 +243,14 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
         self.hook_pre = HookPoint()  # [batch, pos, d_mlp]
         self.hook_post = HookPoint()  # after ReLU²
+
+    @property
+    def W_in(self) -> torch.Tensor:  # [d_model, d_mlp]
+        return self.c_fc.weight.T
+
+    @property
+    def W_out(self) -> torch.Tensor:  # [d_mlp, d_model]
+        return self.c_proj.weight.T
 
     def forward(self, x):
         h = self.hook_pre(self.c_fc(x))
@@ -298,6 +323,14 @@ class GPT(HookedRootModule):
         self.cfg.device = str(self.wte.weight.device)
         self.cfg.dtype = self.wte.weight.dtype
         return out
+
+    @property
+    def W_E(self) -> torch.Tensor:  # [d_vocab, d_model]
+        return self.wte.weight
+
+    @property
+    def W_U(self) -> torch.Tensor:  # [d_model, d_vocab]
+        return self.lm_head.weight.T
 
     @torch.no_grad()
     def init_weights(self):

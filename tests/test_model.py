@@ -229,6 +229,25 @@ def test_activation_cache_layer_norm_helpers_use_our_scales():
     torch.testing.assert_close(stack[-1], cache["ln_final.hook_normalized"])
 
 
+def test_tl_weight_views_reproduce_hooked_activations():
+    model = random_gpt(small_config())
+    _, cache = model.run_with_cache(tokens())
+    attn, mlp = model.blocks[0].attn, model.blocks[0].mlp
+    h = cache["normalized", 0, "ln1"]
+    torch.testing.assert_close(torch.einsum("bpm,hmd->bphd", h, attn.W_Q), cache["q", 0])
+    torch.testing.assert_close(torch.einsum("bpm,hmd->bphd", h, attn.W_K), cache["k", 0])
+    torch.testing.assert_close(torch.einsum("bpm,hmd->bphd", h, attn.W_V), cache["v", 0])
+    torch.testing.assert_close(cache["normalized", 0, "ln2"] @ mlp.W_in, cache["pre", 0])
+    torch.testing.assert_close(cache["post", 0] @ mlp.W_out, cache["mlp_out", 0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model.W_E[tokens()], cache["embed"])
+    logits = 15 * torch.tanh(cache["ln_final.hook_normalized"] @ model.W_U / 15)
+    torch.testing.assert_close(logits, model(tokens()), atol=1e-5, rtol=1e-5)
+    # Per-head results (from hook_z and W_O) sum to the attention output.
+    heads = cache.stack_head_results(layer=1)  # [layer·head, batch, pos, d_model]
+    assert heads.shape == (4, 2, 12, 64)
+    torch.testing.assert_close(heads.sum(0), cache["attn_out", 0], atol=1e-5, rtol=1e-5)
+
+
 def test_names_filter_run_takes_fused_path_with_same_numbers():
     model = random_gpt(small_config())
     idx = tokens()
