@@ -19,7 +19,9 @@ from aquainterp import __version__
 
 # name -> (module that implements it, one-line help). Only commands that exist are listed here.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("training.demo", "the whole pipeline on a CPU in minutes: tokenizer, base, SFT, GRPO + probes, dashboards, patching"),
     "info": ("aquainterp.info", "print versions, devices and the Rust core this install runs on"),
+    "eval": ("aquainterp.evaluate", "multiple-choice accuracy of a checkpoint: categorical, generative, pass@k, confusion"),
     "patch": ("aquainterp.patch_cmd", "activation patching of a checkpoint: tensors, JSON, HTML heatmaps"),
     "dashboard": ("dashboards.cli", "dashboard templates: W&B workspace push/export/load, offline HTML report"),
 }

@@ -25,7 +25,9 @@ def tiny_gpt(vocab_size: int, seed: int = 0) -> GPT:
 
 def force_answer(model: GPT, tok, choose):
     """Hook the real GPT so that, whatever it computes, its next token after the last input token
-    follows "<|assistant_start|>Answer: X<|assistant_end|>", X = choose() at the letter position.
+    follows "<|assistant_start|>Answer: X<|assistant_end|>". At the letter position X = choose(s, b):
+    s = sum of the prompt's ids (a fingerprint of the problem), b = the sample's row while decoding
+    (0 for whole-prompt forwards, so a categorical answer does not depend on batch composition).
     Works with and without the KV cache (the hook reads the input ids of each call)."""
     prompt_tail, letters = letter_token_ids(tok)
     start, end = tok.encode_special("<|assistant_start|>"), tok.encode_special("<|assistant_end|>")
@@ -39,12 +41,20 @@ def force_answer(model: GPT, tok, choose):
     for token, nxt in following.items():
         next_of[token] = nxt
 
+    prompt_sum = {}
+
     def hook(module, args, kwargs, logits):
         idx = args[0]
+        if idx.shape[1] > 1:  # a whole prompt (prefill or categorical batch), not one decode step
+            prompt_sum["last"] = int(idx[0].sum())
         target = next_of.to(idx.device)[idx]
         at_letter = (idx == chain[-1]).nonzero().tolist()
         for b, t in at_letter:
-            target[b, t] = letters[LETTERS.index(choose())]
+            if idx.shape[1] > 1:
+                choice = choose(int(idx[b, : t + 1].sum()), 0)
+            else:
+                choice = choose(prompt_sum["last"], b)
+            target[b, t] = letters[LETTERS.index(choice)]
         return torch.full_like(logits, -10.0).scatter(-1, target[..., None], 10.0)
 
     model.register_forward_hook(hook, with_kwargs=True)
@@ -82,7 +92,7 @@ def test_pass_at_k_known_values():
 
 @pytest.mark.parametrize("mode", ["categorical", "generative"])
 def test_forced_c_scores_exactly_the_share_of_c(tok, synthetic, mode):
-    model = force_answer(tiny_gpt(tok.vocab_size), tok, lambda: "C")
+    model = force_answer(tiny_gpt(tok.vocab_size), tok, lambda s, b: "C")
     kwargs = {"max_new_tokens": 8} if mode == "generative" else {"batch_size": 7}
     result = evaluate(model, tok, synthetic, mode, progress=False, **kwargs)
     golds = Counter(p.correct for p in synthetic)
@@ -101,24 +111,24 @@ def test_forced_c_scores_exactly_the_share_of_c(tok, synthetic, mode):
 
 def test_forced_c_on_aqua_dev(tok, shared_data):
     problems = load_problems("aqua", str(shared_data / "aqua_rat" / "dev.json"))
-    model = force_answer(tiny_gpt(tok.vocab_size), tok, lambda: "C")
-    result = evaluate(model, tok, problems, "categorical", progress=False, batch_size=32)
+    model = force_answer(tiny_gpt(tok.vocab_size), tok, lambda s, b: "C")
+    result = evaluate(model, tok, problems, "categorical", progress=False, batch_size=64)
     assert (result.correct, result.samples) == (43, 254)  # 43 of the 254 dev golds are C
 
 
 def test_random_weights_categorical_is_chance(tok):
-    problems = SyntheticTask(seed=0, split="eval").problems(500)
+    problems = SyntheticTask(seed=0, split="eval").problems(400)
     accs = [evaluate(tiny_gpt(tok.vocab_size, seed), tok, problems, "categorical", progress=False,
-                     batch_size=50).accuracy for seed in range(3)]
+                     batch_size=50).accuracy for seed in range(2)]
     print("random-weight categorical accuracy:", accs)
-    # 500 problems: binomial sd ~0.018 around 0.2
+    # 400 problems: binomial sd 0.02 around 0.2
     assert all(0.13 < a < 0.27 for a in accs), accs
 
 
 def test_uniform_random_answers_generative_is_chance_and_pass_at_k(tok):
     problems = SyntheticTask(seed=0, split="eval").problems(150)
     rng = random.Random(0)
-    model = force_answer(tiny_gpt(tok.vocab_size), tok, lambda: rng.choice(LETTERS))
+    model = force_answer(tiny_gpt(tok.vocab_size), tok, lambda s, b: rng.choice(LETTERS))
     result = evaluate(model, tok, problems, "generative", num_samples=4, max_new_tokens=8, progress=False)
     print("uniform-letter generative:", result.accuracy, result.pass_at)
     assert result.samples == 600 and result.answered == 600
