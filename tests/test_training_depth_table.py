@@ -1,6 +1,7 @@
 """The depth table against numbers worked out by hand from nanochat's formulas."""
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -27,3 +28,10 @@ def test_time_scales_inversely_with_mfu_and_table_prints(capsys):
     assert "| 12 | 768 | 6 | 185.6M |" in out and "40% MFU" in out
     with pytest.raises(ValueError, match="--mfu must be in"):
         run(DepthTableConfig(mfu=1.5))
+
+
+def test_readme_table_is_the_codes_output():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    config = DepthTableConfig()
+    rows = [depth_row(int(d), config) for d in config.depths.split(",")]
+    assert markdown(rows, config) in readme, "README depth table is stale: paste `python -m training.depth_table`"
