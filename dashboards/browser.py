@@ -51,6 +51,7 @@ class PageReport:
     rendered: int = 0
     plots: int = 0
     screenshot: Path | None = None
+    value: object = None  # what the `evaluate` expression returned
 
 
 class _DevTools:
@@ -163,8 +164,12 @@ def _errors(events: list[dict]) -> list[str]:
 
 
 def inspect_page(html_path: str | Path, screenshot: str | Path | None = None, width: int = 1400,
-                 timeout: float = 90) -> PageReport:
-    """Load a local HTML file, wait until every .aq-panel has a drawn plot (or timeout), report."""
+                 timeout: float = 90, evaluate: str | None = None) -> PageReport:
+    """Load a local HTML file, wait until every .aq-panel has a drawn plot (or timeout), report.
+
+    `evaluate` is a JavaScript expression (it may return a promise) run after the plots are drawn,
+    e.g. to move a slider; its JSON-able result is report.value and its errors are console errors.
+    """
     binary = find_chromium()
     if binary is None:
         raise FileNotFoundError("no Chromium found (tried $CHROMIUM, " + ", ".join(BROWSERS) +
@@ -194,6 +199,14 @@ def inspect_page(html_path: str | Path, screenshot: str | Path | None = None, wi
                     break
                 time.sleep(0.2)
             report = PageReport(panels=counts["panels"], rendered=counts["rendered"], plots=counts["plots"])
+            if evaluate is not None:
+                result = tools.send("Runtime.evaluate", {"expression": evaluate, "returnByValue": True,
+                                                         "awaitPromise": True}, session=session, timeout=timeout)
+                if "exceptionDetails" in result:
+                    d = result["exceptionDetails"]
+                    report.console_errors.append(
+                        f"evaluate: {d.get('exception', {}).get('description') or d.get('text')}")
+                report.value = result.get("result", {}).get("value")
             if screenshot is not None:
                 size = tools.send("Page.getLayoutMetrics", session=session)["cssContentSize"]
                 shot = tools.send("Page.captureScreenshot", {
@@ -204,7 +217,7 @@ def inspect_page(html_path: str | Path, screenshot: str | Path | None = None, wi
                 report.screenshot.parent.mkdir(parents=True, exist_ok=True)
                 report.screenshot.write_bytes(base64.b64decode(shot["data"]))
             tools.send("Runtime.evaluate", {"expression": "1"}, session=session)  # drain late events
-            report.console_errors = _errors(tools.events)
+            report.console_errors = _errors(tools.events) + report.console_errors
             return report
         finally:
             tools.close()

@@ -223,8 +223,11 @@ def render_html(templates: list[Template], data: RunData, title: str | None = No
             body.append(f"<h2>{html.escape(section.name)}</h2><div class='grid'>")
             for p_index, panel in enumerate(section.panels):
                 div_id = f"t{t_index}-s{s_index}-p{p_index}"
+                # auto_play off: plotly would otherwise run every slider's frames on load, and moving a
+                # slider during that run rejects the run's promise (an uncaught error in the console)
                 plot = pio.to_html(panel_figure(panel, data), include_plotlyjs=False, full_html=False,
-                                   div_id=div_id, config={"displaylogo": False, "responsive": True})
+                                   auto_play=False, div_id=div_id,
+                                   config={"displaylogo": False, "responsive": True})
                 body.append(f"<div class='aq-panel' data-kind='{panel.kind}' data-panel='{div_id}'>"
                             f"<h3>{html.escape(panel.title)} <span class='kind'>({panel.kind})</span></h3>"
                             f"{plot}</div>")

@@ -17,6 +17,14 @@ from dashboards.template import Panel, all_templates, get_template
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "artifacts" / "dashboards"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# What the slider's first step does (method "animate", args [["<step>"], ...]), run in the page.
+SLIDER_JS = """(async () => {
+  const gd = document.querySelector("[data-kind='heatmap'] .js-plotly-plot");
+  const before = gd.data[0].z.map(r => Array.from(r));
+  const step = gd.layout.sliders[0].steps[0];
+  await Plotly.animate(gd, step.args[0], step.args[1]);
+  return {before, after: gd.data[0].z.map(r => Array.from(r)), frames: gd._transitionData._frames.length};
+})()"""
 
 
 @pytest.fixture(scope="module")
@@ -82,9 +90,14 @@ def test_html_report_renders_every_panel_in_chromium(sample_run, chromium, tmp_p
     text = out.read_text()
     assert "https://" not in text.split("<body>")[1][:2000]  # nothing fetched from the network
     assert text.count("class='aq-panel'") == panel_count(templates) == 21
-    report = inspect_page(out, tmp_path / "report.png")
+    report = inspect_page(out, tmp_path / "report.png", evaluate=SLIDER_JS)
     assert report.console_errors == []
     assert report.panels == report.rendered == report.plots == 21
+    # the heatmap's slider step (Plotly.animate to a frame) really shows that step's grid
+    heat = panel_figure(get_template("attention").panels[1], RunData.load(sample_run))
+    first, last = ([list(r) for r in z] for z in (heat.frames[0].data[0].z, heat.data[0].z))
+    assert report.value["frames"] == len(heat.frames) > 1
+    assert report.value["before"] == last and report.value["after"] == first and first != last
     png = report.screenshot.read_bytes()
     assert png.startswith(PNG_MAGIC) and len(png) > 50_000
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
