@@ -215,3 +215,40 @@ def _id_tokenizer(vocab_size: int):
         add_bos_token=True,
         name_or_path="aquainterp/id-tokenizer",
     )
+
+
+# ---------------------------------------------------------------- `aquainterp export`
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument(
+        "checkpoint", help="checkpoint folder written by save_checkpoint (holds step_XXXXXX/)"
+    )
+    parser.add_argument("out_dir", help="where to write the HF NanoChatForCausalLM directory")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    parser.add_argument("--no-tokenizer", action="store_true", help="export the weights only")
+    parser.add_argument(
+        "--check", action="store_true", help="reload with transformers and compare logits on random tokens"
+    )
+
+
+def run(args) -> int:
+    from aquainterp.checkpoint import load_model
+
+    model, tokenizer, _ = load_model(args.checkpoint, step=args.step)
+    out = export_hf(model, None if args.no_tokenizer else tokenizer, args.out_dir)
+    print(
+        f"wrote {out} ({model.num_params():,} parameters{', with tokenizer' if tokenizer and not args.no_tokenizer else ''})"
+    )
+    if args.check:
+        from transformers import NanoChatForCausalLM
+
+        hf = NanoChatForCausalLM.from_pretrained(out).eval()
+        idx = torch.randint(0, model.config.vocab_size, (2, min(64, model.config.sequence_len)))
+        with torch.no_grad():
+            diff = (hf(idx).logits - model(idx)).abs().max().item()
+        print(f"max |logits(HF) - logits(ours)| = {diff:.2e} on {tuple(idx.shape)} random tokens")
+        if diff > 1e-3:
+            print("export check FAILED: logits differ by more than 1e-3")
+            return 1
+    return 0

@@ -204,3 +204,23 @@ def test_export_with_tokenizer_gives_hf_and_bridge_the_same_tokens(tmp_path):
         match=f"tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {tok.vocab_size - 1}",
     ):
         export_hf(small, tok, tmp_path / "x")
+
+
+def test_export_command_writes_a_checkpoint_that_hf_loads(tmp_path, capsys):
+    import argparse
+
+    from aquainterp import bridge
+    from aquainterp.checkpoint import save_checkpoint
+
+    model = random_gpt(
+        GPTConfig(sequence_len=32, vocab_size=VOCAB, n_layer=1, n_head=2, n_kv_head=1, n_embd=64)
+    )
+    save_checkpoint(tmp_path / "ckpt", 7, model, None, {})
+    parser = argparse.ArgumentParser()
+    bridge.add_arguments(parser)
+    args = parser.parse_args([str(tmp_path / "ckpt"), str(tmp_path / "hf"), "--check"])
+    assert bridge.run(args) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {tmp_path / 'hf'} ({model.num_params():,} parameters)" in printed
+    assert "max |logits(HF) - logits(ours)| = " in printed
+    assert torch.equal(import_hf(tmp_path / "hf")(ids()), model(ids()))
