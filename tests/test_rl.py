@@ -302,5 +302,19 @@ def test_two_gloo_ranks_update_equals_one_process(tmp_path):
     for kind in ("sgd", "muon"):
         key = "blocks.0.attn.c_q.weight"
         assert not torch.allclose(one[f"{kind}/{key}"], start.state_dict()[key])
-        assert one[f"{kind}/stats/rl/kl_penalty_mean"].item() > 0  # off the reference by step 2: KL is live
+        assert one[f"{kind}/stats/rl/kl_k3_mean"].item() > 0  # off the reference by step 2: KL is live
         assert one[f"{kind}/stats/rl/clip_frac"].item() > 0  # and the clip is exercised
+
+
+def test_non_finite_loss_stops_before_the_update(tmp_path):
+    from training.common import NonFiniteLossError
+
+    model = _tiny_gpt()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizers = build_optimizers(model, d_model=model.config.n_embd, init_lr_frac=1.0)
+    rollouts = [_rollout([1, 2], [[3, 4], [5]], [float("inf"), 0.0])]  # inf − mean = nan advantages
+    with pytest.raises(NonFiniteLossError, match="step 7"):
+        rl.train_on_rollouts(model, optimizers, rollouts, rl.RLConfig(depth=1, out=str(tmp_path)), CPU, pad_id=0,
+                             step=7)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k

@@ -26,7 +26,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -55,6 +55,7 @@ class RLConfig:
     step: int | None = None  # which step of --checkpoint (default: latest)
     depth: int | None = None  # fresh random model of this depth (smoke tests only)
     difficulty: int | None = None  # synthetic task difficulty (None = task default)
+    skip_bad_rows: bool = False  # AQuA: skip (and count) malformed rows instead of failing
     eval_examples: int = 100  # held-out problems for eval
     # rollouts
     max_steps: int = 100
@@ -95,7 +96,6 @@ class RLConfig:
     wandb: str = "disabled"  # online | offline | disabled
     run_name: str | None = None
     progress: bool = True
-    extra: dict = field(default_factory=dict)  # free-form notes copied into the run config
 
     def validate(self, policy_given: bool = False) -> None:
         """Raise ValueError naming the option for anything that cannot work."""
@@ -134,8 +134,12 @@ class RLConfig:
 
 
 def load_problems(config: RLConfig) -> tuple[list[MCProblem], list[MCProblem]]:
-    """(train pool, held-out eval problems). Synthetic: train and eval splits by seed. AQuA: a file or
-    hub split, shuffled once with the run seed; the last `eval_examples` rows are held out."""
+    """(train pool, held-out eval problems).
+
+    synthetic: the task's train and eval splits (disjoint by construction), seeded by --seed.
+    aqua, local file (e.g. the 254-row dev.json): shuffled once with --seed; the first `eval_examples`
+    rows (at most half) are held out, RL trains on the rest. aqua, hub id: RL trains on the train split
+    and evaluates on the first `eval_examples` rows of the validation split."""
     if config.task == "synthetic":
         from aquainterp.tasks.synthetic import SyntheticTask
 
@@ -144,12 +148,16 @@ def load_problems(config: RLConfig) -> tuple[list[MCProblem], list[MCProblem]]:
         held = SyntheticTask(seed=config.seed, split="eval", difficulty=config.difficulty).problems(
             config.eval_examples)
         return train, held
-    from aquainterp.tasks.aqua import load_aqua
+    from aquainterp.tasks.aqua import HUB_ID, load_aqua
 
-    rows = load_aqua(config.data) if config.data else load_aqua()
+    source = config.data or HUB_ID
+    if not Path(source).exists() and not Path(source).suffix:
+        train = load_aqua(source, split="train", skip_bad_rows=config.skip_bad_rows)
+        held = load_aqua(source, split="validation", skip_bad_rows=config.skip_bad_rows)[: config.eval_examples]
+        return train, held
+    rows = list(load_aqua(source, skip_bad_rows=config.skip_bad_rows))
     if len(rows) < 2:
-        raise ValueError(f"training.rl: AQuA source {config.data!r} has {len(rows)} rows; need at least 2")
-    rows = list(rows)
+        raise ValueError(f"training.rl: AQuA source {source} has {len(rows)} rows; need at least 2")
     random.Random(config.seed).shuffle(rows)
     n_eval = min(config.eval_examples, len(rows) // 2)
     return rows[n_eval:], rows[:n_eval]
@@ -289,8 +297,8 @@ def train_on_rollouts(model, optimizers, rollouts: list[Rollout], config: RLConf
             opt.step()
     totals = global_sum(totals, ddp)
     return {
-        "rl/loss": totals[0].item(),
-        "rl/kl_penalty_mean": totals[2].item() / num_valid,
+        "rl/loss": totals[0].item(),  # of the last PPO epoch
+        "rl/kl_k3_mean": totals[2].item() / num_valid,  # k3 estimate of KL(policy || reference)
         "rl/clip_frac": totals[3].item() / num_valid,
         "rl/num_tokens": num_valid,
     }
@@ -373,10 +381,9 @@ def evaluate_policy(model, tokenizer, problems: list[MCProblem], config: RLConfi
 
 def build_fresh(config: RLConfig, train: list[MCProblem], device):
     """A random-init model of --depth and a small tokenizer trained on the task's text (smoke runs)."""
-    from aquainterp.tokenizer import Tokenizer
-
     from aquainterp.model import GPT, GPTConfig
     from aquainterp.tasks.synthetic import corpus, document
+    from aquainterp.tokenizer import Tokenizer
 
     texts = list(corpus(2000, seed=config.seed)) + [document(p) for p in train[:2000]]
     tokenizer = Tokenizer.train_from_iterator(texts, vocab_size=FRESH_VOCAB_SIZE)
@@ -462,7 +469,7 @@ def _run(config: RLConfig, ddp: Dist, policy: tuple | None = None) -> dict:
     engine = Engine(model)
     end_id = tokenizer.encode_special("<|assistant_end|>")
     stop_tokens = {end_id, tokenizer.bos_token_id}
-    run_config = {**common.config_dict(config), "pass@k_k": config.pass_k, "world_size": ddp.world_size,
+    run_config = {**common.config_dict(config), "world_size": ddp.world_size,
                   **source, "train_pool": len(train), "held_out": len(held_out), "stage": "rl"}
     logger = Logger(out, run_name=config.run_name, mode=config.wandb, config=run_config, rank=ddp.rank)
     suite = None
@@ -530,6 +537,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--step", type=int, default=None, help="step of --checkpoint (default: latest)")
     a("--depth", type=int, default=None, help="start from a fresh random model of this depth (smoke runs)")
     a("--difficulty", type=int, default=None, help="synthetic difficulty 1..3 (default: mixed)")
+    a("--skip-bad-rows", action="store_true", help="AQuA: skip malformed rows (counted) instead of failing")
     a("--eval-examples", type=int, default=d.eval_examples, help="held-out problems for eval")
     a("--max-steps", type=int, default=d.max_steps)
     a("--examples-per-step", type=int, default=d.examples_per_step, help="prompts per step, all ranks")
@@ -551,7 +559,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--eval-every", type=int, default=d.eval_every, help="0 = only before and after")
     a("--pass-k", type=int, default=d.pass_k, help="k of rl/pass@k (recorded in the run config)")
     a("--eval-temperature", type=float, default=d.eval_temperature)
-    a("--probes", default="", help=f"comma list of {','.join(PROBE_NAMES)} (empty = off)")
+    a("--probes", default="", help=f"comma list of {','.join(PROBE_NAMES)} ('' or none = off)")
     a("--probe-every", type=int, default=d.probe_every)
     a("--probe-batch", type=int, default=d.probe_batch)
     a("--table-every", type=int, default=d.table_every, help="0 = no sample tables")
@@ -568,9 +576,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> RLConfig:
+    from probes.suite import parse_probes
+
     fields = {f.name for f in dataclasses.fields(RLConfig)}
     values = {k: v for k, v in vars(args).items() if k in fields}
-    values["probes"] = tuple(p.strip() for p in args.probes.split(",") if p.strip())
+    values["probes"] = parse_probes(args.probes)
     values["top_k"] = None if args.top_k == 0 else args.top_k
     values["progress"] = not args.no_progress
     return RLConfig(**values)
