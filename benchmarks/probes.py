@@ -17,27 +17,40 @@ import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
 
-import torch
+# Run as a script, this file's folder comes first on sys.path and its name would shadow the `probes`
+# package: drop that entry so `import probes` finds the package.
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from aquainterp.cli import normalize_flag_spelling
-from aquainterp.logger import Logger
-from probes.reference import freeze_reference
-from probes.suite import PROBE_NAMES, ProbeSuite, due
-from training import rl
-from training.common import Dist
-from training.optim import apply_schedule, build_optimizers
+import torch  # noqa: E402
+
+from aquainterp.cli import normalize_flag_spelling  # noqa: E402
+from aquainterp.logger import Logger  # noqa: E402
+from probes.reference import freeze_reference  # noqa: E402
+from probes.suite import PROBE_NAMES, ProbeSuite, due  # noqa: E402
+from training import rl  # noqa: E402
+from training.common import Dist  # noqa: E402
+from training.optim import apply_schedule, build_optimizers  # noqa: E402
+
+
+def clock() -> tuple[float, float]:
+    """(process CPU seconds, wall seconds). CPU time (all threads of this process) is what we compare:
+    on a shared machine wall time mostly measures the neighbours."""
+    return time.process_time(), time.perf_counter()
 
 
 def timed(fn, repeats: int) -> tuple[float, float]:
-    """(median, min) seconds of fn() over `repeats` calls after one warm-up call."""
+    """Median (CPU, wall) seconds of fn() over `repeats` calls after one warm-up call."""
     fn()
-    times = []
+    cpu, wall = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        c0, w0 = clock()
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), min(times)
+        c1, w1 = clock()
+        cpu.append(c1 - c0)
+        wall.append(w1 - w0)
+    return statistics.median(cpu), statistics.median(wall)
 
 
 def main(argv=None) -> int:
@@ -74,7 +87,7 @@ def main(argv=None) -> int:
     # ---- per-probe cost -------------------------------------------------------------------------------
     rollouts = [rl.rollout(engine, tokenizer, train[i], config, i, stop) for i in range(config.examples_per_step)]
     pairs = [(r.prompt, c) for r in rollouts for c in r.completions if c]
-    print("\nper-probe cost (median of", args.repeats, "runs, ms):")
+    print(f"\nper-probe cost, ms per run (median of {args.repeats}; CPU time of this process, wall in brackets):")
     cases = [(name, (name,), {"hardest_k": 0}, pairs) for name in PROBE_NAMES]
     cases += [("margin + hardest table (greedy completions)", ("margin",), {}, pairs),
               ("kl with greedy completions (no rollouts given)", ("kl",), {}, None),
@@ -83,52 +96,55 @@ def main(argv=None) -> int:
         suite = ProbeSuite(model, tokenizer, probe_set, probes=probes, reference_model=reference,
                            batch_size=config.device_batch_size, max_new_tokens=args.max_new_tokens, **kw)
         kl_pairs = completions[: suite.kl_sequences] if completions else None
-        med, best = timed(lambda s=suite, c=kl_pairs: s.run(0, completions=c), args.repeats)
+        cpu, wall = timed(lambda s=suite, c=kl_pairs: s.run(0, completions=c), args.repeats)
         parts = ", ".join(f"{k} {v * 1e3:.0f}" for k, v in suite.last_seconds.items() if k != "total")
-        print(f"  {label:48s} {med * 1e3:8.1f}  (min {best * 1e3:.1f}; {parts})")
+        print(f"  {label:48s} {cpu * 1e3:8.1f}  [wall {wall * 1e3:.0f}; wall parts: {parts}]")
 
     # ---- RL step with probes at the default cadence vs off ----------------------------------------------
     ddp = Dist(rank=0, local_rank=0, world_size=1, device=device)
     optimizers = build_optimizers(model, d_model=model.config.n_embd)
     pad_id = tokenizer.encode_special("<|assistant_end|>")
+    # constructed as training/rl.py constructs it
     suite = ProbeSuite(model, tokenizer, probe_set, probes=PROBE_NAMES, reference_model=reference,
-                       batch_size=config.device_batch_size, max_new_tokens=args.max_new_tokens)
+                       batch_size=config.device_batch_size)
     with tempfile.TemporaryDirectory() as tmp:
         logger = Logger(tmp, mode="disabled")
 
-        def step(s: int, probes_on: bool) -> tuple[float, float]:
-            t0 = time.perf_counter()
+        def step(s: int, probes_on: bool) -> tuple[float, float, float]:
+            c0, w0 = clock()
             apply_schedule(optimizers, 0.0, None)  # lr 0: both arms replay identical rollouts
             batch = [rl.rollout(engine, tokenizer, train[(s * config.examples_per_step + i) % len(train)],
                                 config, rl.sample_seed(config.seed, s, i), stop)
                      for i in range(config.examples_per_step)]
-            t_probe = 0.0
-            if probes_on and due(s, config.probe_every):  # rl.py's test: probe_every and step % probe_every == 0
-                tp = time.perf_counter()
+            probe_cpu = 0.0
+            if probes_on and due(s, config.probe_every):  # rl.py: probe_every and step % probe_every == 0
+                p0, _ = clock()
                 rl.run_probes(suite, logger, s, batch)
-                t_probe = time.perf_counter() - tp
+                probe_cpu = clock()[0] - p0
             rl.train_on_rollouts(model, optimizers, batch, config, ddp, pad_id, None, s)
-            return time.perf_counter() - t0, t_probe
+            c1, w1 = clock()
+            return c1 - c0, w1 - w0, probe_cpu
 
-        totals = {"off": 0.0, "on": 0.0}
-        probe_time = 0.0
+        totals = {arm: [0.0, 0.0] for arm in ("off", "on")}
+        probe_cpu = 0.0
         step(0, False)  # warm-up
         for block in range(args.blocks):
-            order = ("off", "on") if block % 2 == 0 else ("on", "off")
-            for arm in order:
+            for arm in (("off", "on") if block % 2 == 0 else ("on", "off")):
                 for i in range(args.probe_every):
-                    s = block * args.probe_every + i
-                    dt, tp = step(s, arm == "on")
-                    totals[arm] += dt
-                    probe_time += tp
+                    cpu, wall, pc = step(block * args.probe_every + i, arm == "on")
+                    totals[arm][0] += cpu
+                    totals[arm][1] += wall
+                    probe_cpu += pc
         logger.finish()
     n = args.blocks * args.probe_every
-    off, on = totals["off"] / n, totals["on"] / n
-    print(f"\nRL step (examples_per_step {config.examples_per_step} x num_samples {config.num_samples}, "
-          f"max_new_tokens {config.max_new_tokens}), {n} steps per arm, probes every {args.probe_every}:")
-    print(f"  probes off   {off * 1e3:9.1f} ms/step")
-    print(f"  probes on    {on * 1e3:9.1f} ms/step  (one probe run: {probe_time / args.blocks * 1e3:.0f} ms)")
-    print(f"  ratio on/off {on / off:.3f}x")
+    (off_cpu, off_wall), (on_cpu, on_wall) = ([t / n for t in totals[a]] for a in ("off", "on"))
+    print(f"\nRL step (training/rl.py rollout + run_probes + train_on_rollouts; examples_per_step "
+          f"{config.examples_per_step} x num_samples {config.num_samples}, max_new_tokens {config.max_new_tokens}), "
+          f"{n} steps per arm, probes every {args.probe_every} (rl.py default {rl.RLConfig().probe_every}):")
+    print(f"  probes off   {off_cpu * 1e3:9.1f} ms CPU/step  [wall {off_wall * 1e3:.0f}]")
+    print(f"  probes on    {on_cpu * 1e3:9.1f} ms CPU/step  [wall {on_wall * 1e3:.0f}]  "
+          f"(one probe run {probe_cpu / args.blocks * 1e3:.0f} ms CPU)")
+    print(f"  ratio on/off {on_cpu / off_cpu:.3f}x CPU  [{on_wall / off_wall:.3f}x wall]")
     return 0
 
 
