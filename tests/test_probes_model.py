@@ -82,18 +82,38 @@ def test_injected_uniform_pattern_gives_log_n_and_one_hot_gives_zero():
 
 def test_real_patterns_have_normalized_entropy_in_unit_interval_and_match_the_cache():
     model = tiny_model(seed=3)
-    s = suite(model, ("entropy",), entropy_window=1)  # window 1 = the decision position only
+    s = suite(model, ("entropy",), entropy_window=3)  # the decision position and the two before it
     s.run(0)
     norm = s.last_raw["entropy_normalized"]
     assert (norm >= 0).all() and (norm <= 1).all() and (norm > 0).any()
-    # reference: entropies of the decision rows read from run_with_cache, one prompt at a time
+    # reference: entropies of the last three rows read from run_with_cache, one prompt at a time
     want = torch.zeros(2, 2, dtype=torch.float64)
+    want_decision = torch.zeros(2, 2, dtype=torch.float64)
     for it in s.items:
         _, cache = model.run_with_cache(torch.tensor([it.ids]), names_filter=lambda n: n.endswith("hook_pattern"))
         for layer in range(2):
-            row = cache["pattern", layer][0, :, -1].double()
-            want[layer] += -(row * row.clamp_min(1e-300).log()).sum(-1) / len(s.items)
+            rows = cache["pattern", layer][0, :, -3:].double()  # [H, 3, T]
+            ent = -(rows * rows.clamp_min(1e-300).log()).sum(-1)  # [H, 3]
+            want[layer] += ent.mean(-1) / len(s.items)
+            want_decision[layer] += ent[:, -1] / len(s.items)
     assert torch.allclose(torch.from_numpy(s.last_raw["entropy"]), want, atol=1e-6)
+    assert torch.allclose(torch.from_numpy(s.last_raw["decision_entropy"]), want_decision, atol=1e-6)
+
+
+def test_freeze_reference_is_an_independent_frozen_copy():
+    model = tiny_model(seed=8)
+    model.train()
+    reference = freeze_reference(model, "cpu")
+    x = torch.randint(0, VOCAB, (2, 9))
+    assert torch.equal(reference(x), model(x))
+    assert not reference.training and not any(p.requires_grad for p in reference.parameters())
+    assert all(p.requires_grad for p in model.parameters()) and model.training
+    with torch.no_grad():
+        model.lm_head.weight.add_(1.0)
+    assert not torch.equal(reference(x), model(x))  # no shared storage
+    assert reference.lm_head.weight.data_ptr() != model.lm_head.weight.data_ptr()
+    with pytest.raises(TypeError, match="has no .config"):
+        freeze_reference(torch.nn.Linear(2, 2))
 
 
 def test_pattern_forced_onto_option_c_gives_mass_one_on_c():
