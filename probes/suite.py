@@ -288,7 +288,7 @@ class ProbeSuite:
         for start in range(0, len(pairs), self.batch_size):
             chunk = pairs[start : start + self.batch_size]
             # the last completion token is never an input: its logits would predict past the completion
-            ids, _ = right_pad([p + c[:-1] if len(c) > 1 else p for p, c in chunk], self.pad_id)
+            ids, _ = right_pad([p + c[:-1] for p, c in chunk], self.pad_id)
             prompt_len = torch.tensor([len(p) for p, _ in chunk])
             comp_len = torch.tensor([len(c) for _, c in chunk])
             mask = completion_mask(prompt_len, comp_len, ids.shape[1])
