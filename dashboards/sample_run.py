@@ -43,6 +43,10 @@ def record_sample_run(run_dir: str | Path, steps: int = 30, n_layers: int = 4, n
         logger.log(metrics, step=step)
         if step % every and step != steps - 1:
             continue
+        logger.log({"eval/synthetic_acc": acc - 0.05, "eval/synthetic_categorical_acc": acc + 0.05}, step=step)
+        logger.log_table("rl/samples", ["prompt", "completion", "predicted", "gold", "reward"],
+                         [[f"sample prompt {i}", f"... so the answer is {LETTERS[i]}", LETTERS[i],
+                           LETTERS[(i + step) % 5], float(i == (i + step) % 5)] for i in range(3)], step=step)
         margins = rng.normal(-1 + 4 * progress, 1.5, size=64)
         preds = rng.choice(5, size=64, p=_letter_probs(progress))
         entropy = base_entropy * (1 - 0.5 * progress) + rng.normal(0, 0.02, size=base_entropy.shape)
@@ -52,12 +56,18 @@ def record_sample_run(run_dir: str | Path, steps: int = 30, n_layers: int = 4, n
                   "attn/gold_option_mass_mean": float(mass.mean() * 0.4),
                   "attn/chosen_option_mass_mean": float(mass.mean() * 0.45)}
         probes.update({f"rl/letter_pred_counts/{L}": int((preds == i).sum()) for i, L in enumerate(LETTERS)})
+        probe_preds = rng.choice(5, size=32, p=_letter_probs(progress / 2))
+        probes.update({f"rl/probe_letter_pred_counts/{L}": int((probe_preds == i).sum())
+                       for i, L in enumerate(LETTERS)})
         for layer in range(n_layers):
             for head in range(n_heads):
                 probes[f"attn/entropy/layer{layer}/head{head}"] = float(entropy[layer, head])
                 probes[f"attn/option_mass/layer{layer}/head{head}"] = float(mass[layer, head])
         logger.log(probes, step=step)
         logger.log_histogram("rl/letter_margin", margins, step=step)
+        logger.log_histogram("rl/letter_gold_margin", margins + rng.normal(0.5, 0.5, size=margins.shape), step=step)
+        logger.log_histogram("rl/kl_letter", rng.exponential(0.3 * progress + 1e-3, size=64), step=step)
+        logger.log_histogram("rl/kl_sequence", rng.exponential(0.05 * progress + 1e-4, size=64), step=step)
         hardest = np.argsort(margins)[:5]
         logger.log_table("rl/hardest_questions", ["question", "gold", "pred", "margin"],
                          [[f"sample question {int(i)}: what is {int(i)} + {int(i) * 3}?",

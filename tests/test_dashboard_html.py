@@ -27,6 +27,10 @@ SLIDER_JS = """(async () => {
 })()"""
 
 
+def panel_for(template: str, metric: str) -> Panel:
+    return [p for p in get_template(template).panels if metric in p.metrics][0]
+
+
 @pytest.fixture(scope="module")
 def sample_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("sample-run")
@@ -65,13 +69,13 @@ def test_line_bar_histogram_table_figures_show_the_logged_values(sample_run):
     expected = [(r["step"], r["rl/acc"]) for r in rows if "rl/acc" in r]
     assert list(zip(line.data[0].x, line.data[0].y)) == expected
     counts = [r for r in rows if "rl/letter_pred_counts/A" in r][-1]
-    bar = panel_figure(get_template("mode_collapse").panels[0], data)
+    bar = panel_figure(panel_for("mode_collapse", "rl/letter_pred_counts/A"), data)
     assert list(bar.data[0].x) == list("ABCDE")
     assert list(bar.data[0].y) == [counts[f"rl/letter_pred_counts/{L}"] for L in "ABCDE"]
-    hist = panel_figure(get_template("answer_confidence").panels[1], data)
+    hist = panel_figure(panel_for("answer_confidence", "rl/letter_margin"), data)
     margins = [r["rl/letter_margin"]["values"] for r in rows if "rl/letter_margin" in r]
     assert list(hist.data[0].x) == margins[-1] and len(hist.frames) == len(margins)
-    table = panel_figure(get_template("answer_confidence").panels[2], data)
+    table = panel_figure(panel_for("answer_confidence", "rl/hardest_questions"), data)
     logged = [r["rl/hardest_questions"] for r in rows if "rl/hardest_questions" in r][-1]
     assert list(table.data[0].cells["values"][3]) == [row[3] for row in logged["rows"]]
 
@@ -89,10 +93,10 @@ def test_html_report_renders_every_panel_in_chromium(sample_run, chromium, tmp_p
     out = write_html(templates, sample_run, tmp_path / "report.html")
     text = out.read_text()
     assert "https://" not in text.split("<body>")[1][:2000]  # nothing fetched from the network
-    assert text.count("class='aq-panel'") == panel_count(templates) == 21
+    assert text.count("class='aq-panel'") == panel_count(templates) == 26
     report = inspect_page(out, tmp_path / "report.png", evaluate=SLIDER_JS)
     assert report.console_errors == []
-    assert report.panels == report.rendered == report.plots == 21
+    assert report.panels == report.rendered == report.plots == 26
     # the heatmap's slider step (Plotly.animate to a frame) really shows that step's grid
     heat = panel_figure(get_template("attention").panels[1], RunData.load(sample_run))
     first, last = ([list(r) for r in z] for z in (heat.frames[0].data[0].z, heat.data[0].z))
