@@ -1,9 +1,8 @@
 //! Encoding and decoding with learned merges: bytes of each regex chunk are merged lowest rank first
 //! (leftmost first among equal ranks), which is what HF `tokenizers` BPE and tiktoken do.
 use ahash::AHashMap;
-use fancy_regex::Regex;
 
-use crate::pattern::{compile, for_each_chunk, SPLIT_PATTERN};
+use crate::pattern::Splitter;
 use crate::train::Pair;
 
 /// nanochat's special tokens, in nanochat's order; their ids follow the merges.
@@ -20,7 +19,7 @@ pub const SPECIAL_TOKENS: [&str; 9] = [
 ];
 
 pub struct Encoder {
-    regex: Regex,
+    splitter: Splitter,
     merges: Vec<Pair>,
     /// pair -> id of the merged token (256 + rank, so a smaller id is a higher priority).
     ranks: AHashMap<Pair, u32>,
@@ -32,7 +31,7 @@ impl Encoder {
     /// Builds the vocabulary from merges, checking that each merge only uses earlier tokens and that
     /// no two tokens have the same bytes (an HF vocabulary is keyed by the token's string).
     pub fn new(merges: Vec<Pair>) -> Result<Self, String> {
-        let regex = compile(SPLIT_PATTERN)?;
+        let splitter = Splitter::new()?;
         let mut token_bytes: Vec<Vec<u8>> = (0..=255u8).map(|b| vec![b]).collect();
         let mut ranks = AHashMap::with_capacity(merges.len());
         let mut seen: AHashMap<Vec<u8>, u32> = token_bytes.iter().cloned().zip(0u32..).collect();
@@ -51,7 +50,7 @@ impl Encoder {
             }
             token_bytes.push(bytes);
         }
-        Ok(Encoder { regex, merges, ranks, token_bytes })
+        Ok(Encoder { splitter, merges, ranks, token_bytes })
     }
 
     pub fn merges(&self) -> &[Pair] {
@@ -76,10 +75,10 @@ impl Encoder {
     }
 
     /// Token ids of `text` (special-token strings in it are ordinary text).
-    pub fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
+    pub fn encode(&self, text: &str) -> Vec<u32> {
         let mut out = Vec::with_capacity(text.len() / 3 + 1);
-        for_each_chunk(&self.regex, text, |chunk| self.encode_chunk(chunk.as_bytes(), &mut out))?;
-        Ok(out)
+        self.splitter.for_each_chunk(text, |chunk| self.encode_chunk(chunk.as_bytes(), &mut out));
+        out
     }
 
     fn encode_chunk(&self, bytes: &[u8], out: &mut Vec<u32>) {

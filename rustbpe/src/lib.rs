@@ -49,7 +49,7 @@ impl Bpe {
         if buffer_size < 1 {
             return Err(value_error(format!("buffer_size must be >= 1; got {buffer_size}")));
         }
-        let regex = pattern::compile(pattern::SPLIT_PATTERN).map_err(value_error)?;
+        let splitter = pattern::Splitter::new().map_err(value_error)?;
         let mut iter = texts.try_iter().map_err(|_| {
             PyTypeError::new_err(format!(
                 "training texts must be an iterable of str; got {}",
@@ -77,7 +77,7 @@ impl Bpe {
                 buffer.push(text.to_str()?.to_owned());
                 seen += 1;
             }
-            py.detach(|| counts.add_texts(&regex, &buffer)).map_err(value_error)?;
+            py.detach(|| counts.add_texts(&splitter, &buffer));
         }
         if counts.is_empty() {
             return Err(value_error(format!(
@@ -135,13 +135,12 @@ impl Bpe {
 
     /// Token ids of `text`; special-token strings inside it are encoded as ordinary text.
     fn encode(&self, py: Python<'_>, text: &str) -> PyResult<Vec<u32>> {
-        py.detach(|| self.encoder.encode(text)).map_err(value_error)
+        Ok(py.detach(|| self.encoder.encode(text)))
     }
 
     /// Encodes many texts in parallel (rayon) with the GIL released.
     fn encode_batch(&self, py: Python<'_>, texts: Vec<String>) -> PyResult<Vec<Vec<u32>>> {
-        py.detach(|| texts.par_iter().map(|t| self.encoder.encode(t)).collect::<Result<Vec<_>, _>>())
-            .map_err(value_error)
+        Ok(py.detach(|| texts.par_iter().map(|t| self.encoder.encode(t)).collect()))
     }
 
     /// Bytes of the tokens concatenated (special tokens as their names).

@@ -10,10 +10,9 @@ use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 
 use ahash::{AHashMap, AHashSet};
-use fancy_regex::Regex;
 use rayon::prelude::*;
 
-use crate::pattern::for_each_chunk;
+use crate::pattern::Splitter;
 
 pub type Pair = (u32, u32);
 
@@ -25,21 +24,20 @@ pub struct ChunkCounts {
 
 impl ChunkCounts {
     /// Splits a batch of texts in parallel (rayon) and adds their chunk counts.
-    pub fn add_texts(&mut self, regex: &Regex, texts: &[String]) -> Result<(), String> {
+    pub fn add_texts(&mut self, splitter: &Splitter, texts: &[String]) {
         let local = texts
             .par_iter()
-            .try_fold(AHashMap::<String, u64>::new, |mut acc, text| {
-                for_each_chunk(regex, text, |chunk| match acc.get_mut(chunk) {
+            .fold(AHashMap::<String, u64>::new, |mut acc, text| {
+                splitter.for_each_chunk(text, |chunk| match acc.get_mut(chunk) {
                     Some(c) => *c += 1,
                     None => {
                         acc.insert(chunk.to_owned(), 1);
                     }
-                })?;
-                Ok::<_, String>(acc)
+                });
+                acc
             })
-            .try_reduce(AHashMap::new, |a, b| Ok(merge_counts(a, b)))?;
+            .reduce(AHashMap::new, merge_counts);
         self.counts = merge_counts(std::mem::take(&mut self.counts), local);
-        Ok(())
     }
 
     pub fn is_empty(&self) -> bool {
