@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("aquainterp.info", "print versions, devices and the Rust core this install runs on"),
     "eval": ("aquainterp.evaluate", "multiple-choice accuracy of a checkpoint: categorical, generative, pass@k, confusion"),
     "patch": ("aquainterp.patch_cmd", "activation patching of a checkpoint: tensors, JSON, HTML heatmaps"),
+    "export": ("aquainterp.bridge", "write a checkpoint as an HF NanoChatForCausalLM directory for transformers / TransformerBridge"),
     "dashboard": ("dashboards.cli", "dashboard templates: W&B workspace push/export/load, offline HTML report"),
 }
 
