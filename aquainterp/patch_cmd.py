@@ -57,8 +57,6 @@ def fail(message: str) -> int:
 
 def load(args):
     """(model, tokenizer, description) from --checkpoint or --hf-dir; ValueError with a plain message."""
-    from aquainterp.tokenizer import Tokenizer
-
     if args.checkpoint is not None:
         from aquainterp.checkpoint import load_model
 
@@ -81,6 +79,8 @@ def load(args):
             args.tokenizer = args.hf_dir
         described = {"hf_dir": str(args.hf_dir)}
     if args.tokenizer is not None:
+        from aquainterp.tokenizer import Tokenizer
+
         try:
             tokenizer = Tokenizer.load(args.tokenizer)
         except Exception as e:

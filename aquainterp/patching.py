@@ -21,6 +21,7 @@ import itertools
 import math
 import random
 import re
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -297,6 +298,11 @@ class Patcher:
                 f"({self.clean_ld.mean():.3g} vs {self.corrupted_ld.mean():.3g}); there is nothing to restore "
                 "(untrained model, or a corruption the model ignores)"
             )
+        spread = float(torch.cat([self.clean_ld, self.corrupted_ld]).abs().mean())
+        if abs(self.scale) < 1e-3 * spread:
+            warnings.warn(f"Patcher: clean and corrupted mean logit differences are only {self.scale:.2g} apart "
+                          f"(typical size {spread:.2g}); normalised values divide by that gap and will be noisy",
+                          stacklevel=3)
 
     # -- runs ---------------------------------------------------------------------------------------
 

@@ -1,0 +1,121 @@
+"""`aquainterp patch` end to end on a saved checkpoint and an HF export, and its errors for bad input."""
+
+import json
+import re
+
+import pytest
+import torch
+from safetensors import safe_open
+from tasks_tokenizer import trained_tokenizer
+from test_patching import one_thread, random_gpt  # noqa: F401  (one_thread: autouse fixture)
+
+from aquainterp.bridge import export_hf
+from aquainterp.checkpoint import save_checkpoint
+from aquainterp.cli import main
+
+FAST = ["--task", "synthetic", "--n-pairs", "2", "--batch-size", "64", "--sweeps", "resid_pre,z"]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """(checkpoint folder, HF export folder) of one small random GPT with the real tokenizer."""
+    tok = trained_tokenizer()
+    model = random_gpt(n_layer=1, vocab=tok.vocab_size, seed=5)
+    root = tmp_path_factory.mktemp("patch_cli")
+    save_checkpoint(root / "ckpt", 3, model, None, {"note": "patching test"}, tokenizer=tok)
+    export_hf(model, tok, root / "hf")
+    return root / "ckpt", root / "hf"
+
+
+def run_cli(args, capsys):
+    code = main(["patch", *map(str, args)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_checkpoint_to_tensors_json_and_html(saved, tmp_path, capsys):
+    ckpt, _ = saved
+    code, out, err = run_cli(["--checkpoint", ckpt, *FAST, "--out", tmp_path], capsys)
+    assert code == 0, err
+    assert "2 pairs (0 skipped)" in out
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["step"] == 3 and summary["n_pairs"] == 2 and summary["corruption"] == "permute"
+    assert set(summary["sweeps"]) == {"denoise/resid_pre", "denoise/z"}
+    with safe_open(str(tmp_path / "patching.safetensors"), "pt") as f:
+        t = {k: f.get_tensor(k) for k in f.keys()}
+        assert json.loads(f.metadata()["axes"])["denoise/z"] == ["layer", "head"]
+    resid = t["denoise/resid_pre/normalized"]
+    assert resid.shape == (1, len(summary["positions"])) == (1, int(t["lengths"].max()))
+    ld = t["denoise/resid_pre/logit_diff"]
+    expect = (ld.mean(-1) - t["corrupted_logit_diff"].mean()) / (t["clean_logit_diff"].mean() - t["corrupted_logit_diff"].mean())
+    torch.testing.assert_close(resid, expect, atol=1e-5, rtol=1e-5)
+    top = summary["sweeps"]["denoise/resid_pre"]["top_cells"][0]
+    assert resid[top["layer"], top["pos"]].item() == pytest.approx(top["value"])
+    assert top["token"] == summary["positions"][top["pos"]]
+    html = (tmp_path / "patching.html").read_text()
+    assert html.count("Plotly.newPlot") == 2 and html.count("plotly.js v") == 1  # plotly.js inlined once
+    assert re.search(r"<script[^>]*\bsrc=", html) is None  # nothing fetched: works offline
+    assert "0: " + summary["positions"][-1].split(": ", 1)[1] in html  # token labels on the axis
+
+
+def test_hf_directory_gives_the_same_tensors(saved, tmp_path, capsys):
+    ckpt, hf = saved
+    assert run_cli(["--checkpoint", ckpt, *FAST, "--out", tmp_path / "a"], capsys)[0] == 0
+    assert run_cli(["--hf-dir", hf, *FAST, "--out", tmp_path / "b"], capsys)[0] == 0
+    with safe_open(str(tmp_path / "a" / "patching.safetensors"), "pt") as a, \
+            safe_open(str(tmp_path / "b" / "patching.safetensors"), "pt") as b:
+        for key in a.keys():
+            torch.testing.assert_close(a.get_tensor(key), b.get_tensor(key), atol=1e-6, rtol=0)
+
+
+def assert_clean_error(code, err, *needles):
+    assert code == 2
+    assert "Traceback" not in err and err.startswith("aquainterp patch: error: ")
+    for needle in needles:
+        assert needle in err, err
+
+
+def test_missing_truncated_and_mismatched_checkpoints(saved, tmp_path, capsys):
+    import shutil
+
+    ckpt, hf = saved
+    code, _, err = run_cli(["--checkpoint", tmp_path / "nowhere", *FAST, "--out", tmp_path / "o"], capsys)
+    assert_clean_error(code, err, "nowhere", "does not exist")
+
+    cut = tmp_path / "cut"
+    shutil.copytree(ckpt, cut)
+    weights = cut / "step_000003" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    code, _, err = run_cli(["--checkpoint", cut, *FAST, "--out", tmp_path / "o"], capsys)
+    assert_clean_error(code, err, "model.safetensors", "truncated")
+
+    other = tmp_path / "other"
+    shutil.copytree(ckpt, other)
+    meta_path = other / "step_000003" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["model_config"]["n_embd"] = 128
+    meta_path.write_text(json.dumps(meta))
+    code, _, err = run_cli(["--checkpoint", other, *FAST, "--out", tmp_path / "o"], capsys)
+    assert_clean_error(code, err, "cannot load checkpoint", "shape")
+
+    bad_hf = tmp_path / "bad_hf"
+    shutil.copytree(hf, bad_hf)
+    (bad_hf / "model.safetensors").write_bytes((hf / "model.safetensors").read_bytes()[:500])
+    code, _, err = run_cli(["--hf-dir", bad_hf, *FAST, "--out", tmp_path / "o"], capsys)
+    assert_clean_error(code, err, "cannot load HF directory", "bad_hf")
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_flags_and_unpairable_data(saved, tmp_path, capsys, shared_data):
+    ckpt, _ = saved
+    code, _, err = run_cli(["--checkpoint", ckpt, "--sweeps", "resid_pre,bogus", "--out", tmp_path], capsys)
+    assert_clean_error(code, err, "--sweeps", "bogus")
+    code, _, err = run_cli(["--checkpoint", ckpt, "--n-pairs", "0", "--out", tmp_path], capsys)
+    assert_clean_error(code, err, "--n-pairs must be at least 1")
+    aqua = shared_data / "aqua_rat" / "dev.json"
+    code, _, err = run_cli(["--checkpoint", ckpt, "--task", "aqua", "--data", aqua, "--corruption", "numbers",
+                            "--out", tmp_path], capsys)
+    assert_clean_error(code, err, "dev.json:1", "numbers")
+    code, _, err = run_cli(["--checkpoint", ckpt, "--task", "aqua", "--data", tmp_path / "none.json",
+                            "--out", tmp_path], capsys)
+    assert_clean_error(code, err, "none.json")
