@@ -1,0 +1,342 @@
+"""`aquainterp demo`: from nothing to a trained, probed, patched model with dashboards, on a laptop CPU.
+
+The whole pipeline at toy scale, every stage through the same code a real run uses:
+
+  1. tokenizer  rustbpe trained on the synthetic AQuA-style task (training.tok_train)
+  2. base       tiny GPT pretrained on synthetic problem text (training.base)
+  3. sft        chat fine-tune on "direct" + "reasoning" conversations (training.sft), then held-out
+                categorical and generative accuracy (aquainterp.evaluate)
+  4. rl         GRPO with every probe on, logged to an offline W&B run and metrics.jsonl (training.rl)
+  5. dashboards the shipped templates rendered to one offline HTML page + W&B workspace JSON
+                (the `aquainterp dashboard` command)
+  6. patching   an activation-patching sweep on the final checkpoint (the `aquainterp patch` command)
+
+Stages are cached: each writes `stage.json` with a hash of its settings and of the stages before it,
+and a second run reuses every stage whose hash still matches (`--fresh` redoes them all). Output is
+deterministic for a seed on CPU. `--budget small` runs the same code path with tiny step counts (tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+# Settings per budget. "full" is what the README's demo runs (≤ 10 min on 2 CPU cores); "small" is the
+# same pipeline shrunk so a test can run it end to end in a couple of minutes.
+BUDGETS = {
+    "full": dict(vocab_size=1024, tok_chars=3_000_000, depth=4, aspect_ratio=64, head_dim=64, seq_len=256,
+                 base_steps=300, base_batch_tokens=8192, base_device_batch=16,
+                 sft_examples=6000, sft_steps=250, sft_batch=32, sft_device_batch=16,
+                 eval_n=200, gen_eval_n=50,
+                 rl_steps=40, rl_examples=8, rl_samples=8, rl_new_tokens=48, rl_eval=100, rl_probe_batch=16,
+                 patch_pairs=8),
+    "small": dict(vocab_size=512, tok_chars=300_000, depth=2, aspect_ratio=64, head_dim=64, seq_len=128,
+                  base_steps=20, base_batch_tokens=2048, base_device_batch=16,
+                  sft_examples=400, sft_steps=10, sft_batch=16, sft_device_batch=16,
+                  eval_n=40, gen_eval_n=8,
+                  rl_steps=2, rl_examples=4, rl_samples=4, rl_new_tokens=24, rl_eval=20, rl_probe_batch=8,
+                  patch_pairs=2),
+}
+
+
+@dataclass
+class DemoConfig:
+    out: str = "runs/demo"
+    budget: str = "full"
+    seed: int = 0
+    fresh: bool = False
+    device: str = "cpu"
+    wandb: str = "offline"
+
+
+def say(message: str) -> None:
+    print(f"\n\033[1m==> {message}\033[0m", flush=True)
+
+
+class Stage:
+    """One cached pipeline stage: `done()` says whether stage.json matches this stage's key."""
+
+    def __init__(self, root: Path, name: str, settings: dict, parent_key: str = ""):
+        self.name = name
+        self.dir = root / name
+        blob = json.dumps({"name": name, "settings": settings, "parent": parent_key}, sort_keys=True)
+        self.key = hashlib.sha256(blob.encode()).hexdigest()[:16]
+        self.marker = self.dir / "stage.json"
+
+    def cached(self) -> dict | None:
+        if not self.marker.exists():
+            return None
+        record = json.loads(self.marker.read_text())
+        return record["result"] if record.get("key") == self.key else None
+
+    def start(self) -> None:
+        if self.dir.exists():
+            shutil.rmtree(self.dir)  # a stage is redone from scratch, never half-reused
+        self.dir.mkdir(parents=True)
+
+    def finish(self, result: dict, seconds: float) -> dict:
+        result = {**result, "seconds": round(seconds, 1)}
+        tmp = self.marker.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"key": self.key, "result": result}, indent=1))
+        os.replace(tmp, self.marker)
+        return result
+
+
+def run_stage(stage: Stage, fresh: bool, body) -> dict:
+    if not fresh:
+        cached = stage.cached()
+        if cached is not None:
+            print(f"[{stage.name}] cached ({stage.dir}); --fresh to redo")
+            return cached
+    stage.start()
+    t0 = time.time()
+    return stage.finish(body(), time.time() - t0)
+
+
+def cli(add_arguments, run, argv: list[str]) -> int:
+    """Run a subcommand exactly as `aquainterp <cmd> argv...` would."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return int(run(parser.parse_args(argv)) or 0)
+
+
+def run_demo(config: DemoConfig) -> dict:
+    if config.budget not in BUDGETS:
+        raise ValueError(f"--budget must be one of {sorted(BUDGETS)}, got {config.budget!r}")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the demo never needs the network
+    os.environ.setdefault("WANDB_SILENT", "true")
+    b = BUDGETS[config.budget]
+    root = Path(config.out)
+    root.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    common = {"seed": config.seed, "device": config.device}
+
+    # 1. tokenizer -------------------------------------------------------------------------------
+    from training import tok_train
+
+    tok = Stage(root, "tokenizer", {**common, "vocab": b["vocab_size"], "chars": b["tok_chars"]})
+
+    def train_tokenizer():
+        say(f"1/6 tokenizer: rustbpe, vocab {b['vocab_size']}, on synthetic AQuA-style text")
+        report = tok_train.run(tok_train.TokTrainConfig(data="synthetic", out_dir=str(tok.dir),
+                                                        vocab_size=b["vocab_size"], max_chars=b["tok_chars"],
+                                                        eval_docs=200))
+        return {"bytes_per_token": report}
+
+    tok_result = run_stage(tok, config.fresh, train_tokenizer)
+
+    # 2. base pretraining --------------------------------------------------------------------------
+    from training import base
+
+    base_settings = {k: b[k] for k in ("depth", "aspect_ratio", "head_dim", "seq_len", "base_steps",
+                                       "base_batch_tokens", "base_device_batch")}
+    base_stage = Stage(root, "base", {**common, **base_settings}, tok.key)
+
+    def pretrain():
+        say(f"2/6 base: depth {b['depth']} GPT pretrained {b['base_steps']} steps on synthetic text")
+        metrics = base.run(base.BaseConfig(
+            run_dir=str(base_stage.dir), tokenizer_dir=str(tok.dir), data="synthetic", val_docs=128,
+            depth=b["depth"], aspect_ratio=b["aspect_ratio"], head_dim=b["head_dim"], seq_len=b["seq_len"],
+            device_batch_size=b["base_device_batch"], total_batch_tokens=b["base_batch_tokens"],
+            max_steps=b["base_steps"], eval_every=0, save_every=b["base_steps"], device=config.device,
+            bf16="auto", compile="off", seed=config.seed, wandb="disabled"))
+        return {"metrics": _floats(metrics)}
+
+    base_result = run_stage(base_stage, config.fresh, pretrain)
+
+    # 3. SFT + held-out accuracy -------------------------------------------------------------------
+    from training import sft
+
+    sft_settings = {k: b[k] for k in ("sft_examples", "sft_steps", "sft_batch", "sft_device_batch", "eval_n",
+                                      "gen_eval_n")}
+    sft_stage = Stage(root, "sft", {**common, **sft_settings}, base_stage.key)
+
+    def finetune():
+        say(f"3/6 sft: {b['sft_steps']} steps on {b['sft_examples']} synthetic conversations (direct + reasoning)")
+        metrics = sft.run(sft.SFTConfig(
+            init_from=str(base_stage.dir / "checkpoints"), run_dir=str(sft_stage.dir),
+            synthetic=b["sft_examples"], synthetic_seed=config.seed + 1, device_batch_size=b["sft_device_batch"],
+            examples_per_step=b["sft_batch"], max_steps=b["sft_steps"], eval_every=0, eval_synthetic=0,
+            save_every=b["sft_steps"], device=config.device, bf16="auto", compile="off", seed=config.seed,
+            wandb="disabled"))
+        return {"metrics": _floats(metrics), **held_out_accuracy(sft_stage.dir / "checkpoints", b, config)}
+
+    sft_result = run_stage(sft_stage, config.fresh, finetune)
+    print(f"SFT held-out accuracy: categorical {sft_result['categorical_acc']:.3f}, "
+          f"generative {sft_result['generative_acc']:.3f} (chance 0.200)")
+
+    # 4. GRPO with all probes ------------------------------------------------------------------------
+    from training import rl
+
+    rl_settings = {k: b[k] for k in ("rl_steps", "rl_examples", "rl_samples", "rl_new_tokens", "rl_eval",
+                                     "rl_probe_batch")}
+    rl_stage = Stage(root, "rl", {**common, **rl_settings, "wandb": config.wandb}, sft_stage.key)
+
+    def reinforce():
+        say(f"4/6 rl: GRPO {b['rl_steps']} steps × {b['rl_examples']} problems × {b['rl_samples']} samples, "
+            f"all probes on, W&B {config.wandb} + metrics.jsonl")
+        summary = rl.run(rl.RLConfig(
+            task="synthetic", checkpoint=str(sft_stage.dir / "checkpoints"), eval_examples=b["rl_eval"],
+            max_steps=b["rl_steps"], examples_per_step=b["rl_examples"], num_samples=b["rl_samples"],
+            max_new_tokens=b["rl_new_tokens"], temperature=1.0, top_k=None, pass_k=4,
+            eval_every=max(1, b["rl_steps"] // 4), probes=rl.PROBE_NAMES, probe_every=max(1, b["rl_steps"] // 8),
+            probe_batch=b["rl_probe_batch"], table_every=max(1, b["rl_steps"] // 4), out=str(rl_stage.dir),
+            device=config.device, bf16="auto", seed=config.seed, wandb=config.wandb, run_name="aquainterp-demo"))
+        return {"before": summary["before"], "after": summary["after"], "final": _floats(summary["history"][-1])}
+
+    rl_result = run_stage(rl_stage, config.fresh, reinforce)
+
+    # 5. dashboards ----------------------------------------------------------------------------------
+    from dashboards import cli as dashboard_cli
+
+    dash_stage = Stage(root, "dashboards", common, rl_stage.key)
+
+    def dashboards():
+        say("5/6 dashboards: every shipped template as one offline HTML page + W&B workspace JSON")
+        report = dash_stage.dir / "report.html"
+        cli(dashboard_cli.add_arguments, dashboard_cli.run,
+            ["html", "--run", str(rl_stage.dir), "--template", "all", "-o", str(report)])
+        workspaces = dash_stage.dir / "workspaces"
+        cli(dashboard_cli.add_arguments, dashboard_cli.run,
+            ["export", "--template", "all", "--entity", "ENTITY", "--project", "aquainterp-demo",
+             "-o", str(workspaces)])
+        exported = sorted(str(p) for p in workspaces.glob("*.json"))
+        return {"report": str(report), "workspaces": exported}
+
+    dash_result = run_stage(dash_stage, config.fresh, dashboards)
+
+    # 6. activation patching -----------------------------------------------------------------------
+    from aquainterp import patch_cmd
+
+    patch_stage = Stage(root, "patching", {**common, "pairs": b["patch_pairs"]}, rl_stage.key)
+
+    def patching():
+        say(f"6/6 patching: {b['patch_pairs']} option-permutation pairs on the final RL checkpoint")
+        code = cli(patch_cmd.add_arguments, patch_cmd.run,
+                   ["--checkpoint", str(rl_stage.dir / "checkpoints"), "--task", "synthetic",
+                    "--n-pairs", str(b["patch_pairs"]), "--corruption", "permute", "--device", config.device,
+                    "--seed", str(config.seed), "--skip-unalignable", "--out", str(patch_stage.dir)])
+        if code:
+            raise RuntimeError(f"aquainterp patch failed with exit code {code}")
+        summary = json.loads((patch_stage.dir / "summary.json").read_text())
+        return {"html": str(patch_stage.dir / "patching.html"), "n_pairs": summary["n_pairs"],
+                "clean_logit_diff_mean": summary["clean_logit_diff_mean"],
+                "corrupted_logit_diff_mean": summary["corrupted_logit_diff_mean"],
+                "strongest": {k: v["top_cells"][0] for k, v in summary["sweeps"].items()}}
+
+    patch_result = run_stage(patch_stage, config.fresh, patching)
+
+    results = {"tokenizer": tok_result, "base": base_result, "sft": sft_result, "rl": rl_result,
+               "dashboards": dash_result, "patching": patch_result,
+               "wall_seconds": round(time.time() - t_start, 1), "config": asdict(config)}
+    (root / "summary.json").write_text(json.dumps(results, indent=1))
+    print_summary(results, root, config)
+    return results
+
+
+def held_out_accuracy(checkpoint_dir: Path, b: dict, config: DemoConfig) -> dict:
+    """Categorical and generative accuracy of a checkpoint on held-out synthetic problems."""
+    from aquainterp.checkpoint import load_model
+    from aquainterp.evaluate import evaluate
+    from aquainterp.tasks.synthetic import SyntheticTask
+
+    model, tokenizer, _ = load_model(checkpoint_dir, device=config.device)
+    model.eval()
+    problems = SyntheticTask(seed=config.seed, split="eval").problems(b["eval_n"])
+    cat = evaluate(model, tokenizer, problems, mode="categorical")
+    gen = evaluate(model, tokenizer, problems[: b["gen_eval_n"]], mode="generative", temperature=0.0,
+                   max_new_tokens=b["rl_new_tokens"], seed=config.seed)
+    return {"categorical_acc": cat.accuracy, "generative_acc": gen.accuracy}
+
+
+def _floats(metrics: dict) -> dict:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+
+
+def print_summary(r: dict, root: Path, config: DemoConfig) -> None:
+    before, after, final = r["rl"]["before"], r["rl"]["after"], r["rl"]["final"]
+
+    say(f"summary ({r['wall_seconds'] / 60:.1f} min; stage times in {root}/summary.json)")
+    bpt = r["tokenizer"]["bytes_per_token"].get("synthetic")
+    print(f"tokenizer     {bpt:.2f} bytes/token on held-out synthetic text" if bpt else "tokenizer     trained")
+    print(f"base          final train loss {r['base']['metrics'].get('train/loss', float('nan')):.3f}")
+    print(f"SFT           categorical {r['sft']['categorical_acc']:.3f}, generative {r['sft']['generative_acc']:.3f}")
+    for label, d in (("before RL", before), ("after RL ", after)):
+        cat, gen = d.get("eval/synthetic_categorical_acc"), d.get("eval/synthetic_acc")
+        print(f"{label}     categorical {cat:.3f}, generative {gen:.3f}, pass@k {d.get('rl/pass@k', float('nan')):.3f}")
+    kl = final.get("rl/kl_letter_mean")
+    seq_kl = final.get("rl/kl_sequence_mean")
+    margin = final.get("rl/letter_margin_mean")
+    last_probe = _last_probe_metrics(root / "rl" / "metrics.jsonl")
+    kl = last_probe.get("rl/kl_letter_mean", kl)
+    seq_kl = last_probe.get("rl/kl_sequence_mean", seq_kl)
+    margin = last_probe.get("rl/letter_margin_mean", margin)
+    print(f"KL drift      letter {kl:.4f}, sequence {seq_kl:.4f} (nats, vs the pre-RL policy)"
+          if kl is not None and seq_kl is not None else "KL drift      (no probe step logged)")
+    if margin is not None:
+        print(f"letter margin {margin:.3f} (top − runner-up logit at the decision position)")
+    p = r["patching"]
+    print(f"patching      {p['n_pairs']} pairs, clean logit diff {p['clean_logit_diff_mean']:.3f}, corrupted "
+          f"{p['corrupted_logit_diff_mean']:.3f}")
+    print("\nartifacts")
+    print(f"  metrics          {root}/rl/metrics.jsonl")
+    print(f"  offline W&B run  {root}/rl/wandb/  (sync later: wandb sync {root}/rl/wandb/offline-run-*)")
+    print(f"  dashboard        {r['dashboards']['report']}")
+    print(f"  workspace JSON   {Path(r['dashboards']['workspaces'][0]).parent}/")
+    print(f"  patching         {p['html']}")
+    print(f"  checkpoints      {root}/{{base,sft,rl}}/checkpoints/")
+    print("\nnext")
+    print("  push the templates to W&B (needs network + `wandb login`):")
+    print("    aquainterp dashboard push --template all --entity YOUR_ENTITY --project YOUR_PROJECT")
+    print("  the same pipeline at depth 20 on 8×H100:")
+    print("    WANDB_RUN=d20 bash training/speedrun.sh")
+
+
+def _last_probe_metrics(path: Path) -> dict:
+    """The most recent value of each probe metric in metrics.jsonl (probes log on their own cadence)."""
+    out: dict = {}
+    if not path.exists():
+        return out
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        for k, v in row.items():
+            if k.startswith(("rl/kl_", "rl/letter_margin")) and isinstance(v, int | float):
+                out[k] = v
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = __doc__.split("\n\n")[0]
+    d = DemoConfig()
+    parser.add_argument("--out", default=d.out, help=f"where every stage writes (default {d.out})")
+    parser.add_argument("--budget", choices=sorted(BUDGETS), default=d.budget,
+                        help="full: the README demo (≤ 10 min on 2 cores); small: same code, tiny step counts")
+    parser.add_argument("--seed", type=int, default=d.seed, help="one seed for every stage (default 0)")
+    parser.add_argument("--fresh", action="store_true", help="redo every stage instead of reusing cached ones")
+    parser.add_argument("--device", default=d.device, help="cpu (default), cuda or auto")
+    parser.add_argument("--wandb", choices=("offline", "disabled", "online"), default=d.wandb,
+                        help="W&B mode for the RL stage (default offline: no network)")
+
+
+def run(args: argparse.Namespace) -> int:
+    run_demo(DemoConfig(out=args.out, budget=args.budget, seed=args.seed, fresh=args.fresh, device=args.device,
+                        wandb=args.wandb))
+    return 0
+
+
+if __name__ == "__main__":
+    from aquainterp.cli import normalize_flag_spelling
+
+    p = argparse.ArgumentParser(prog="python -m training.demo")
+    add_arguments(p)
+    sys.exit(run(p.parse_args(normalize_flag_spelling(sys.argv[1:]))))
