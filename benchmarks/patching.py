@@ -6,7 +6,8 @@ Three ways to compute the same sweeps (resid_pre per layer × position, hook_z p
 - batched: aquainterp.patching.Patcher, --batch-size patched sequences per forward;
 - naive: the same engine with one patch (all pairs of one cell) per forward, i.e. batch = n_pairs;
 - transformer_lens: transformer_lens.patching's own function (one forward per cell, full logits).
-All three must agree within 1e-5; the script prints seconds and ratios. The model has random non-zero
+Batched and naive must agree within 1e-5, transformer_lens within 1e-4 (fp32 rounding of
+logits near the soft-cap, divided by the clean-corrupted gap; the tests check 1e-5 on a smaller model); the script prints seconds and ratios. The model has random non-zero
 weights (timing does not depend on training); prompts are the synthetic task's, tokenised by a
 tokenizer trained here on the synthetic corpus.
 """
@@ -43,6 +44,8 @@ def timed(device, fn, *args):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--vocab-size", type=int, default=65536,
+                        help="model vocabulary (nanochat's 65536; the tokenizer's ids use the first few hundred)")
     parser.add_argument("--n-pairs", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--device", default="cpu")
@@ -57,7 +60,7 @@ def main(argv=None) -> int:
         warnings.filterwarnings("ignore", message=".*ran out of pairs to merge")
         tokenizer = Tokenizer.train_from_iterator(corpus(1500, seed=123), vocab_size=700)
     torch.manual_seed(0)
-    config = GPTConfig.from_depth(args.depth, vocab_size=tokenizer.vocab_size, sequence_len=256)
+    config = GPTConfig.from_depth(args.depth, vocab_size=max(args.vocab_size, tokenizer.vocab_size), sequence_len=256)
     model = GPT(config)
     with torch.no_grad():
         for p in model.parameters():
@@ -69,7 +72,8 @@ def main(argv=None) -> int:
     pairs = [p for p in make_pairs(tokenizer, problems, "permute")[0] if len(p.clean_ids) == length]
     pairs = pairs[: args.n_pairs]
     print(f"device {device}, threads {torch.get_num_threads()}, depth {args.depth} (d_model {config.n_embd}, "
-          f"{config.n_head} heads), {len(pairs)} pairs × {length} tokens, batch {args.batch_size}")
+          f"{config.n_head} heads, vocab {config.vocab_size}), {len(pairs)} pairs × {length} tokens, "
+          f"batch {args.batch_size}")
 
     batched = Patcher(model, pairs, batch_size=args.batch_size, progress=False)
     naive = Patcher(model, pairs, batch_size=len(pairs), progress=False)
@@ -86,7 +90,7 @@ def main(argv=None) -> int:
         print(f"{name:10s} {cells} cells: batched {t_fast:7.2f}s  naive {t_slow:7.2f}s  "
               f"transformer_lens {t_tl:7.2f}s  | naive/batched {t_slow / t_fast:5.1f}x  "
               f"TL/batched {t_tl / t_fast:5.1f}x  | max diff vs naive {d_naive:.1e}, vs TL {d_tl:.1e}")
-        if d_naive > 1e-5 or d_tl > 1e-5:
+        if d_naive > 1e-5 or d_tl > 1e-4:  # fp32: |logits| near the 15 soft-cap leave ~1e-6 noise per logit
             print(f"MISMATCH in {name}", file=sys.stderr)
             return 1
     return 0
