@@ -164,8 +164,10 @@ def _errors(events: list[dict]) -> list[str]:
 
 
 def inspect_page(html_path: str | Path, screenshot: str | Path | None = None, width: int = 1400,
-                 timeout: float = 90, evaluate: str | None = None) -> PageReport:
-    """Load a local HTML file, wait until every .aq-panel has a drawn plot (or timeout), report.
+                 timeout: float = 90, evaluate: str | None = None, render_wait: float = 60) -> PageReport:
+    """Load a local HTML file, wait until every .aq-panel has a drawn plot (at most render_wait s), report.
+
+    `timeout` bounds each browser step (start, load, screenshot); a slow machine needs it generous.
 
     `evaluate` is a JavaScript expression (it may return a promise) run after the plots are drawn,
     e.g. to move a slider; its JSON-able result is report.value and its errors are console errors.
@@ -190,7 +192,7 @@ def inspect_page(html_path: str | Path, screenshot: str | Path | None = None, wi
             tools.send("Page.navigate", {"url": html_path.as_uri()}, session=session, timeout=timeout)
             if tools.wait_event("Page.loadEventFired", timeout) is None:
                 raise TimeoutError(f"{html_path} did not finish loading in {timeout} s")
-            deadline = time.monotonic() + timeout
+            deadline = time.monotonic() + render_wait
             while True:
                 result = tools.send("Runtime.evaluate", {"expression": COUNT_JS, "returnByValue": True},
                                     session=session, timeout=timeout)

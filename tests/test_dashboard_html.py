@@ -114,7 +114,7 @@ def test_browser_check_catches_errors_and_missing_plots(chromium, tmp_path):
     page = tmp_path / "broken.html"
     page.write_text("<html><body><div class='aq-panel'><div class='js-plotly-plot'></div></div>"
                     "<script>console.error('boom'); undefinedFunction();</script></body></html>")
-    report = inspect_page(page, timeout=3)
+    report = inspect_page(page, render_wait=2)
     assert report.panels == 1 and report.rendered == 0
     assert any("console.error: boom" in e for e in report.console_errors)
     assert any("undefinedFunction is not defined" in e for e in report.console_errors)
