@@ -74,9 +74,11 @@ class _DevTools:
                 "--disable-dev-shm-usage", "--hide-scrollbars", "--mute-audio"]
         if os.geteuid() == 0:  # Chromium refuses to run as root with its sandbox (CI runs as root)
             args.append("--no-sandbox")
-        self.proc = subprocess.Popen(args + ["about:blank"], preexec_fn=wire, pass_fds=(3, 4),
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE)
+        # Chromium's own log goes to a file: a pipe nobody reads could fill up and stall the browser.
+        self.log_path = Path(profile) / "chromium-stderr.log"
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(args + ["about:blank"], preexec_fn=wire, pass_fds=(3, 4),
+                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
         os.close(child_in)
         os.close(child_out)
         self.write_fd, self.read_fd = to_w, from_r
@@ -94,7 +96,7 @@ class _DevTools:
                 return None
             chunk = os.read(self.read_fd, 1 << 20)
             if not chunk:
-                err = self.proc.stderr.read().decode(errors="replace")[-2000:] if self.proc.poll() is not None else ""
+                err = self.log_path.read_text(errors="replace")[-2000:]
                 raise RuntimeError(f"Chromium closed its DevTools pipe (exit {self.proc.poll()}): {err}")
             self.buffer += chunk
         raw, _, self.buffer = self.buffer.partition(b"\0")
@@ -143,8 +145,6 @@ class _DevTools:
         finally:
             os.close(self.write_fd)
             os.close(self.read_fd)
-            if self.proc.stderr:
-                self.proc.stderr.close()
 
 
 def _errors(events: list[dict]) -> list[str]:
