@@ -94,7 +94,8 @@ def main(argv=None) -> int:
               ("all five, as the RL loop calls them", PROBE_NAMES, {}, pairs)]
     for label, probes, kw, completions in cases:
         suite = ProbeSuite(model, tokenizer, probe_set, probes=probes, reference_model=reference,
-                           batch_size=config.device_batch_size, max_new_tokens=args.max_new_tokens, **kw)
+                           batch_size=config.device_batch_size, max_new_tokens=args.max_new_tokens,
+                           progress=False, **kw)
         kl_pairs = completions[: suite.kl_sequences] if completions else None
         cpu, wall = timed(lambda s=suite, c=kl_pairs: s.run(0, completions=c), args.repeats)
         parts = ", ".join(f"{k} {v * 1e3:.0f}" for k, v in suite.last_seconds.items() if k != "total")
@@ -106,7 +107,7 @@ def main(argv=None) -> int:
     pad_id = tokenizer.encode_special("<|assistant_end|>")
     # constructed as training/rl.py constructs it
     suite = ProbeSuite(model, tokenizer, probe_set, probes=PROBE_NAMES, reference_model=reference,
-                       batch_size=config.device_batch_size)
+                       batch_size=config.device_batch_size, progress=False)
     with tempfile.TemporaryDirectory() as tmp:
         logger = Logger(tmp, mode="disabled")
 

@@ -136,12 +136,14 @@ class ProbeSuite:
     def __init__(self, model, tokenizer, problems, probes: str | Sequence[str] = PROBE_NAMES,
                  reference_model=None, batch_size: int = 8, device=None, reference_device=None,
                  entropy_window: int = 8, kl_sequences: int = 8, max_new_tokens: int = 64,
-                 completion_style: str = "reasoning", hardest_k: int = 5, table_completions: bool = True):
+                 completion_style: str = "reasoning", hardest_k: int = 5, table_completions: bool = True,
+                 progress: bool = True):
         """problems: the fixed probe set, MCProblems (or ProbeItems from build_probe_set, to share one).
         reference_model: the frozen pre-RL policy (freeze_reference), needed by "kl". kl_sequences: how
         many probe problems get a greedy completion for sequence KL when the caller passes none.
         hardest_k: rows of the hardest-questions table; table_completions: fill its completion column
-        with greedy completions (generated for those rows if the run made none)."""
+        with greedy completions (generated for those rows if the run made none). progress: a tqdm bar over
+        the probe batches (shown when there are 4 or more)."""
         self.model = unwrap(model)
         self.tokenizer = tokenizer
         self.probes = parse_probes(probes)
@@ -164,6 +166,7 @@ class ProbeSuite:
         self.completion_style = completion_style
         self.hardest_k = hardest_k
         self.table_completions = table_completions
+        self.progress = progress
         if problems and all(isinstance(p, ProbeItem) for p in problems):
             self.items: list[ProbeItem] = list(problems)
         else:
@@ -252,7 +255,7 @@ class ProbeSuite:
         out: dict[str, list[torch.Tensor]] = {"letters": [], "gold": [], "reference_letters": [],
                                               "entropy": [], "entropy_normalized": [], "option_mass": []}
         batches = range(0, len(self.items), self.batch_size)
-        for start in tqdm(batches, desc="probes", leave=False, disable=len(batches) < 4):
+        for start in tqdm(batches, desc="probes", leave=False, disable=not self.progress or len(batches) < 4):
             batch = self.items[start : start + self.batch_size]
             ids, lengths = right_pad([it.ids for it in batch], self.pad_id)
             ids, lengths = ids.to(self.device), lengths.to(self.device)
