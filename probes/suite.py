@@ -1,6 +1,6 @@
 """ProbeSuite: run the selected probes on the fixed probe set and return one metrics dict.
 
-What the RL loop does (every `--probe-every` steps, on rank 0):
+What the RL loop does (training/rl.py; every `--probe-every` steps, flags `--probes` and `--probe-batch`):
 
     reference = freeze_reference(model, "cpu")            # once, before RL starts
     suite = ProbeSuite(model, tokenizer, probe_problems, reference_model=reference)
@@ -14,7 +14,8 @@ Guarantees: everything runs under torch.no_grad in eval mode, on the probe set o
 and the RNG state are restored, and every hook is removed, so the next training step computes exactly
 what it would have without the probe run. A suite with no probes selected registers no hooks and does
 no work. The attention hooks (entropy, option mass) reduce each layer's pattern in the hook itself, so
-memory stays at one layer's [B, H, T, T] pattern.
+memory stays at one layer's [B, H, T, T] pattern. A CPU reference (freeze_reference(model, "cpu"))
+saves accelerator memory at the price of CPU forwards for the letter and sequence KL.
 
 DDP: probes run on rank 0 only, on the unwrapped module (no collective is involved); `run` returns {}
 on other ranks, so it is safe to call on all of them.
@@ -22,7 +23,6 @@ on other ranks, so it is safe to call on all of them.
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
 from collections.abc import Sequence
@@ -51,17 +51,6 @@ def parse_probes(spec: str | Sequence[str]) -> tuple[str, ...]:
     if unknown:
         raise ValueError(f"--probes: unknown probe(s) {unknown}; choose from {', '.join(PROBE_NAMES)}")
     return tuple(dict.fromkeys(names))
-
-
-def add_probe_arguments(parser: argparse.ArgumentParser) -> None:
-    """The probe flags a training stage exposes (kebab-case; cli.normalize_flag_spelling maps snake_case)."""
-    parser.add_argument("--probes", default=",".join(PROBE_NAMES),
-                        help="comma-separated probes to run, or 'none' (default: all)")
-    parser.add_argument("--probe-every", type=int, default=20, help="run the probes every N steps (0 = never)")
-    parser.add_argument("--probe-batch", type=int, default=8, help="probe forward batch size")
-    parser.add_argument("--probe-problems", type=int, default=32, help="size of the fixed probe set")
-    parser.add_argument("--reference-device", default="cpu",
-                        help="where the frozen reference policy for KL lives ('cpu' or the model's device)")
 
 
 def due(step: int, every: int) -> bool:
