@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from aquainterp.checkpoint import latest_step, load_checkpoint, load_model
 from training.base import BaseConfig
 from training.base import run as run_base
-from training.common import NonFiniteLossError
+from training.common import Dist, NonFiniteLossError, clean_stale_temp
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1",
@@ -184,7 +184,10 @@ def test_sigkill_during_checkpoint_write_leaves_previous_loadable(tmp_path):
     last = latest_step(d)
     ckpt = load_checkpoint(d)  # the newest complete checkpoint loads and passes its size + sha256 checks
     assert ckpt.meta["step"] == last and ckpt.model_state["weight"].shape == (2000, 2000)
-    assert not (d / f".tmp_step_{last:06d}").exists() or (d / f"step_{last:06d}").exists()
+    half_written = [p for p in d.iterdir() if p.name.startswith(".tmp_")]
+    assert half_written and all(int(p.name.split("_")[2]) > last for p in half_written)
+    clean_stale_temp(d, Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cpu")))  # next run's start
+    assert not [p for p in d.iterdir() if p.name.startswith(".tmp_")] and latest_step(d) == last
 
 
 @pytest.mark.slow
@@ -199,6 +202,5 @@ def test_two_gloo_processes_equal_one_process(tmp_path, tokenizer_dir):
     assert load_checkpoint(tmp_path / "two" / "checkpoints").meta["world_size"] == 2
     a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
     assert_same(a, b, exact=False, atol=2e-4)
-    moved = (a["blocks.0.attn.c_q.weight"] - load_checkpoint(tmp_path / "one" / "checkpoints").model_state[
-        "blocks.0.attn.c_q.weight"]).abs().max()
-    assert moved == 0  # same checkpoint twice: sanity of the comparison helper itself
+    # and the runs did train: both moved the zero-initialised output projections well past that tolerance
+    assert a["blocks.0.mlp.c_proj.weight"].abs().max() > 1e-2
