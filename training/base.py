@@ -184,7 +184,7 @@ def run(config: BaseConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run(parse_config(BaseConfig, argv, __doc__.split("\n")[0]))
+    run(parse_config(BaseConfig, argv, __doc__.split("\n")[0], prog="python -m training.base"))
 
 
 if __name__ == "__main__":

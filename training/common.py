@@ -226,6 +226,10 @@ class Progress:
         self.bar.close()
 
 
+FLAG_CHOICES = {"wandb": ("online", "offline", "disabled"), "bf16": ("auto", "on", "off"),
+                "compile": ("auto", "on", "off"), "device": ("auto", "cpu", "cuda", "mps")}
+
+
 def add_arguments(parser: argparse.ArgumentParser, defaults) -> None:
     """One flag per config field, kebab-case (snake_case accepted by normalize_flag_spelling)."""
     for name, value in vars(defaults).items():
@@ -234,13 +238,15 @@ def add_arguments(parser: argparse.ArgumentParser, defaults) -> None:
             parser.add_argument(flag, action="store_true", help="(default: off)")
         else:
             kind = type(value) if value is not None else str
-            parser.add_argument(flag, type=kind, default=value, help=f"(default: {value})")
+            parser.add_argument(flag, type=kind, default=value, choices=FLAG_CHOICES.get(name),
+                                help=f"(default: {value})")
 
 
-def parse_config(cls, argv: list[str] | None, description: str):
+def parse_config(cls, argv: list[str] | None, description: str, prog: str | None = None):
+    """Flags -> config dataclass; `prog` is how the usage line names the command."""
     from aquainterp.cli import normalize_flag_spelling
 
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     add_arguments(parser, cls())
     args = parser.parse_args(normalize_flag_spelling(list(sys.argv[1:] if argv is None else argv)))
     return cls(**vars(args))

@@ -71,7 +71,7 @@ def run(config: DepthTableConfig) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run(parse_config(DepthTableConfig, argv, __doc__.split("\n")[0]))
+    run(parse_config(DepthTableConfig, argv, __doc__.split("\n")[0], prog="python -m training.depth_table"))
 
 
 if __name__ == "__main__":

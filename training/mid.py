@@ -130,7 +130,7 @@ def run(config: MidConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run(parse_config(MidConfig, argv, __doc__.split("\n")[0]))
+    run(parse_config(MidConfig, argv, __doc__.split("\n")[0], prog="python -m training.mid"))
 
 
 if __name__ == "__main__":

@@ -124,7 +124,7 @@ def run(config: SFTConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run(parse_config(SFTConfig, argv, __doc__.split("\n")[0]))
+    run(parse_config(SFTConfig, argv, __doc__.split("\n")[0], prog="python -m training.sft"))
 
 
 if __name__ == "__main__":
