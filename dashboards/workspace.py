@@ -14,8 +14,8 @@ Panel mapping (W&B has no layer x head heatmap of scalars and no titled summary 
     bar        BarPlot(title, metrics, vertical)
     table      WeavePanelSummaryTable(table_name)
     image      MediaBrowser(title, media_keys)
-What a W&B panel cannot hold (the kinds histogram and heatmap, a table's title, the template's name,
-version and description) travels in a MarkdownPanel in a closed last section named CARRIER_SECTION,
+What a W&B panel cannot hold (the kinds histogram and heatmap, a heatmap's named groups, a table's
+title, the template's name, version and description) travels in a MarkdownPanel in a closed last section named CARRIER_SECTION,
 as a fenced JSON block keyed by panel id. Only fields the W&B panel really lost are put there: each
 panel is converted to W&B, back, and compared. Panel ids are deterministic ("aq-<section>-<panel>")
 so exports are byte-stable and golden-testable.
@@ -42,10 +42,17 @@ def _layout(j: int) -> wr.Layout:
     return wr.Layout(x=(j % PER_ROW) * PANEL_W, y=(j // PER_ROW) * PANEL_H, w=PANEL_W, h=PANEL_H)
 
 
+def _plain_groups(regex: str | None) -> str | None:
+    """Python's named groups (?P<layer>...) as plain groups. `(?P<` is Python syntax that JavaScript
+    and other regex engines W&B may match with reject; the group names travel in the carrier instead."""
+    return None if regex is None else re.sub(r"\(\?P<[A-Za-z_][A-Za-z0-9_]*>", "(", regex)
+
+
 def _wandb_panel(p: Panel, layout: wr.Layout):
     """Our panel as a wandb-workspaces panel object."""
     if p.kind in ("line", "histogram", "heatmap"):
-        return wr.LinePlot(title=p.title, x=p.x, y=list(p.metrics), metric_regex=p.regex, layout=layout)
+        return wr.LinePlot(title=p.title, x=p.x, y=list(p.metrics), metric_regex=_plain_groups(p.regex),
+                           layout=layout)
     if p.kind == "bar":
         return wr.BarPlot(title=p.title, metrics=list(p.metrics), orientation="v", layout=layout)
     if p.kind == "table":
