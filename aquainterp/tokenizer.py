@@ -2,7 +2,9 @@
 `tokenizers` tokenizer.json, and nanochat's chat rendering (ids + loss mask).
 
 Ids: 0..255 are the bytes, 256.. the merges in training order, then the 9 special tokens (nanochat's
-order). Text is split by nanochat's GPT-4-style pattern before BPE; special-token strings inside
+order). Text is split by nanochat's GPT-4-style pattern before BPE. Training merges the most frequent
+pair, ties going to the smallest (left id, right id) pair, so results never depend on thread count or
+text order (and equal PyPI rustbpe's on the same corpus). Special-token strings inside
 ordinary text are encoded as ordinary text (as nanochat's encode_ordinary), so user text cannot forge
 them. Encoding at runtime uses the Rust encoder: benchmarks/tokenizer.py measured it faster than HF
 `tokenizers` loading the same tokenizer.json, which gives the same ids (tests/test_tokenizer_hf.py).
@@ -16,6 +18,8 @@ import warnings
 from collections.abc import Iterable, Sequence
 from functools import cache
 from pathlib import Path
+
+from tqdm import tqdm
 
 from aquainterp import _rustbpe
 
@@ -135,12 +139,42 @@ class Tokenizer:
         self.bos_token_id: int = bpe.encode_special("<|bos|>")
 
     @classmethod
-    def train_from_iterator(cls, texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    def train_from_iterator(cls, texts: Iterable[str], vocab_size: int, *,
+                            show_progress: bool | None = None) -> Tokenizer:
         """Trains on a stream of texts; vocab_size (512..65536) counts bytes, merges and special tokens.
-        If the corpus runs out of pairs first the vocabulary is smaller, with a warning."""
+        If the corpus runs out of pairs first the vocabulary is smaller, with a warning. Progress bars
+        show on a terminal (show_progress=None) or as asked."""
         if isinstance(texts, str):
             raise TypeError("train_from_iterator: texts must be an iterable of str, not a single str")
-        bpe = _rustbpe.Bpe.train(texts, vocab_size)
+        disable = None if show_progress is None else not show_progress
+        reading = tqdm(desc="tokenizer: reading texts", unit=" texts", disable=disable)
+        merging = None
+
+        def counted(it):
+            n = 0
+            for n, text in enumerate(it, 1):
+                if n % 1024 == 0:  # tqdm.update per text would cost more than the Rust counting
+                    reading.update(1024)
+                yield text
+            reading.update(n % 1024)
+
+        def progress(done: int, wanted: int) -> None:
+            nonlocal merging
+            if merging is None:  # reading is over
+                reading.close()
+                merging = tqdm(total=wanted, desc="tokenizer: merges", disable=disable)
+            merging.update(done - merging.n)
+
+        try:
+            iterable = counted(iter(texts))
+        except TypeError:
+            iterable = texts  # not iterable: the Rust core raises the clear error
+        try:
+            bpe = _rustbpe.Bpe.train(iterable, vocab_size, progress=progress)
+        finally:
+            reading.close()
+            if merging is not None:
+                merging.close()
         if bpe.vocab_size < vocab_size:
             warnings.warn(f"train_from_iterator: corpus ran out of pairs to merge; vocab_size is "
                           f"{bpe.vocab_size}, not the requested {vocab_size}", stacklevel=2)

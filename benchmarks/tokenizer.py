@@ -36,11 +36,12 @@ def load_texts(data_dir: Path) -> list[str]:
     return texts
 
 
-def best_time(fn, repeats: int) -> tuple[float, object]:
+def best_time(repeats: int, fn, *args, **kwargs) -> tuple[float, object]:
+    """Best wall time of fn(*args, **kwargs) over `repeats` runs, and its last result."""
     times, result = [], None
     for _ in range(repeats):
         t0 = time.perf_counter()
-        result = fn()
+        result = fn(*args, **kwargs)
         times.append(time.perf_counter() - t0)
     return min(times), result
 
@@ -72,6 +73,10 @@ def train_hf(texts, vocab_size):
     return tok
 
 
+def encode_each(encode, texts):
+    return [encode(t) for t in texts]
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -93,28 +98,28 @@ def main(argv=None) -> None:
 
     for vocab_size in args.vocab_sizes:
         print(f"\n== vocab_size {vocab_size} ==")
-        t_ours, bpe = best_time(lambda: train_ours(texts, vocab_size), args.repeats)
+        t_ours, bpe = best_time(args.repeats, train_ours, texts, vocab_size)
         print(f"train  ours            {t_ours:7.3f} s")
         if have_pypi:
-            t_pypi, pypi = best_time(lambda: train_pypi_rustbpe(texts, vocab_size), args.repeats)
+            t_pypi, pypi = best_time(args.repeats, train_pypi_rustbpe, texts, vocab_size)
             ranks = sorted(pypi.get_mergeable_ranks(), key=lambda kv: kv[1])
             same = [bytes(k) for k, _ in ranks] == bpe.token_bytes()
             print(f"train  PyPI rustbpe    {t_pypi:7.3f} s   ours is {t_pypi / t_ours:5.2f}x as fast "
                   f"(identical vocabulary: {same})")
-        t_hf, _ = best_time(lambda: train_hf(texts, vocab_size), args.repeats)
+        t_hf, _ = best_time(args.repeats, train_hf, texts, vocab_size)
         print(f"train  HF BpeTrainer   {t_hf:7.3f} s   ours is {t_hf / t_ours:5.2f}x as fast")
 
         tok = Tokenizer(bpe)
         hf = tok.hf_tokenizer()
-        t_ours_b, ours_ids = best_time(lambda: tok.encode_batch(texts), args.repeats)
-        t_hf_b, hf_enc = best_time(lambda: hf.encode_batch(texts, add_special_tokens=False), args.repeats)
+        t_ours_b, ours_ids = best_time(args.repeats, tok.encode_batch, texts)
+        t_hf_b, hf_enc = best_time(args.repeats, hf.encode_batch, texts, add_special_tokens=False)
         same = ours_ids == [e.ids for e in hf_enc]
         print(f"encode_batch  ours {mb / t_ours_b:6.2f} MB/s   HF {mb / t_hf_b:6.2f} MB/s   "
               f"ours is {t_hf_b / t_ours_b:5.2f}x as fast (same ids: {same})")
         sample = texts[:2000]
         smb = sum(len(t.encode()) for t in sample) / 1e6
-        t_ours_1, _ = best_time(lambda: [tok.encode(t) for t in sample], args.repeats)
-        t_hf_1, _ = best_time(lambda: [hf.encode(t, add_special_tokens=False) for t in sample], args.repeats)
+        t_ours_1, _ = best_time(args.repeats, encode_each, tok.encode, sample)
+        t_hf_1, _ = best_time(args.repeats, encode_each, hf.encode, sample)
         print(f"encode (one text per call, 2000 texts)  ours {smb / t_ours_1:6.2f} MB/s   "
               f"HF {smb / t_hf_1:6.2f} MB/s   ours is {t_hf_1 / t_ours_1:5.2f}x as fast")
         tokens = statistics.mean(len(ids) for ids in ours_ids)

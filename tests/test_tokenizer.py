@@ -145,6 +145,34 @@ def test_training_streams_a_generator():
     assert bpe.merges == reference_merges([f"number {i} and {i * 7} apples" for i in range(50)], 247)
 
 
+def test_progress_callback_reports_merges(aqua_texts):
+    calls = []
+    bpe = _rustbpe.Bpe.train(aqua_texts, 2400, progress=lambda done, wanted: calls.append((done, wanted)))
+    assert calls == [(0, 2135), (1000, 2135), (2000, 2135), (2135, 2135)]
+    assert len(bpe.merges) == 2135
+
+    def broken(done, wanted):
+        raise KeyError("progress bar broke")
+
+    with pytest.raises(KeyError, match="progress bar broke"):
+        _rustbpe.Bpe.train(aqua_texts, 600, progress=broken)
+
+
+@pytest.mark.slow
+def test_largest_vocab_on_gsm8k(shared_data):
+    texts = [json.loads(line)["answer"] for line in (shared_data / "gsm8k" / "train.jsonl").read_text().splitlines()]
+    texts += [json.loads(line)["question"] for line in (shared_data / "gsm8k" / "train.jsonl").read_text().splitlines()]
+    with pytest.warns(UserWarning, match="ran out of pairs"):  # GSM8K has fewer distinct pairs than that
+        tok = Tokenizer.train_from_iterator(texts, 65536)
+    assert 16384 < tok.vocab_size < 65536
+    assert tok.encode_special("<|output_end|>") == tok.vocab_size - 1
+    sample = texts[:500]
+    assert [tok.decode(ids) for ids in tok.encode_batch(sample)] == sample
+    # Every chunk that occurs in the corpus became a single token.
+    chunks = {c for t in texts for c in regex.findall(SPLIT_PATTERN, t)}
+    assert all(len(tok.encode(c)) == 1 for c in chunks)
+
+
 # ---- encoding ----
 
 @settings(max_examples=150, deadline=None)
@@ -259,6 +287,13 @@ def test_bad_training_inputs():
 
     with pytest.raises(RuntimeError, match="reader broke"):
         Tokenizer.train_from_iterator(failing(), 1000)
+
+
+def test_unencodable_text_raises(tok):
+    with pytest.raises(UnicodeEncodeError, match="surrogates not allowed"):
+        tok.encode("lone \ud800 surrogate")
+    with pytest.raises(UnicodeEncodeError, match="surrogates not allowed"):
+        Tokenizer.train_from_iterator(["ok", "\udfff"], 1000)
 
 
 def test_bad_ids_and_names(tok):

@@ -81,3 +81,12 @@ def test_runtime_hf_tokenizer_keeps_special_strings_ordinary(tok_and_hf):
     hf = tok.hf_tokenizer()
     text = "say <|bos|> and <|assistant_end|> literally"
     assert hf.encode(text, add_special_tokens=False).ids == tok.encode(text)
+
+
+@pytest.mark.slow
+def test_hf_ids_equal_ours_at_16384(gsm8k_train, aqua_dev, shared_data, tmp_path):
+    tok = Tokenizer.train_from_iterator(gsm8k_train, 16384)
+    tok.save(tmp_path)
+    hf = HFTokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    texts = aqua_dev + read_jsonl(shared_data / "gsm8k" / "test.jsonl", ["question", "answer"])
+    assert tok.encode_batch(texts) == hf_ids(hf, texts)

@@ -34,10 +34,17 @@ struct Bpe {
 impl Bpe {
     /// Trains on a Python iterable of str, pulled `buffer_size` texts at a time (streaming); each
     /// buffer is split and counted in parallel with the GIL released. `vocab_size` counts the 256
-    /// byte tokens, the merges and the special tokens.
+    /// byte tokens, the merges and the special tokens. `progress(merges_done, merges_wanted)`, if given,
+    /// is called when merging starts (after the corpus is read), every 1000 merges and at the end.
     #[staticmethod]
-    #[pyo3(signature = (texts, vocab_size, buffer_size = 8192))]
-    fn train(py: Python<'_>, texts: &Bound<'_, PyAny>, vocab_size: i64, buffer_size: i64) -> PyResult<Bpe> {
+    #[pyo3(signature = (texts, vocab_size, buffer_size = 8192, progress = None))]
+    fn train(
+        py: Python<'_>,
+        texts: &Bound<'_, PyAny>,
+        vocab_size: i64,
+        buffer_size: i64,
+        progress: Option<Py<PyAny>>,
+    ) -> PyResult<Bpe> {
         let lo = MIN_VOCAB_SIZE as i64;
         let hi = MAX_VOCAB_SIZE as i64;
         if !(lo..=hi).contains(&vocab_size) {
@@ -85,7 +92,17 @@ impl Bpe {
             )));
         }
         let num_merges = vocab_size as usize - 256 - SPECIAL_TOKENS.len();
-        let merges = py.detach(|| train::learn_merges(counts, num_merges));
+        let mut callback_error: Option<PyErr> = None;
+        let merges = py.detach(|| {
+            train::learn_merges(counts, num_merges, |done| {
+                if let (Some(cb), None) = (&progress, &callback_error) {
+                    callback_error = Python::attach(|py| cb.call1(py, (done, num_merges)).err());
+                }
+            })
+        });
+        if let Some(e) = callback_error {
+            return Err(e);
+        }
         let encoder = Encoder::new(merges).map_err(value_error)?;
         Ok(Bpe { encoder })
     }

@@ -108,8 +108,9 @@ fn merge_word(ids: &mut Vec<u32>, pair: Pair, new_id: u32, weight: i64, delta: &
     true
 }
 
-/// Learns up to `num_merges` merges; merge k creates token id 256 + k.
-pub fn learn_merges(chunks: ChunkCounts, num_merges: usize) -> Vec<Pair> {
+/// Learns up to `num_merges` merges; merge k creates token id 256 + k. `on_progress(done)` is called
+/// before the first merge, every 1000 merges and at the end.
+pub fn learn_merges(chunks: ChunkCounts, num_merges: usize, mut on_progress: impl FnMut(usize)) -> Vec<Pair> {
     // Sorted so that the work below does not depend on hash order (the result never does).
     let mut entries: Vec<(String, u64)> = chunks.counts.into_iter().collect();
     entries.sort_unstable();
@@ -148,6 +149,7 @@ pub fn learn_merges(chunks: ChunkCounts, num_merges: usize) -> Vec<Pair> {
     let mut heap: BinaryHeap<Candidate> =
         pair_counts.iter().filter(|(_, &c)| c > 0).map(|(&pair, &count)| Candidate { count, pair }).collect();
     let mut merges = Vec::with_capacity(num_merges);
+    on_progress(0);
     let mut delta: AHashMap<Pair, i64> = AHashMap::new();
 
     while merges.len() < num_merges {
@@ -164,6 +166,9 @@ pub fn learn_merges(chunks: ChunkCounts, num_merges: usize) -> Vec<Pair> {
         }
         let new_id = (256 + merges.len()) as u32;
         merges.push(top.pair);
+        if merges.len() % 1000 == 0 {
+            on_progress(merges.len());
+        }
 
         let mut touched: Vec<u32> = where_found.remove(&top.pair).map(|s| s.into_iter().collect()).unwrap_or_default();
         touched.sort_unstable();
@@ -191,5 +196,6 @@ pub fn learn_merges(chunks: ChunkCounts, num_merges: usize) -> Vec<Pair> {
         }
         pair_counts.remove(&top.pair);
     }
+    on_progress(merges.len());
     merges
 }
