@@ -156,10 +156,19 @@ def test_offline_wandb_run_reads_back_as_the_same_series(tmp_path, offline_env):
     assert table == [{"_type": "table", "columns": ["q", "m"], "rows": [["a", 1.5], ["b", -0.5]]}]
     hist = [r["rl/letter_margin"] for r in remote if "rl/letter_margin" in r][0]
     assert sum(hist["counts"]) == 50 and len(hist["bins"]) == len(hist["counts"]) + 1
-    # W&B also got the step metrics the dashboards plot against
+    # W&B also got the step metrics the dashboards plot against, and define_metric records binding them
     raw = read_history(tmp_path)
     assert [r["rl/step"] for r in raw if "rl/acc" in r] == list(range(12))
     assert [r["train/step"] for r in raw if "train/loss" in r] == list(range(12))
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    globs = {}
+    for data in iter_wandb_records(tmp_path):
+        record = pb.Record()
+        record.ParseFromString(data)
+        if record.WhichOneof("record_type") == "metric" and record.metric.glob_name:
+            globs[record.metric.glob_name] = record.metric.step_metric
+    assert globs == {"train/*": "train/step", "rl/*": "rl/step", "attn/*": "rl/step"}
 
 
 def test_wandb_reader_rejects_corrupt_files(tmp_path, offline_env):
