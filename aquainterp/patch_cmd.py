@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from aquainterp.patching import ALIGNMENTS, CORRUPTIONS, DIRECTIONS, SWEEPS, Patcher, SweepResult
+from aquainterp.patching import ALIGNMENTS, CORRUPTIONS, DIRECTIONS, STYLES, SWEEPS, Patcher, SweepResult
 
 TASKS = ("synthetic", "aqua")
 
@@ -39,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="patched sequences per forward")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--corruption", choices=CORRUPTIONS, default="permute")
+    parser.add_argument("--style", choices=STYLES, default="direct",
+                        help="decision right after the question (direct) or after the worked rationale")
     parser.add_argument("--direction", choices=(*DIRECTIONS, "both"), default="denoise")
     parser.add_argument("--sweeps", default=",".join(SWEEPS), help=f"comma list from {','.join(SWEEPS)}")
     parser.add_argument("--align", choices=ALIGNMENTS, default="end",
@@ -113,7 +115,8 @@ def build_pairs(args, tokenizer, pool):
     pairs, skipped = [], []
     for start in range(0, len(pool), args.n_pairs):
         got, dropped = make_pairs(tokenizer, pool[start: start + args.n_pairs], args.corruption,
-                                  seed=args.seed + start, skip_unalignable=args.skip_unalignable)
+                                  seed=args.seed + start, skip_unalignable=args.skip_unalignable,
+                                  style=args.style)
         pairs += got
         skipped += dropped
         if len(pairs) >= args.n_pairs:
@@ -242,7 +245,7 @@ def run(args: argparse.Namespace) -> int:
     directions = DIRECTIONS if args.direction == "both" else (args.direction,)
     results = [patcher.sweep(name, d) for d in directions for name in names]
     settings = {**described, "task": args.task, "data": args.data, "corruption": args.corruption,
-                "n_pairs": len(pairs), "skipped": skipped, "align": args.align, "seed": args.seed,
+                "style": args.style, "n_pairs": len(pairs), "skipped": skipped, "align": args.align, "seed": args.seed,
                 "noise_scale": args.noise_scale if args.corruption == "noise" else None,
                 "directions": list(directions), "sweeps": names}
     summary = write_report(args.out, patcher, results, tokenizer, settings)

@@ -31,6 +31,7 @@ LETTERS = ("A", "B", "C", "D", "E")
 CORRUPTIONS = ("permute", "numbers", "noise")
 DIRECTIONS = ("denoise", "noise")
 ALIGNMENTS = ("start", "end")
+STYLES = ("direct", "reasoning")
 
 # sweep name -> (hook name of layer l, axes of one cell). Axes follow transformer_lens.patching:
 # get_act_patch_resid_pre is [layer, pos], get_act_patch_attn_head_out_all_pos is [layer, head],
@@ -104,7 +105,7 @@ def _question_span(tokenizer, problem, ids: list[int]) -> tuple[int, int]:
     user_start = tokenizer.encode_special("<|user_start|>")
     starts = [i for i, t in enumerate(ids) if t == user_start]
     span_ids, spans = option_spans(tokenizer, problem)
-    if not starts or list(span_ids) != list(ids):
+    if not starts or list(span_ids[: spans[-1][1]]) != list(ids[: spans[-1][1]]):
         raise ValueError(f"pair {problem.source}: cannot find the question tokens (no <|user_start|> "
                          "or option spans that disagree with the decision prompt)")
     start, end = starts[-1] + 1, spans[0][0]
@@ -173,20 +174,43 @@ def _counterfactuals(problem, rng: random.Random, tries: int = 200):
             yield dataclasses.replace(problem, question=question, correct=letter)
 
 
-def make_pairs(tokenizer, problems, corruption: str, *, seed: int = 0,
-               skip_unalignable: bool = False) -> tuple[list[PatchPair], list[str]]:
+def reasoning_decision_prompt(tokenizer, problem) -> tuple[list[int], list[int]]:
+    """Like tasks.decision_prompt, after the worked rationale: the "reasoning" conversation up to
+    "...rationale\nAnswer:", so the letter is read where a reasoning model commits to it."""
+    from aquainterp.tasks import conversation
+    from aquainterp.tasks.chat import ANSWER_PREFIX, letter_token_ids
+
+    answer_ids, letters = letter_token_ids(tokenizer)
+    head = tokenizer.render_for_completion(conversation(problem, "reasoning"))
+    said = tokenizer.encode(f"{problem.rationale}\n{ANSWER_PREFIX}")
+    whole = tokenizer.encode(f"{problem.rationale}\n{ANSWER_PREFIX} {problem.correct}")
+    if whole[: len(said)] != said:
+        raise ValueError(f"pair {problem.source}: the rationale and '{ANSWER_PREFIX}' tokenise differently "
+                         "inside the full answer; cannot cut the prompt at the decision position")
+    return head + said + answer_ids[len(tokenizer.encode(ANSWER_PREFIX)):], letters
+
+
+def make_pairs(tokenizer, problems, corruption: str, *, seed: int = 0, skip_unalignable: bool = False,
+               style: str = "direct") -> tuple[list[PatchPair], list[str]]:
     """Clean/corrupted pairs from multiple-choice problems; returns (pairs, names of skipped problems).
 
     permute: the gold option swaps places with another option, tried in a seeded order until the
     two prompts tokenise to the same length. numbers: one number of a synthetic question changes
     (same digit count, options untouched) so that the rationale's arithmetic lands on another option. noise: the same prompt; the question's embeddings
     are blurred at run time. A problem with no same-length corruption raises ValueError naming it,
-    or is skipped and listed when `skip_unalignable` is set.
+    or is skipped and listed when `skip_unalignable` is set. style "direct" cuts the prompt at
+    "Answer:" right after the question; "reasoning" after the worked rationale.
     """
-    from aquainterp.tasks import decision_prompt
+    from aquainterp.tasks import decision_prompt as direct_prompt
 
     if corruption not in CORRUPTIONS:
         raise ValueError(f"make_pairs: corruption must be one of {CORRUPTIONS}, got {corruption!r}")
+    if style not in STYLES:
+        raise ValueError(f"make_pairs: style must be one of {STYLES}, got {style!r}")
+    if style == "reasoning" and corruption == "numbers":
+        raise ValueError("make_pairs: corruption 'numbers' changes the question, so the clean rationale would "
+                         "no longer fit it; use style 'direct'")
+    decision_prompt = direct_prompt if style == "direct" else reasoning_decision_prompt
     rng = random.Random(seed)
     pairs, skipped = [], []
     for problem in problems:

@@ -123,3 +123,21 @@ def test_sweep_on_real_pairs_with_token_labels(tok, problems):
         assert (r.logit_diff[0, [offset + k for k in same], i] == patcher.corrupted_ld[i]).all()
         differ = [offset + k for k in range(len(p.clean_ids)) if k not in same]
         assert (r.logit_diff[0, differ, i] != patcher.corrupted_ld[i]).any()
+
+
+def test_reasoning_style_cuts_the_sft_answer_right_before_the_letter(tok, problems):
+    from aquainterp.patching import reasoning_decision_prompt
+    from aquainterp.tasks import conversation
+
+    for problem in problems[:6]:
+        ids, letters = reasoning_decision_prompt(tok, problem)
+        full, mask = tok.render_conversation(conversation(problem, "reasoning"))
+        assert full[: len(ids)] == ids and full[len(ids)] == letters[problem.answer_index]
+        assert mask[len(ids)] == 1  # the letter is a trained assistant token
+    pairs, _ = make_pairs(tok, problems[:4], "permute", style="reasoning")
+    for problem, pair in zip(problems, pairs):
+        assert problem.rationale.splitlines()[-1] in tok.decode(pair.corrupted_ids)
+    noisy, _ = make_pairs(tok, problems[:2], "noise", style="reasoning")
+    assert tok.decode(noisy[0].clean_ids[slice(*noisy[0].noise_span)]).strip() == problems[0].question
+    with pytest.raises(ValueError, match="'numbers' changes the question"):
+        make_pairs(tok, problems[:1], "numbers", style="reasoning")
