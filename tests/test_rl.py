@@ -171,7 +171,8 @@ def test_one_rl_step_on_aqua_dev_rows_end_to_end(tmp_path, shared_data):
     # KL to the frozen pre-RL copy is exactly 0 before the first update
     first_kl = next(r for r in rows if "rl/kl_letter_mean" in r)
     assert first_kl["step"] == 0 and first_kl["rl/kl_letter_mean"] == pytest.approx(0.0, abs=1e-6)
-    assert set(summary["before"]) == {"eval/aqua_categorical_acc", "eval/aqua_acc", "rl/pass@k"}
+    assert set(summary["before"]) == {"eval/aqua_categorical_acc", "eval/aqua_acc", "eval/aqua_sampled_acc",
+                                      "rl/pass@k"}
     assert all(0 <= v <= 1 for v in summary["before"].values())
     assert (Path(config.out) / "checkpoints" / "step_000001" / "model.safetensors").is_file()
     assert json.loads((Path(config.out) / "summary.json").read_text())["steps"] == 1

@@ -360,9 +360,10 @@ def table_rows(rollouts: list[Rollout], tokenizer, n: int) -> list[list]:
 def evaluate_policy(model, tokenizer, problems: list[MCProblem], config: RLConfig) -> dict[str, float]:
     """Held-out eval through aquainterp.evaluate (sharded over ranks, summed): categorical accuracy
     (letter logits at the decision position), generative accuracy (one greedy completion, extracted
-    letter) and pass@k (k samples at eval_temperature, the same seeds at every eval).
+    letter), sampled accuracy and pass@k (k samples at eval_temperature, the same seeds at every eval).
 
-    Names: eval/{task}_categorical_acc, eval/{task}_acc (eval/aqua_* for AQuA as DESIGN.md), rl/pass@k."""
+    Names: eval/{task}_categorical_acc, eval/{task}_acc, eval/{task}_sampled_acc (task = aqua gives
+    DESIGN.md's eval/aqua_acc and eval/aqua_categorical_acc) and rl/pass@k (k = config pass_k)."""
     from aquainterp.evaluate import categorical_eval, generative_eval
 
     task = "aqua" if config.task == "aqua" else "synthetic"
@@ -373,7 +374,8 @@ def evaluate_policy(model, tokenizer, problems: list[MCProblem], config: RLConfi
     sampled = generative_eval(model, tokenizer, problems, num_samples=config.pass_k,
                               max_new_tokens=config.max_new_tokens, temperature=config.eval_temperature,
                               top_k=config.top_k, seed=sample_seed(config.seed, 0, 0) + 7, progress=show)
-    return {**cat.metrics(task), f"eval/{task}_acc": greedy.accuracy, "rl/pass@k": sampled.pass_at[config.pass_k]}
+    return {**cat.metrics(task), f"eval/{task}_acc": greedy.accuracy,
+            f"eval/{task}_sampled_acc": sampled.accuracy, "rl/pass@k": sampled.pass_at[config.pass_k]}
 
 
 # ----------------------------------------------------------------------------------- model and data
