@@ -13,6 +13,7 @@ alternate block by block (a block = probe_every steps) so machine load hits both
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import tempfile
@@ -64,8 +65,13 @@ def main(argv=None) -> int:
     parser.add_argument("--examples-per-step", type=int, default=4)
     parser.add_argument("--num-samples", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (1: on a shared machine, idle OpenMP threads spin and bill CPU time)")
+    parser.add_argument("--project-default-step", action="store_true",
+                        help="also time one RL step at rl.py's default size and project the ratio at that size")
     args = parser.parse_args(normalize_flag_spelling(list(sys.argv[1:] if argv is None else argv)))
     torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
     config = rl.RLConfig(depth=args.depth, examples_per_step=args.examples_per_step, num_samples=args.num_samples,
@@ -146,6 +152,20 @@ def main(argv=None) -> int:
     print(f"  probes on    {on_cpu * 1e3:9.1f} ms CPU/step  [wall {on_wall * 1e3:.0f}]  "
           f"(one probe run {probe_cpu / args.blocks * 1e3:.0f} ms CPU)")
     print(f"  ratio on/off {on_cpu / off_cpu:.3f}x CPU  [{on_wall / off_wall:.3f}x wall]")
+    if args.project_default_step:
+        d = rl.RLConfig()
+        big = dataclasses.replace(config, examples_per_step=d.examples_per_step, num_samples=d.num_samples,
+                                  max_new_tokens=d.max_new_tokens)
+        c0, _ = clock()
+        batch = [rl.rollout(engine, tokenizer, train[i % len(train)], big, rl.sample_seed(big.seed, 0, i), stop)
+                 for i in range(big.examples_per_step)]
+        rl.train_on_rollouts(model, optimizers, batch, big, ddp, pad_id, None, 0)
+        big_cpu = clock()[0] - c0
+        run_cpu = probe_cpu / args.blocks
+        print(f"\none RL step at rl.py's default size ({d.examples_per_step} x {d.num_samples} samples, "
+              f"{d.max_new_tokens} new tokens): {big_cpu * 1e3:.0f} ms CPU; projected ratio with one probe run "
+              f"every {d.probe_every} steps: {1 + run_cpu / (d.probe_every * big_cpu):.3f}x (computed, not timed "
+              f"side by side)")
     return 0
 
 
