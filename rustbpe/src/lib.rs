@@ -20,6 +20,15 @@ fn core_version() -> &'static str {
     env!("CARGO_PKG_VERSION")
 }
 
+/// The chunks BPE works on: `text` cut by the split pattern (they concatenate back to `text`).
+#[pyfunction]
+fn split_text(text: &str) -> PyResult<Vec<String>> {
+    let splitter = pattern::Splitter::new().map_err(value_error)?;
+    let mut chunks = Vec::new();
+    splitter.for_each_chunk(text, |c| chunks.push(c.to_owned()));
+    Ok(chunks)
+}
+
 fn value_error(msg: String) -> PyErr {
     PyValueError::new_err(msg)
 }
@@ -176,6 +185,7 @@ impl Bpe {
 #[pymodule]
 fn _rustbpe(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(core_version, m)?)?;
+    m.add_function(wrap_pyfunction!(split_text, m)?)?;
     m.add_class::<Bpe>()?;
     m.add("SPLIT_PATTERN", pattern::SPLIT_PATTERN)?;
     m.add("SPECIAL_TOKENS", SPECIAL_TOKENS.to_vec())?;
