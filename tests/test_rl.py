@@ -95,6 +95,7 @@ def test_all_equal_rewards_leave_the_model_unchanged():
         ({"depth": 2, "probes": ("entropy", "bogus")}, "unknown"),
         ({"depth": 2, "eval_every": -1}, "--eval-every must be >= 0"),
         ({"depth": 2, "wandb": "cloud"}, "--wandb"),
+        ({"depth": 2, "temperature": 0.0}, "--temperature must be > 0"),
     ],
 )
 def test_bad_config_names_the_option(kwargs, message):

@@ -117,7 +117,9 @@ class RLConfig:
         for name in ("eval_every", "probe_every", "table_every", "save_every"):
             need(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be >= 0 (0 = off), got "
                                            f"{getattr(self, name)}")
-        need(self.temperature >= 0, f"--temperature must be >= 0, got {self.temperature}")
+        need(self.temperature > 0, f"--temperature must be > 0 (greedy samples of a group are identical, so "
+                                   f"every advantage would be 0), got {self.temperature}")
+        need(self.eval_temperature >= 0, f"--eval-temperature must be >= 0, got {self.eval_temperature}")
         need(self.top_k is None or self.top_k >= 1, f"--top-k must be >= 1, got {self.top_k}")
         need(0 <= self.clip_eps < 1, f"--clip-eps must be in [0, 1), got {self.clip_eps}")
         need(self.kl_coef >= 0, f"--kl-coef must be >= 0, got {self.kl_coef}")
@@ -190,6 +192,7 @@ class Rollout:
 
 
 def rollout(engine: Engine, tokenizer, problem: MCProblem, config: RLConfig, seed: int, stop_tokens) -> Rollout:
+    """Sample a group of completions to the "reasoning" prompt of one problem and score each one."""
     prompt = tokenizer.render_for_completion(conversation(problem, "reasoning"))
     gen = engine.generate(prompt, num_samples=config.num_samples, max_new_tokens=config.max_new_tokens,
                           temperature=config.temperature, top_k=config.top_k, stop_tokens=stop_tokens, seed=seed)
