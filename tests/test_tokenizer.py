@@ -218,6 +218,31 @@ def test_encode_equals_reference(tok, text):
     assert tok.encode(text) == reference_encode(tok._bpe.merges, text)
 
 
+long_chunks = st.one_of(
+    st.text(alphabet="etaoinshrdlu", min_size=33, max_size=400),             # one long word
+    st.text(alphabet=" \t", min_size=33, max_size=200).map(lambda s: s + "x"),  # a long space run
+    st.text(alphabet="=+-*/.,", min_size=33, max_size=200),                  # a long punctuation run
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(long_chunks, min_size=1, max_size=3).map(" ".join))
+def test_long_chunks_encode_equals_reference(tok, text):
+    """Chunks over 32 bytes take the heap path in Rust; it must agree with the merge replay."""
+    assert tok.encode(text) == reference_encode(tok._bpe.merges, text)
+
+
+def test_huge_chunk_is_not_quadratic(tok):
+    import time
+
+    word = "".join(random.Random(0).choice("etaoinshrdlu") for _ in range(100_000))
+    t0 = time.perf_counter()
+    ids = tok.encode(word)
+    assert time.perf_counter() - t0 < 5  # ~0.01 s; a rescan per merge would take minutes
+    assert tok.decode(ids) == word
+    assert ids == tok.hf_tokenizer().encode(word).ids
+
+
 def test_encode_batch_equals_encode(tok, aqua_texts):
     texts = aqua_texts[:200] + ["", "😀", "<|bos|>"]
     assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]

@@ -1,5 +1,8 @@
 //! Encoding and decoding with learned merges: bytes of each regex chunk are merged lowest rank first
 //! (leftmost first among equal ranks), which is what HF `tokenizers` BPE and tiktoken do.
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+
 use ahash::AHashMap;
 
 use crate::pattern::Splitter;
@@ -17,6 +20,9 @@ pub const SPECIAL_TOKENS: [&str; 9] = [
     "<|output_start|>",
     "<|output_end|>",
 ];
+
+/// Chunks up to this many bytes are encoded by rescanning, longer ones with a heap.
+const SHORT_CHUNK: usize = 32;
 
 pub struct Encoder {
     splitter: Splitter,
@@ -82,6 +88,15 @@ impl Encoder {
     }
 
     fn encode_chunk(&self, bytes: &[u8], out: &mut Vec<u32>) {
+        if bytes.len() <= SHORT_CHUNK {
+            self.encode_short(bytes, out)
+        } else {
+            self.encode_long(bytes, out)
+        }
+    }
+
+    /// Rescans the chunk for its best pair after every merge: O(len^2), fastest for short chunks.
+    fn encode_short(&self, bytes: &[u8], out: &mut Vec<u32>) {
         let mut ids: Vec<u32> = bytes.iter().map(|&b| u32::from(b)).collect();
         while ids.len() >= 2 {
             // The best merge present; a smaller merged id means an earlier (higher-priority) merge.
@@ -103,6 +118,48 @@ impl Encoder {
             ids.truncate(write);
         }
         out.extend_from_slice(&ids);
+    }
+
+    /// Same result with a heap of (merged id, position) over a linked list of symbols: O(len log len),
+    /// so a long chunk (a run of spaces, a base64 blob) cannot take quadratic time.
+    fn encode_long(&self, bytes: &[u8], out: &mut Vec<u32>) {
+        const NONE: usize = usize::MAX;
+        let n = bytes.len();
+        let mut ids: Vec<u32> = bytes.iter().map(|&b| u32::from(b)).collect();
+        let mut prev: Vec<usize> = (0..n).map(|i| if i == 0 { NONE } else { i - 1 }).collect();
+        let mut next: Vec<usize> = (0..n).map(|i| if i + 1 == n { NONE } else { i + 1 }).collect();
+        let mut alive = vec![true; n];
+        let mut heap = BinaryHeap::new();
+        for i in 0..n - 1 {
+            if let Some(&r) = self.ranks.get(&(ids[i], ids[i + 1])) {
+                heap.push(Reverse((r, i)));
+            }
+        }
+        // Lowest merged id first, leftmost first among equal ids. Merging makes only pairs containing
+        // the new token, whose merged ids are larger, so entries pop in the order a rescan would pick.
+        while let Some(Reverse((r, i))) = heap.pop() {
+            let j = next[i];
+            if !alive[i] || j == NONE || self.ranks.get(&(ids[i], ids[j])) != Some(&r) {
+                continue; // stale: a neighbour was merged since this entry was pushed
+            }
+            ids[i] = r;
+            alive[j] = false;
+            next[i] = next[j];
+            if next[j] != NONE {
+                prev[next[j]] = i;
+            }
+            if prev[i] != NONE {
+                if let Some(&r2) = self.ranks.get(&(ids[prev[i]], r)) {
+                    heap.push(Reverse((r2, prev[i])));
+                }
+            }
+            if next[i] != NONE {
+                if let Some(&r2) = self.ranks.get(&(r, ids[next[i]])) {
+                    heap.push(Reverse((r2, i)));
+                }
+            }
+        }
+        out.extend((0..n).filter(|&i| alive[i]).map(|i| ids[i]));
     }
 
     /// Bytes of the given tokens; special tokens decode to their names.
