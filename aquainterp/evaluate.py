@@ -242,9 +242,19 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    """Under torchrun (WORLD_SIZE > 1) the ranks share the problems; rank 0 prints and writes JSON."""
+    import os
+
     from aquainterp.checkpoint import load_model
 
-    model, tokenizer, _meta = load_model(args.checkpoint, args.step, device=args.device)
+    device = args.device
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+            torch.cuda.set_device(device)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    model, tokenizer, _meta = load_model(args.checkpoint, args.step, device=device)
     if tokenizer is None:
         raise SystemExit(f"aquainterp eval: checkpoint {args.checkpoint} has no tokenizer folder")
     problems = load_problems(args.task, args.data, args.n, args.seed, args.split, args.difficulty,
@@ -255,6 +265,8 @@ def run(args) -> int:
         kwargs = {"num_samples": args.num_samples, "max_new_tokens": args.max_new_tokens,
                   "temperature": args.temperature, "top_k": args.top_k, "seed": args.seed}
     result = evaluate(model, tokenizer, problems, args.mode, **kwargs)
+    if rank != 0:
+        return 0
     print(f"{args.task} ({len(problems)} problems)")
     print(result.report())
     if args.json:
