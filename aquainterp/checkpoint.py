@@ -18,6 +18,7 @@ checkpoints or the old set plus the complete new one.
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import json
 import os
@@ -224,32 +225,40 @@ def save_checkpoint(directory, step: int, model, optimizers: list | None, meta: 
     if config is not None and hasattr(config, "to_dict"):
         meta["model_config"] = config.to_dict()
 
-    save_file(_model_tensors(model), str(tmp / MODEL_FILE))
-    files = [MODEL_FILE]
-    if optimizers:
-        tensors, described = _flatten_optimizers(optimizers)
-        save_file(tensors, str(tmp / OPTIM_FILE))
-        meta["optimizers"] = described
-        files.append(OPTIM_FILE)
-    if tokenizer is not None:
-        tokenizer.save(tmp / TOKENIZER_DIR)
-        meta["tokenizer_fingerprint"] = tokenizer.fingerprint()
-        for p in sorted((tmp / TOKENIZER_DIR).iterdir()):
-            files.append(f"{TOKENIZER_DIR}/{p.name}")
-    meta["files"] = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
-                     for name in files}
-    try:
-        text = json.dumps(meta, indent=1, sort_keys=True, allow_nan=False)
-    except (TypeError, ValueError) as e:
-        shutil.rmtree(tmp)
-        raise CheckpointError(f"save_checkpoint: meta for step {step} is not JSON-able: {e}") from e
-    (tmp / META_FILE).write_text(text)
+    try:  # a full disk (ENOSPC) can strike any write or fsync below: one clear error, no temp folder left
+        save_file(_model_tensors(model), str(tmp / MODEL_FILE))
+        files = [MODEL_FILE]
+        if optimizers:
+            tensors, described = _flatten_optimizers(optimizers)
+            save_file(tensors, str(tmp / OPTIM_FILE))
+            meta["optimizers"] = described
+            files.append(OPTIM_FILE)
+        if tokenizer is not None:
+            tokenizer.save(tmp / TOKENIZER_DIR)
+            meta["tokenizer_fingerprint"] = tokenizer.fingerprint()
+            for p in sorted((tmp / TOKENIZER_DIR).iterdir()):
+                files.append(f"{TOKENIZER_DIR}/{p.name}")
+        meta["files"] = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+                         for name in files}
+        try:
+            text = json.dumps(meta, indent=1, sort_keys=True, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            shutil.rmtree(tmp)
+            raise CheckpointError(f"save_checkpoint: meta for step {step} is not JSON-able: {e}") from e
+        (tmp / META_FILE).write_text(text)
 
-    for name in [*files, META_FILE]:
-        _fsync_file(tmp / name)
-    if tokenizer is not None:
-        _fsync_dir(tmp / TOKENIZER_DIR)
-    _fsync_dir(tmp)
+        for name in [*files, META_FILE]:
+            _fsync_file(tmp / name)
+        if tokenizer is not None:
+            _fsync_dir(tmp / TOKENIZER_DIR)
+        _fsync_dir(tmp)
+    except (OSError, SafetensorError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "os error 28" in str(e):
+            raise CheckpointError(f"{final}: disk full (no space left on device) while writing this checkpoint; "
+                                  f"the partial files were removed, earlier checkpoints in {directory} are "
+                                  f"untouched. Free space and resume.") from e
+        raise
     if final.exists():  # re-saving a step: move the old one aside first, so one whole copy always exists
         old = directory / f".old_{final.name}_{os.getpid()}"
         os.rename(final, old)
