@@ -4,6 +4,7 @@ use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyString};
 use rayon::prelude::*;
+use std::sync::OnceLock;
 
 mod encode;
 mod pattern;
@@ -23,7 +24,8 @@ fn core_version() -> &'static str {
 /// The chunks BPE works on: `text` cut by the split pattern (they concatenate back to `text`).
 #[pyfunction]
 fn split_text(text: &str) -> PyResult<Vec<String>> {
-    let splitter = pattern::Splitter::new().map_err(value_error)?;
+    static SPLITTER: OnceLock<Result<pattern::Splitter, String>> = OnceLock::new();
+    let splitter = SPLITTER.get_or_init(pattern::Splitter::new).as_ref().map_err(|e| value_error(e.clone()))?;
     let mut chunks = Vec::new();
     splitter.for_each_chunk(text, |c| chunks.push(c.to_owned()));
     Ok(chunks)
@@ -160,13 +162,13 @@ impl Bpe {
     }
 
     /// Token ids of `text`; special-token strings inside it are encoded as ordinary text.
-    fn encode(&self, py: Python<'_>, text: &str) -> PyResult<Vec<u32>> {
-        Ok(py.detach(|| self.encoder.encode(text)))
+    fn encode(&self, py: Python<'_>, text: &str) -> Vec<u32> {
+        py.detach(|| self.encoder.encode(text))
     }
 
     /// Encodes many texts in parallel (rayon) with the GIL released.
-    fn encode_batch(&self, py: Python<'_>, texts: Vec<String>) -> PyResult<Vec<Vec<u32>>> {
-        Ok(py.detach(|| texts.par_iter().map(|t| self.encoder.encode(t)).collect()))
+    fn encode_batch(&self, py: Python<'_>, texts: Vec<String>) -> Vec<Vec<u32>> {
+        py.detach(|| texts.par_iter().map(|t| self.encoder.encode(t)).collect())
     }
 
     /// Bytes of the tokens concatenated (special tokens as their names).
