@@ -122,16 +122,26 @@ def resolve_flag(value: str, device: torch.device, what: str) -> bool:
     return device.type == "cuda" if value == "auto" else value == "on"
 
 
-def check_finite(loss: float, step: int, skip: bool, ckpt_dir: Path) -> bool:
-    """True if the step may be applied. NaN/inf: raise (default) or return False (--skip-nonfinite)."""
-    if math.isfinite(loss):
+def grads_finite(model) -> bool:
+    """True when every gradient is finite (one device sync). A finite loss can still have inf/NaN
+    gradients (an overflow in backward); applying them would poison the weights and the next checkpoint."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return not grads or bool(torch.stack([g.isfinite().all() for g in grads]).all())
+
+
+def check_finite(loss: float, step: int, skip: bool, ckpt_dir: Path, grads_ok: bool = True) -> bool:
+    """True if the step may be applied. NaN/inf loss or gradients: raise (default) or return False
+    (--skip-nonfinite)."""
+    if math.isfinite(loss) and grads_ok:
         return True
+    what = f"training loss is {loss}" if not math.isfinite(loss) else \
+        f"gradients contain NaN/inf (the loss {loss:.4g} is finite)"
     if skip:
-        print(f"step {step}: loss is {loss}; skipping this update (--skip-nonfinite)")
+        print(f"step {step}: {what}; skipping this update (--skip-nonfinite)")
         return False
     last = latest_step(ckpt_dir)
     kept = f"the last good checkpoint is {ckpt_dir}/step_{last:06d}" if last is not None else "no checkpoint was written yet"
-    raise NonFiniteLossError(f"step {step}: training loss is {loss}; stopped before applying the update, {kept}. "
+    raise NonFiniteLossError(f"step {step}: {what}; stopped before applying the update, {kept}. "
                              "Lower the learning rate or resume from it with --resume (--skip-nonfinite skips such steps).")
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from training.common import Dist, Progress, all_reduce_sum, autocast, check_finite, save
+from training.common import Dist, Progress, all_reduce_sum, autocast, check_finite, grads_finite, save
 from training.optim import apply_schedule, muon_momentum
 
 
@@ -63,7 +63,7 @@ def train(spec: LoopSpec, *, model, optimizers: list, batches, lr_multiplier: Ca
                 nats += loss_sum.detach().double()
             all_reduce_sum(nats, dist)
             loss = (nats / n_targets).item()
-            applied = check_finite(loss, step + 1, spec.skip_nonfinite, spec.ckpt_dir)
+            applied = check_finite(loss, step + 1, spec.skip_nonfinite, spec.ckpt_dir, grads_finite(model))
             if applied:
                 for opt in optimizers:
                     opt.step()

@@ -295,7 +295,8 @@ def train_on_rollouts(model, optimizers, rollouts: list[Rollout], config: RLConf
         totals[0] = epoch_loss
         sync_gradients(model, ddp)
         global_loss = global_sum(torch.tensor(epoch_loss, dtype=torch.float64), ddp).item()
-        common.check_finite(global_loss, step, skip=False, ckpt_dir=ckpt_dir or Path(config.out) / "checkpoints")
+        common.check_finite(global_loss, step, skip=False, ckpt_dir=ckpt_dir or Path(config.out) / "checkpoints",
+                            grads_ok=common.grads_finite(model))
         for opt in optimizers:
             opt.step()
     totals = global_sum(totals, ddp)
