@@ -134,6 +134,7 @@ class Tokenizer:
     def __init__(self, bpe: _rustbpe.Bpe, tokenizer_json: str | None = None):
         self._bpe = bpe
         self._json = tokenizer_json if tokenizer_json is not None else _tokenizer_json(bpe)
+        self._fingerprint = hashlib.sha256(self._json.encode("utf-8")).hexdigest()
         self._token_bytes = bpe.token_bytes()
         self.vocab_size: int = bpe.vocab_size
         self.bos_token_id: int = bpe.encode_special("<|bos|>")
@@ -199,7 +200,7 @@ class Tokenizer:
 
     def fingerprint(self) -> str:
         """sha256 of the saved tokenizer.json: checkpoints use it to catch a swapped tokenizer."""
-        return hashlib.sha256(self._json.encode("utf-8")).hexdigest()
+        return self._fingerprint
 
     def hf_tokenizer(self):
         """This tokenizer as an HF `tokenizers.Tokenizer` (same ids; special-token strings in text are
