@@ -4,8 +4,8 @@
 Ids: 0..255 are the bytes, 256.. the merges in training order, then the 9 special tokens (nanochat's
 order). Text is split by nanochat's GPT-4-style pattern before BPE. Training merges the most frequent
 pair, ties going to the smallest (left id, right id) pair, so results never depend on thread count or
-text order (and equal PyPI rustbpe's on the same corpus). Special-token strings inside
-ordinary text are encoded as ordinary text (as nanochat's encode_ordinary), so user text cannot forge
+text order (benchmarks/tokenizer.py finds the same vocabulary as PyPI rustbpe on GSM8K). Special-token
+strings inside ordinary text are encoded as ordinary text (as nanochat's encode_ordinary), so user text cannot forge
 them. Encoding at runtime uses the Rust encoder: benchmarks/tokenizer.py measured it faster than HF
 `tokenizers` loading the same tokenizer.json, which gives the same ids (tests/test_tokenizer_hf.py).
 """
