@@ -202,6 +202,14 @@ class Tokenizer:
         """sha256 of the saved tokenizer.json: checkpoints use it to catch a swapped tokenizer."""
         return self._fingerprint
 
+    def __getstate__(self) -> dict:
+        """Pickles as its tokenizer.json (for DataLoader workers and multiprocessing)."""
+        return {"tokenizer_json": self._json}
+
+    def __setstate__(self, state: dict) -> None:
+        text = state["tokenizer_json"]
+        self.__init__(_bpe_from_tokenizer_json(text, "pickled Tokenizer"), tokenizer_json=text)
+
     def hf_tokenizer(self):
         """This tokenizer as an HF `tokenizers.Tokenizer` (same ids; special-token strings in text are
         kept as ordinary text, like ours)."""

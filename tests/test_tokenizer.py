@@ -306,6 +306,14 @@ def test_save_load_roundtrip(tok, tmp_path, aqua_texts):
     assert hashlib.sha256((tmp_path / "tokenizer.json").read_bytes()).hexdigest() == tok.fingerprint()
 
 
+def test_pickle_roundtrip(tok, aqua_texts):
+    import pickle
+
+    copy = pickle.loads(pickle.dumps(tok))
+    assert copy.fingerprint() == tok.fingerprint()
+    assert copy.encode_batch(aqua_texts[:20]) == tok.encode_batch(aqua_texts[:20])
+
+
 def test_fingerprint_differs_between_tokenizers(aqua_texts):
     a = Tokenizer.train_from_iterator(aqua_texts[:100], 520)
     b = Tokenizer.train_from_iterator(aqua_texts[:100], 521)
