@@ -377,8 +377,10 @@ class GPT(HookedRootModule):
         for block in self.blocks:
             x = block(x, cos, sin, kv_cache)
         x = self.ln_final(x)
-        logits = self.lm_head(x).float()
-        logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
+        # Soft-cap in fp32, in place where autograd allows: each [B, T, vocab] temporary costs as much as
+        # the lm_head matmul on CPU (tanh_ saves its output for backward, so the last multiply copies then).
+        logits = self.lm_head(x).float().div_(SOFTCAP).tanh_()
+        logits = logits * SOFTCAP if logits.requires_grad else logits.mul_(SOFTCAP)
         if targets is None:
             return logits
         return F.cross_entropy(
