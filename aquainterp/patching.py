@@ -316,7 +316,7 @@ class Patcher:
         self.clean_ld = self._letter_diff(self._logits("clean", all_pairs, []), all_pairs)
         self.corrupted_ld = self._letter_diff(corrupted_logits, all_pairs)
         self.scale = float(self.clean_ld.mean() - self.corrupted_ld.mean())
-        if not math.isfinite(self.scale) or abs(self.scale) < 1e-6:
+        if not math.isfinite(self.scale) or self.scale == 0.0:
             raise ValueError(
                 f"Patcher: the clean and corrupted runs give the same mean letter logit difference "
                 f"({self.clean_ld.mean():.3g} vs {self.corrupted_ld.mean():.3g}); there is nothing to restore "
