@@ -331,11 +331,13 @@ def rollout_metrics(rollouts: list[Rollout], ddp: Dist) -> dict[str, float]:
     return out
 
 
-def run_probes(suite, logger: Logger, step: int, rollouts: list[Rollout] | None) -> dict[str, float]:
+def run_probes(suite, logger: Logger, step: int, rollouts: list[Rollout] | None,
+               figures: tuple[int, ...] = ()) -> dict[str, float]:
     """Probe metrics on the fixed probe set (rank 0), sequence KL along this step's sampled completions.
 
     The probe set's letter counts are renamed rl/probe_letter_pred_counts/*: the design name
     rl/letter_pred_counts/* is taken by the rollout counts, which are logged every step.
+    `figures`: probe prompts whose layer×head attention patterns are logged as figures too.
     """
     pairs = None
     if rollouts is not None:
@@ -344,7 +346,7 @@ def run_probes(suite, logger: Logger, step: int, rollouts: list[Rollout] | None)
     metrics = {k.replace("rl/letter_pred_counts/", "rl/probe_letter_pred_counts/"): v for k, v in metrics.items()}
     if metrics:
         logger.log(metrics, step=step)
-        suite.log_raw(logger, step)
+        suite.log_raw(logger, step, figures=figures)
     return metrics
 
 
@@ -464,7 +466,7 @@ def _run(config: RLConfig, ddp: Dist, policy: tuple | None = None) -> dict:
                                   embedding_lr=config.embedding_lr, unembedding_lr=config.unembedding_lr,
                                   weight_decay=config.weight_decay, init_lr_frac=config.init_lr_frac)
     start_step, before = 0, None
-    resumed = common.resume(ckpt_dir, model, optimizers, device) if config.resume else None
+    resumed = common.resume(ckpt_dir, model, optimizers, device, tokenizer) if config.resume else None
     if resumed is not None:
         start_step, meta = resumed
         before = meta["before"]
@@ -521,7 +523,7 @@ def _run(config: RLConfig, ddp: Dist, policy: tuple | None = None) -> dict:
     after = evaluate_policy(model, tokenizer, held_out, config)
     logger.log(after, step=config.max_steps)
     if suite is not None:
-        run_probes(suite, logger, config.max_steps, None)
+        run_probes(suite, logger, config.max_steps, None, figures=(0,))
     logger.finish()
     summary = {"before": before, "after": after, "steps": config.max_steps - start_step,
                "minutes": (time.time() - t0) / 60, "history": history}
