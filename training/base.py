@@ -153,7 +153,7 @@ def run(config: BaseConfig) -> dict:
         clean_stale_temp(ckpt_dir, dist)
         start = 0
         if config.resume:
-            restored = resume(ckpt_dir, model, optimizers, dist.device)
+            restored = resume(ckpt_dir, model, optimizers, dist.device, tokenizer)
             if restored is not None:
                 start, meta = restored
                 batches.load_state(meta["data_position"])

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as torch_dist
 
 from aquainterp.checkpoint import (
+    CheckpointError,
     latest_step,
     load_checkpoint,
     load_optimizers,
@@ -181,15 +182,21 @@ def save(ckpt_dir: Path, step: int, model, optimizers, meta: dict, dist: Dist, t
     barrier(dist)
 
 
-def resume(ckpt_dir: Path, model, optimizers, device) -> tuple[int, dict] | None:
+def resume(ckpt_dir: Path, model, optimizers, device, tokenizer=None) -> tuple[int, dict] | None:
     """Restore the latest checkpoint of this run (model, optimizers keeping the configured lrs, RNG).
 
     Returns (step, meta) or None when the run has no checkpoint yet. Every rank reads the same files.
+    With `tokenizer`, refuses a checkpoint trained with another tokenizer (same vocabulary size or not).
     """
     step = latest_step(ckpt_dir)
     if step is None:
         return None
     ckpt = load_checkpoint(ckpt_dir, step, device=str(device))
+    expected = ckpt.meta.get("tokenizer_fingerprint")
+    if tokenizer is not None and expected is not None and tokenizer.fingerprint() != expected:
+        raise CheckpointError(f"tokenizer fingerprint {tokenizer.fingerprint()[:12]} differs from "
+                              f"{ckpt.path / 'meta.json'}'s {expected[:12]}: this run's tokenizer is not the one "
+                              "the checkpoint was trained with")
     load_state_into(unwrap(model), ckpt.model_state, ckpt.path)
     initial = [[g["initial_lr"] for g in opt.param_groups] for opt in optimizers]
     load_optimizers(optimizers, ckpt)

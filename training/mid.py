@@ -83,7 +83,7 @@ def finetune_setup(config, dist):
     clean_stale_temp(ckpt_dir, dist)
     start, position = 0, None
     if config.resume:
-        restored = resume(ckpt_dir, model, optimizers, dist.device)
+        restored = resume(ckpt_dir, model, optimizers, dist.device, tokenizer)
         if restored is not None:
             start, position = restored[0], restored[1]["data_position"]
     wrapped = wrap_model(model, dist, resolve_flag(config.compile, dist.device, "compile"))
