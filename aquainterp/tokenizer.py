@@ -263,7 +263,13 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of `ids` (special tokens as their names); invalid UTF-8 becomes U+FFFD."""
-        return self._bpe.decode([int(i) for i in ids])
+        ids = [int(i) for i in ids]
+        try:
+            return self._bpe.decode(ids)
+        except OverflowError:  # beyond 64 bits: Rust cannot even take it; name it like the Rust range error
+            pos = next((p for p, i in enumerate(ids) if not -2**63 <= i < 2**63), 0)
+            raise ValueError(f"token id {ids[pos]} at position {pos} is out of range: the vocabulary has ids "
+                             f"0..{self.vocab_size - 1}") from None
 
     def token_bytes(self, token_id: int) -> bytes:
         """Raw bytes of one token (a special token's name for specials)."""
