@@ -126,3 +126,23 @@ def test_training_on_random_text(texts, probe):
 
 def test_fuzz_cases_recorded():
     record("tokenizer: hypothesis fuzz (bytes, unicode, ids, train)", True, 0)
+
+
+@pytest.mark.slow
+def test_atheris_libfuzzer_run(tokenizer_dir, tmp_path):
+    """A bounded libFuzzer run (coverage-guided over the Python side, Rust called on every input)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("atheris", reason="atheris is in the dev extras; pip install -e '.[dev]'")
+    script = Path(__file__).with_name("atheris_tokenizer.py")
+    runs = 20000
+    env = {**os.environ, "REL_TOKENIZER_DIR": str(tokenizer_dir), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(script), f"-runs={runs}", "-max_len=4096", "-seed=1",
+                           f"-artifact_prefix={tmp_path}/"], env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert f"Done {runs} runs" in done.stderr, done.stderr[-2000:]
+    assert not list(tmp_path.glob("crash-*"))
+    record("tokenizer: atheris libFuzzer inputs", True, 0)
