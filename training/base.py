@@ -26,6 +26,7 @@ from training.common import (
     parse_config,
     resolve_flag,
     resume,
+    run_cli,
     seed_everything,
     setup_distributed,
     teardown_distributed,
@@ -184,7 +185,8 @@ def run(config: BaseConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run(parse_config(BaseConfig, argv, __doc__.split("\n")[0], prog="python -m training.base"))
+    run_cli(run, parse_config(BaseConfig, argv, __doc__.split("\n")[0], prog="python -m training.base"),
+            "python -m training.base")
 
 
 if __name__ == "__main__":

@@ -146,6 +146,16 @@ def check_finite(loss: float, step: int, skip: bool, ckpt_dir: Path, grads_ok: b
                              "Lower the learning rate or resume from it with --resume (--skip-nonfinite skips such steps).")
 
 
+def run_cli(run, config, prog: str):
+    """Run a stage from its command line. The failures a user must act on (a corrupt, mismatched or
+    unwritable checkpoint, e.g. a full disk; a non-finite loss) end with one line on stderr and exit
+    status 1 instead of a traceback; anything else is a bug and keeps its traceback."""
+    try:
+        return run(config)
+    except (CheckpointError, NonFiniteLossError) as e:
+        sys.exit(f"{prog}: error: {e}")
+
+
 def config_dict(config) -> dict:
     d = asdict(config) if is_dataclass(config) else dict(config)
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}

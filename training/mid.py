@@ -20,6 +20,7 @@ from training.common import (
     parse_config,
     resolve_flag,
     resume,
+    run_cli,
     seed_everything,
     setup_distributed,
     teardown_distributed,
@@ -130,7 +131,8 @@ def run(config: MidConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run(parse_config(MidConfig, argv, __doc__.split("\n")[0], prog="python -m training.mid"))
+    run_cli(run, parse_config(MidConfig, argv, __doc__.split("\n")[0], prog="python -m training.mid"),
+            "python -m training.mid")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as torch_dist
 from tqdm.auto import tqdm
 
+from aquainterp.checkpoint import CheckpointError
 from aquainterp.engine import Engine
 from aquainterp.logger import Logger
 from aquainterp.tasks import LETTERS, MCProblem, conversation, extract_letter
@@ -604,6 +605,8 @@ def main(argv: list[str] | None = None) -> int:
         summary = run(config_from_args(args))
     except ValueError as e:
         parser.error(str(e))
+    except (CheckpointError, common.NonFiniteLossError) as e:  # one line, as the other stages' run_cli
+        sys.exit(f"{parser.prog}: error: {e}")
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=1))
     return 0

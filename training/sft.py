@@ -17,6 +17,7 @@ from training.common import (
     open_logger,
     parse_config,
     resolve_flag,
+    run_cli,
     seed_everything,
     setup_distributed,
     teardown_distributed,
@@ -124,7 +125,8 @@ def run(config: SFTConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run(parse_config(SFTConfig, argv, __doc__.split("\n")[0], prog="python -m training.sft"))
+    run_cli(run, parse_config(SFTConfig, argv, __doc__.split("\n")[0], prog="python -m training.sft"),
+            "python -m training.sft")
 
 
 if __name__ == "__main__":

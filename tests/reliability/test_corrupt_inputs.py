@@ -174,3 +174,28 @@ def test_pickle_bomb_in_place_of_a_checkpoint_never_runs(tmp_path, tokenizer_dir
         run_stage(rl_config(tmp_path / "rl", ckpt_copy, max_steps=1))
     assert not fired.exists(), "a checkpoint loader unpickled the file"
     record("pickle bomb where a checkpoint is expected", True, 0)
+
+
+@pytest.mark.slow
+def test_stage_cli_ends_with_one_clear_line_not_a_traceback(tmp_path, tokenizer_dir, ckpt_copy):
+    """`python -m training.base --resume` on a truncated checkpoint: exit 1, one error line naming the file."""
+    import os
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(ckpt_copy, run_dir / "checkpoints")
+    f = run_dir / "checkpoints" / "step_000004" / "optim.safetensors"
+    f.write_bytes(f.read_bytes()[:100])
+    cfg = base_config(run_dir, tokenizer_dir, max_steps=6)
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in vars(cfg).items() if v is not None and not isinstance(v, bool)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "TQDM_DISABLE": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    done = subprocess.run([sys.executable, "-m", "training.base", *flags, "--resume"], env=env, capture_output=True,
+                          text=True, timeout=180, cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last == f"python -m training.base: error: {f}: truncated or altered: 100 bytes, meta.json says " \
+                   f"{ckpt_copy.joinpath('step_000004', 'optim.safetensors').stat().st_size}", last
+    record("corrupt checkpoint through the stage CLI (one line, exit 1)", True, 0)
