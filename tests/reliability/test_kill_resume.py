@@ -29,7 +29,7 @@ SEEDS = [0, 1, 2]
 
 def stage_config(stage: str, run_dir: Path, tokenizer_dir: Path, base_ckpt: Path):
     if stage == "base":
-        return base_config(run_dir, tokenizer_dir, max_steps=8)
+        return base_config(run_dir, tokenizer_dir, max_steps=6)
     if stage == "sft":
         return sft_config(run_dir, base_ckpt, max_steps=6)
     return rl_config(run_dir, base_ckpt, max_steps=6)
@@ -67,7 +67,7 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(stage, seed, tmp_path, to
     rng = random.Random(f"{stage}/{seed}")
     cfg = stage_config(stage, tmp_path / "victim", tokenizer_dir, base_ckpt)
     ckpt = tmp_path / "victim" / "checkpoints"
-    n = 8 if stage == "base" else 6
+    n = 6
 
     # 1. a kill at a random moment: some time after checkpoint k exists, inside a step or a write
     k, delay = rng.randint(1, n - 3), rng.uniform(0.0, 0.3)
