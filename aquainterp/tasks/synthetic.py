@@ -8,6 +8,11 @@ uniformly from A-E.
 
 Difficulty 1 is one operation, 2 is two steps, 3 is three steps; `difficulty=None` mixes them evenly.
 
+Every number (question, step results, options) is at most MAX_NUMBER = 99: under the nanochat split
+(digits in groups of 1-2) such a number is one token, so "the option whose number equals the last
+result" is a one-token match a 2-layer attention circuit can learn. Templates whose numbers overflow
+are redrawn; distractors above 99 are dropped.
+
 Determinism and splits: problem `i` of (seed, split) comes from its own `random.Random` seeded with the
 string "aquainterp-synthetic:<seed>:<split>:<i>" (Python hashes str seeds with SHA-512, so this is
 stable across runs and machines). On top of the per-split seeds, each question text is assigned to a
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from collections.abc import Iterator
 
 from aquainterp.tasks.problem import LETTERS, MCProblem
@@ -27,6 +33,7 @@ NAMES = ("Tom", "Sam", "Max", "Lily", "Mia", "Ivy", "Leo", "Zoe", "Ray", "Kit")
 ITEMS = ("apples", "pens", "books", "cards", "eggs", "coins", "shells", "stamps", "cups", "balls")
 SPLITS = ("train", "eval")
 EVAL_BUCKETS = 8  # one SHA-256 bucket in EVAL_BUCKETS holds the eval questions
+MAX_NUMBER = 99  # one token under the nanochat digit split; larger problems are redrawn
 
 
 def split_of(question: str) -> str:
@@ -112,19 +119,26 @@ TEMPLATES = {1: (_add, _sub, _mul, _div), 2: (_mul_sub, _add_sub, _more_than), 3
 
 def _options(rng: random.Random, answer: int, wrong: list[int]) -> tuple[list[str], str]:
     """Five distinct non-negative numbers: the answer at a uniform letter, plausible mistakes elsewhere."""
-    plausible = [w for w in dict.fromkeys(wrong + [answer + 1, answer - 1]) if w >= 0 and w != answer]
+    plausible = [w for w in dict.fromkeys(wrong + [answer + 1, answer - 1])
+                 if 0 <= w <= MAX_NUMBER and w != answer]
     rng.shuffle(plausible)
     distractors = plausible[:4]
     step = 2
     while len(distractors) < 4:  # small answers: fill with nearby numbers, alternating sides
         for w in (answer + step, answer - step):
-            if w >= 0 and w != answer and w not in distractors and len(distractors) < 4:
+            if 0 <= w <= MAX_NUMBER and w != answer and w not in distractors and len(distractors) < 4:
                 distractors.append(w)
         step += 1
     rng.shuffle(distractors)
     slot = rng.randrange(len(LETTERS))
     values = distractors[:slot] + [answer] + distractors[slot:]
     return [str(v) for v in values], LETTERS[slot]
+
+
+def _fits(question: str, steps: list) -> bool:
+    """True when every number of the question and of the worked steps is at most MAX_NUMBER."""
+    numbers = [int(n) for n in re.findall(r"\d+", question)] + [value for _, value in steps]
+    return max(numbers) <= MAX_NUMBER
 
 
 class SyntheticTask:
@@ -143,7 +157,7 @@ class SyntheticTask:
         while True:  # rejection: keep only questions whose hash puts them in this split
             level = self.difficulty or rng.randint(1, 3)
             question, steps, answer, wrong = rng.choice(TEMPLATES[level])(rng)
-            if split_of(question) == self.split:
+            if _fits(question, steps) and split_of(question) == self.split:
                 break
         options, letter = _options(rng, answer, wrong)
         rationale = "\n".join(f"{expr} = {value}" for expr, value in steps)
