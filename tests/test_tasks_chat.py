@@ -82,3 +82,24 @@ def test_option_spans_on_synthetic_and_all_aqua_dev(shared_data):
         _check_spans(tok, p)
     for p in load_aqua(shared_data / "aqua_rat" / "dev.json"):
         _check_spans(tok, p)
+
+
+def test_checked_style_walks_the_options():
+    checked = conversation(PROBLEM, "checked")["messages"]
+    assert checked[0]["content"] == conversation(PROBLEM, "reasoning")["messages"][0]["content"]
+    assert checked[1]["content"] == "2 + 3 = 5\nA) 4 no\nB) 5 yes\nC) 6 no\nD) 7 no\nE) 8 no\nAnswer: B"
+    for p in SyntheticTask(0, "train").problems(200):
+        content = conversation(p, "checked")["messages"][1]["content"]
+        assert content.count(" yes\n") == 1 and f"\n{p.correct}) {p.answer_text} yes\n" in content
+        assert extract_letter(content) == p.correct
+
+
+def test_checked_style_falls_back_when_the_value_is_not_one_option(shared_data):
+    fallback = 0
+    for p in load_aqua(shared_data / "aqua_rat" / "dev.json"):
+        checked = conversation(p, "checked")["messages"][1]["content"]
+        fallback += checked == conversation(p, "reasoning")["messages"][1]["content"]
+        assert extract_letter(checked) == p.correct
+    assert fallback > 200  # AQuA rationales rarely end in "= <exact option text>"
+    odd = MCProblem("q", ("5", "5", "6", "7", "8"), "2 + 3 = 5", "A", "t:2")  # 5 is two options
+    assert conversation(odd, "checked")["messages"][1]["content"] == "2 + 3 = 5\nAnswer: A"
