@@ -8,7 +8,9 @@ test rests on this), and the position in the data is one small JSON object store
     conversation rows (sft):   {"doc": i}                next row = conversation i
 
 Document sources for base training (one loader for local files and the hub):
-    "synthetic" or "synthetic:SEED"   the embedded synthetic task as plain text, infinite
+    "synthetic", "synthetic:SEED" or "synthetic:SEED:DIFFICULTY"
+                                      the embedded synthetic task as plain text, infinite (difficulty
+                                      1-3; default the task's mix)
     a .parquet / .jsonl / .json file or a folder of them (column/field "text"), through `datasets`
     "hf:NAME" or "hf:NAME:CONFIG"     a hub corpus such as hf:HuggingFaceFW/fineweb-edu:sample-10BT, streamed
 """
@@ -61,15 +63,18 @@ def documents(source: str, start: int = 0, text_field: str = "text") -> Iterator
     if source == "synthetic" or source.startswith("synthetic:"):
         from aquainterp.tasks.synthetic import SyntheticTask, document
 
-        seed = int(source.partition(":")[2] or 0)
-        task = SyntheticTask(seed=seed, split="train")
+        seed, _, level = source.partition(":")[2].partition(":")
+        try:
+            task = SyntheticTask(seed=int(seed or 0), split="train", difficulty=int(level) if level else None)
+        except ValueError as e:
+            raise ValueError(f"data source {source!r}: expected synthetic[:SEED[:DIFFICULTY]] ({e})") from None
         return (document(task.problem(i)) for i in itertools.count(start))
     if source.startswith("hf:"):
         name, _, config = source[3:].partition(":")
         return _stream_texts(name, start, text_field, source, name=config or None)
     path = Path(source)
     if not path.exists():
-        raise FileNotFoundError(f"data source {source!r}: no such file or folder (and not synthetic[:SEED] "
+        raise FileNotFoundError(f"data source {source!r}: no such file or folder (and not synthetic[:SEED[:DIFFICULTY]] "
                                 "or hf:NAME[:CONFIG])")
     builder, files = _local_files(path)
     return _stream_texts(builder, start, text_field, source, data_files=files)

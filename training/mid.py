@@ -37,6 +37,7 @@ class MidConfig:
     run_dir: str = "runs/mid"
     synthetic: int = 20000
     synthetic_seed: int = 0
+    synthetic_difficulty: int = 0  # 1-3; 0 = the task's mix of levels
     aqua: str | None = None
     aqua_split: str = "train"
     aqua_limit: int = -1
@@ -65,7 +66,8 @@ class MidConfig:
 
 
 def mixture_spec(config) -> MixtureSpec:
-    return MixtureSpec(synthetic=config.synthetic, synthetic_seed=config.synthetic_seed, aqua=config.aqua,
+    return MixtureSpec(synthetic=config.synthetic, synthetic_seed=config.synthetic_seed,
+                       synthetic_difficulty=config.synthetic_difficulty or None, aqua=config.aqua,
                        aqua_split=config.aqua_split, aqua_limit=None if config.aqua_limit < 0 else config.aqua_limit,
                        gsm8k=config.gsm8k, gsm8k_split=config.gsm8k_split,
                        gsm8k_limit=None if config.gsm8k_limit < 0 else config.gsm8k_limit,

@@ -19,6 +19,7 @@ STYLES = ("direct", "reasoning")
 class MixtureSpec:
     synthetic: int = 0  # number of synthetic train problems
     synthetic_seed: int = 0
+    synthetic_difficulty: int | None = None  # 1-3, or None for the task's mix
     aqua: str | None = None  # hub id or local JSON Lines path
     aqua_split: str = "train"
     aqua_limit: int | None = None
@@ -51,7 +52,8 @@ def build_mixture(spec: MixtureSpec) -> list[dict]:
     if spec.synthetic:
         from aquainterp.tasks.synthetic import SyntheticTask
 
-        problems += SyntheticTask(seed=spec.synthetic_seed, split="train").problems(spec.synthetic)
+        problems += SyntheticTask(seed=spec.synthetic_seed, split="train",
+                                  difficulty=spec.synthetic_difficulty).problems(spec.synthetic)
     if spec.aqua:
         from aquainterp.tasks.aqua import load_aqua
 

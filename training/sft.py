@@ -34,6 +34,7 @@ class SFTConfig:
     run_dir: str = "runs/sft"
     synthetic: int = 20000
     synthetic_seed: int = 1
+    synthetic_difficulty: int = 0  # 1-3 for train and eval problems; 0 = the task's mix of levels
     aqua: str | None = None
     aqua_split: str = "train"
     aqua_limit: int = -1
@@ -71,7 +72,8 @@ def make_evaluator(config, model, tokenizer):
 
     sets = {}
     if config.eval_synthetic > 0:
-        sets["synthetic"] = SyntheticTask(seed=config.synthetic_seed, split="eval").problems(config.eval_synthetic)
+        sets["synthetic"] = SyntheticTask(seed=config.synthetic_seed, split="eval",
+                                           difficulty=config.synthetic_difficulty or None).problems(config.eval_synthetic)
     if config.eval_aqua:
         from aquainterp.tasks.aqua import load_aqua
 
