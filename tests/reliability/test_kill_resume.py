@@ -83,9 +83,9 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(stage, seed, tmp_path, to
     first = check_survivors(ckpt, ref)
     assert first and first[-1] >= k and first[-1] < n, first
 
-    # 2. resume, and kill it half-way through writing a later step's checkpoint
+    # 2. resume, and kill it half-way through writing a later step's checkpoint (the final one included)
     cfg.resume = True
-    j = rng.randint(first[-1] + 1, n - 1)
+    j = rng.randint(first[-1] + 1, n)
     proc, marker, err = start_child(cfg, tmp_path, pause_step=j)
     kill_when(proc, err, marker.exists)
     half = [p for p in ckpt.iterdir() if p.name.startswith(f".tmp_step_{j:06d}_")]
