@@ -31,15 +31,15 @@ from pathlib import Path
 # Settings per budget. "full" is what the README's demo runs (≤ 10 min on 2 CPU cores); "small" is the
 # same pipeline shrunk so a test can run it end to end in a couple of minutes.
 BUDGETS = {
-    "full": dict(vocab_size=1024, tok_chars=3_000_000, depth=4, aspect_ratio=64, head_dim=64, seq_len=256,
-                 base_steps=300, base_batch_tokens=8192, base_device_batch=16,
-                 sft_examples=6000, sft_steps=250, sft_batch=32, sft_device_batch=16,
+    "full": dict(difficulty=1, vocab_size=512, tok_chars=1_000_000, depth=2, aspect_ratio=64, head_dim=32,
+                 seq_len=128, base_steps=500, base_batch_tokens=2048, base_device_batch=16,
+                 sft_examples=3000, sft_steps=120, sft_batch=32, sft_device_batch=32, sft_lr_frac=0.5,
                  eval_n=200, gen_eval_n=50,
-                 rl_steps=40, rl_examples=8, rl_samples=8, rl_new_tokens=48, rl_eval=100, rl_probe_batch=16,
+                 rl_steps=20, rl_examples=8, rl_samples=8, rl_new_tokens=32, rl_eval=100, rl_probe_batch=16,
                  patch_pairs=8),
-    "small": dict(vocab_size=512, tok_chars=300_000, depth=2, aspect_ratio=64, head_dim=64, seq_len=128,
-                  base_steps=20, base_batch_tokens=2048, base_device_batch=16,
-                  sft_examples=400, sft_steps=10, sft_batch=16, sft_device_batch=16,
+    "small": dict(difficulty=1, vocab_size=512, tok_chars=300_000, depth=2, aspect_ratio=64, head_dim=64,
+                  seq_len=128, base_steps=20, base_batch_tokens=2048, base_device_batch=16,
+                  sft_examples=400, sft_steps=10, sft_batch=16, sft_device_batch=16, sft_lr_frac=0.5,
                   eval_n=40, gen_eval_n=8,
                   rl_steps=2, rl_examples=4, rl_samples=4, rl_new_tokens=24, rl_eval=20, rl_probe_batch=8,
                   patch_pairs=2),
@@ -135,14 +135,15 @@ def run_demo(config: DemoConfig) -> dict:
     # 2. base pretraining --------------------------------------------------------------------------
     from training import base
 
-    base_settings = {k: b[k] for k in ("depth", "aspect_ratio", "head_dim", "seq_len", "base_steps",
+    base_settings = {k: b[k] for k in ("difficulty", "depth", "aspect_ratio", "head_dim", "seq_len", "base_steps",
                                        "base_batch_tokens", "base_device_batch")}
     base_stage = Stage(root, "base", {**common, **base_settings}, tok.key)
 
     def pretrain():
         say(f"2/6 base: depth {b['depth']} GPT pretrained {b['base_steps']} steps on synthetic text")
         metrics = base.run(base.BaseConfig(
-            run_dir=str(base_stage.dir), tokenizer_dir=str(tok.dir), data="synthetic", val_docs=128,
+            run_dir=str(base_stage.dir), tokenizer_dir=str(tok.dir), val_docs=128,
+            data=f"synthetic:{config.seed}:{b['difficulty']}",
             depth=b["depth"], aspect_ratio=b["aspect_ratio"], head_dim=b["head_dim"], seq_len=b["seq_len"],
             device_batch_size=b["base_device_batch"], total_batch_tokens=b["base_batch_tokens"],
             max_steps=b["base_steps"], eval_every=0, save_every=b["base_steps"], device=config.device,
@@ -154,7 +155,7 @@ def run_demo(config: DemoConfig) -> dict:
     # 3. SFT + held-out accuracy -------------------------------------------------------------------
     from training import sft
 
-    sft_settings = {k: b[k] for k in ("sft_examples", "sft_steps", "sft_batch", "sft_device_batch", "eval_n",
+    sft_settings = {k: b[k] for k in ("sft_examples", "sft_steps", "sft_batch", "sft_device_batch", "sft_lr_frac", "eval_n",
                                       "gen_eval_n")}
     sft_stage = Stage(root, "sft", {**common, **sft_settings}, base_stage.key)
 
@@ -162,8 +163,9 @@ def run_demo(config: DemoConfig) -> dict:
         say(f"3/6 sft: {b['sft_steps']} steps on {b['sft_examples']} synthetic conversations (direct + reasoning)")
         metrics = sft.run(sft.SFTConfig(
             init_from=str(base_stage.dir / "checkpoints"), run_dir=str(sft_stage.dir),
-            synthetic=b["sft_examples"], synthetic_seed=config.seed + 1, device_batch_size=b["sft_device_batch"],
-            examples_per_step=b["sft_batch"], max_steps=b["sft_steps"], eval_every=0, eval_synthetic=0,
+            synthetic=b["sft_examples"], synthetic_seed=config.seed + 1,
+            synthetic_difficulty=b["difficulty"], device_batch_size=b["sft_device_batch"],
+            examples_per_step=b["sft_batch"], max_steps=b["sft_steps"], init_lr_frac=b["sft_lr_frac"], eval_every=0, eval_synthetic=0,
             save_every=b["sft_steps"], device=config.device, bf16="auto", compile="off", seed=config.seed,
             wandb="disabled"))
         return {"metrics": _floats(metrics), **held_out_accuracy(sft_stage.dir / "checkpoints", b, config)}
@@ -183,7 +185,8 @@ def run_demo(config: DemoConfig) -> dict:
         say(f"4/6 rl: GRPO {b['rl_steps']} steps × {b['rl_examples']} problems × {b['rl_samples']} samples, "
             f"all probes on, W&B {config.wandb} + metrics.jsonl")
         summary = rl.run(rl.RLConfig(
-            task="synthetic", checkpoint=str(sft_stage.dir / "checkpoints"), eval_examples=b["rl_eval"],
+            task="synthetic", difficulty=b["difficulty"], checkpoint=str(sft_stage.dir / "checkpoints"),
+            eval_examples=b["rl_eval"],
             max_steps=b["rl_steps"], examples_per_step=b["rl_examples"], num_samples=b["rl_samples"],
             max_new_tokens=b["rl_new_tokens"], temperature=1.0, top_k=None, pass_k=4,
             eval_every=max(1, b["rl_steps"] // 4), probes=rl.PROBE_NAMES, probe_every=max(1, b["rl_steps"] // 8),
@@ -249,7 +252,7 @@ def held_out_accuracy(checkpoint_dir: Path, b: dict, config: DemoConfig) -> dict
 
     model, tokenizer, _ = load_model(checkpoint_dir, device=config.device)
     model.eval()
-    problems = SyntheticTask(seed=config.seed, split="eval").problems(b["eval_n"])
+    problems = SyntheticTask(seed=config.seed, split="eval", difficulty=b["difficulty"]).problems(b["eval_n"])
     cat = evaluate(model, tokenizer, problems, mode="categorical")
     gen = evaluate(model, tokenizer, problems[: b["gen_eval_n"]], mode="generative", temperature=0.0,
                    max_new_tokens=b["rl_new_tokens"], seed=config.seed)
