@@ -87,10 +87,11 @@ def test_option_spans_on_synthetic_and_all_aqua_dev(shared_data):
 def test_checked_style_walks_the_options():
     checked = conversation(PROBLEM, "checked")["messages"]
     assert checked[0]["content"] == conversation(PROBLEM, "reasoning")["messages"][0]["content"]
-    assert checked[1]["content"] == "2 + 3 = 5\nA) 4 no\nB) 5 yes\nC) 6 no\nD) 7 no\nE) 8 no\nAnswer: B"
+    assert checked[1]["content"] == "2 + 3 = 5\nA) 4 no\nB) 5 yes\nAnswer: B"
     for p in SyntheticTask(0, "train").problems(200):
         content = conversation(p, "checked")["messages"][1]["content"]
-        assert content.count(" yes\n") == 1 and f"\n{p.correct}) {p.answer_text} yes\n" in content
+        assert content.count(" yes\n") == 1 and content.endswith(f"\n{p.correct}) {p.answer_text} yes\nAnswer: {p.correct}")
+        assert content.count(" no\n") == p.answer_index
         assert extract_letter(content) == p.correct
 
 

@@ -7,12 +7,14 @@ fixed instruction line):
 - "reasoning": the assistant writes the rationale, then "\\nAnswer: C". Generative eval and RL sample
   this and read the letter back with extract_letter.
 SFT mixes both styles.
-- "checked": the "reasoning" user message; the assistant writes the rationale, then checks each option
-  against the rationale's final value ("A) 5 no" ... "D) 6 yes"), then "\nAnswer: D". Measured on the
-  synthetic task (depth 2, 4 heads, CPU): with plain "reasoning" targets a tiny GPT learned the arithmetic
-  but not which letter holds its result (generative accuracy at chance after 1250 steps); with
-  "checked" targets it reached 0.62 after 800 steps. Falls back to "reasoning" when the final value is
-  not exactly one option's text (most AQuA rows). Generation prompts are the same for both.
+- "checked": the "reasoning" user message; the assistant writes the rationale, then checks the options in
+  order against the rationale's final value ("A) 5 no", "B) 8 no", ... up to "D) 6 yes"), then
+  "\nAnswer: D". Why: with plain "reasoning" targets a depth-2 GPT (4 heads) learned the arithmetic
+  but stayed at chance on the letter after 800-1250 CPU steps; with checked targets (all five lines)
+  it reached 0.62-0.75 generative accuracy in 800 steps in two runs, but one run learned to answer the
+  letter of the line AFTER "yes" (~0.02); stopping at the match puts the letter right above
+  "Answer:". Falls back to "reasoning" when the final value is not exactly one option's text (most
+  AQuA rows). Generation prompts are the same for "reasoning" and "checked".
 """
 
 from __future__ import annotations
@@ -38,14 +40,18 @@ def user_message(problem: MCProblem, style: str) -> str:
 
 
 def option_check(problem: MCProblem) -> str | None:
-    """Lines "X) text yes|no" comparing each option with the rationale's final value ("... = 6"), or
-    None when that value is not the text of exactly one option, the gold one."""
+    """Lines "X) text no" for the options before the match, then "X) text yes" for the option equal to
+    the rationale's final value ("... = 6"); None when that value is not exactly one option, the gold."""
     last = problem.rationale.rstrip().splitlines()[-1] if problem.rationale.strip() else ""
     value = last.rsplit("=", 1)[-1].strip() if "=" in last else None
     if value is None or [o.strip() for o in problem.options].count(value) != 1 or problem.answer_text.strip() != value:
         return None
-    return "\n".join(f"{line} {'yes' if text.strip() == value else 'no'}"
-                     for line, text in zip(option_lines(problem), problem.options))
+    checks = []
+    for line, text in zip(option_lines(problem), problem.options):
+        checks.append(f"{line} {'yes' if text.strip() == value else 'no'}")
+        if text.strip() == value:  # stop at the match: "Answer: X" then sits right under "X) ... yes"
+            break
+    return "\n".join(checks)
 
 
 def conversation(problem: MCProblem, style: str) -> dict:
