@@ -46,3 +46,12 @@ def test_every_number_is_at_most_99(level):
     for p in SyntheticTask(3, "eval", level).problems(300):
         numbers = [int(n) for n in re.findall(r"\d+", "\n".join([p.question, *p.options, p.rationale]))]
         assert max(numbers) <= MAX_NUMBER, p
+
+
+def test_mixture_accepts_the_checked_style():
+    chats = build_mixture(MixtureSpec(synthetic=20, synthetic_difficulty=1, styles=("direct", "checked")))
+    checked = [c["messages"][1]["content"] for c in chats if c["messages"][1]["content"].count("\n") >= 2]
+    assert len(checked) == 10
+    for text in checked:
+        *_, match, answer = text.splitlines()
+        assert match.endswith(" yes") and answer == f"Answer: {match[0]}"

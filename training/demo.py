@@ -4,7 +4,7 @@ The whole pipeline at toy scale, every stage through the same code a real run us
 
   1. tokenizer  rustbpe trained on the synthetic AQuA-style task (training.tok_train)
   2. base       tiny GPT pretrained on synthetic problem text (training.base)
-  3. sft        chat fine-tune on "direct" + "reasoning" conversations (training.sft), then held-out
+  3. sft        chat fine-tune on "direct" + "checked" conversations (training.sft), then held-out
                 categorical and generative accuracy (aquainterp.evaluate)
   4. rl         GRPO with every probe on, logged to an offline W&B run and metrics.jsonl (training.rl)
   5. dashboards the shipped templates rendered to one offline HTML page + W&B workspace JSON
@@ -32,14 +32,16 @@ from pathlib import Path
 # same pipeline shrunk so a test can run it end to end in a couple of minutes.
 BUDGETS = {
     "full": dict(difficulty=1, vocab_size=512, tok_chars=1_000_000, depth=2, aspect_ratio=64, head_dim=32,
-                 seq_len=128, base_steps=500, base_batch_tokens=2048, base_device_batch=16,
-                 sft_examples=3000, sft_steps=120, sft_batch=32, sft_device_batch=32, sft_lr_frac=0.5,
+                 seq_len=128, base_steps=300, base_batch_tokens=2048, base_device_batch=16,
+                 sft_examples=8000, sft_steps=400, sft_batch=32, sft_device_batch=32, sft_lr_frac=0.5,
+                 sft_styles="direct,checked",
                  eval_n=200, gen_eval_n=50,
-                 rl_steps=20, rl_examples=8, rl_samples=8, rl_new_tokens=32, rl_eval=100, rl_probe_batch=16,
+                 rl_steps=20, rl_examples=8, rl_samples=8, rl_new_tokens=48, rl_eval=100, rl_probe_batch=16,
                  patch_pairs=8),
     "small": dict(difficulty=1, vocab_size=512, tok_chars=300_000, depth=2, aspect_ratio=64, head_dim=64,
                   seq_len=128, base_steps=20, base_batch_tokens=2048, base_device_batch=16,
                   sft_examples=400, sft_steps=10, sft_batch=16, sft_device_batch=16, sft_lr_frac=0.5,
+                  sft_styles="direct,checked",
                   eval_n=40, gen_eval_n=8,
                   rl_steps=2, rl_examples=4, rl_samples=4, rl_new_tokens=24, rl_eval=20, rl_probe_batch=8,
                   patch_pairs=2),
@@ -155,17 +157,17 @@ def run_demo(config: DemoConfig) -> dict:
     # 3. SFT + held-out accuracy -------------------------------------------------------------------
     from training import sft
 
-    sft_settings = {k: b[k] for k in ("sft_examples", "sft_steps", "sft_batch", "sft_device_batch", "sft_lr_frac", "eval_n",
+    sft_settings = {k: b[k] for k in ("sft_examples", "sft_steps", "sft_batch", "sft_device_batch", "sft_lr_frac", "sft_styles", "eval_n",
                                       "gen_eval_n")}
     sft_stage = Stage(root, "sft", {**common, **sft_settings}, base_stage.key)
 
     def finetune():
-        say(f"3/6 sft: {b['sft_steps']} steps on {b['sft_examples']} synthetic conversations (direct + reasoning)")
+        say(f"3/6 sft: {b['sft_steps']} steps on {b['sft_examples']} synthetic conversations ({b['sft_styles']})")
         metrics = sft.run(sft.SFTConfig(
             init_from=str(base_stage.dir / "checkpoints"), run_dir=str(sft_stage.dir),
             synthetic=b["sft_examples"], synthetic_seed=config.seed + 1,
             synthetic_difficulty=b["difficulty"], device_batch_size=b["sft_device_batch"],
-            examples_per_step=b["sft_batch"], max_steps=b["sft_steps"], init_lr_frac=b["sft_lr_frac"], eval_every=0, eval_synthetic=0,
+            examples_per_step=b["sft_batch"], max_steps=b["sft_steps"], init_lr_frac=b["sft_lr_frac"], styles=b["sft_styles"], eval_every=0, eval_synthetic=0,
             save_every=b["sft_steps"], device=config.device, bf16="auto", compile="off", seed=config.seed,
             wandb="disabled"))
         return {"metrics": _floats(metrics), **held_out_accuracy(sft_stage.dir / "checkpoints", b, config)}
