@@ -13,7 +13,8 @@ SFT mixes both styles.
   but stayed at chance on the letter after 800-1250 CPU steps; with checked targets (all five lines)
   it reached 0.62-0.75 generative accuracy in 800 steps in two runs, but one run learned to answer the
   letter of the line AFTER "yes" (~0.02); stopping at the match puts the letter right above
-  "Answer:". Falls back to "reasoning" when the final value is not exactly one option's text (most
+  "Answer:" (this form: 0.74 on 100 held-out problems after 800 steps, one run, difficulty 1;
+  categorical accuracy stayed at chance in every run). Falls back to "reasoning" when the final value is not exactly one option's text (most
   AQuA rows). Generation prompts are the same for "reasoning" and "checked".
 """
 
