@@ -36,7 +36,7 @@ BUDGETS = {
                  sft_examples=8000, sft_steps=400, sft_batch=32, sft_device_batch=32, sft_lr_frac=0.5,
                  sft_styles="direct,checked",
                  eval_n=200, gen_eval_n=50,
-                 rl_steps=20, rl_examples=8, rl_samples=8, rl_new_tokens=48, rl_eval=100, rl_probe_batch=16,
+                 rl_steps=60, rl_examples=8, rl_samples=8, rl_new_tokens=48, rl_eval=100, rl_probe_batch=16,
                  patch_pairs=8),
     "small": dict(difficulty=1, vocab_size=512, tok_chars=300_000, depth=2, aspect_ratio=64, head_dim=64,
                   seq_len=128, base_steps=20, base_batch_tokens=2048, base_device_batch=16,
