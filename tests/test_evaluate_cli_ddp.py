@@ -16,14 +16,6 @@ from aquainterp.cli import main
 from aquainterp.evaluate import evaluate, load_problems
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_eval_command_matches_the_library(tmp_path, shared_data, capsys):
     tok = trained_tokenizer()
     model = tiny_gpt(tok.vocab_size, seed=3)

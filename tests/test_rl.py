@@ -19,14 +19,6 @@ from training.optim import build_optimizers
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is several times faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 CPU = Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 PROBLEM = MCProblem("1+1?", ("1", "2", "3", "4", "5"), "1+1 = 2", "B", "test:0")

@@ -36,14 +36,6 @@ def tokenizer_dir(tmp_path_factory):
     return out
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """CPU bit-exactness compares runs with the same thread count; one thread is also faster here."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def tiny(run_dir, tokenizer_dir, **kw) -> BaseConfig:
     cfg = dict(run_dir=str(run_dir), tokenizer_dir=str(tokenizer_dir), depth=2, aspect_ratio=32, head_dim=32,

@@ -24,14 +24,6 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ["TQDM_DISABLE"] = "1"  # forked children inherit it; their bars would only clutter the log
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Bit-exact CPU comparisons need the same thread count in every run; one is also kindest here."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
