@@ -9,22 +9,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
+from test_model import random_gpt  # noqa: E402
 from transformers import NanoChatConfig, NanoChatForCausalLM  # noqa: E402
 
 from aquainterp.bridge import export_hf, import_hf, load_transformer_bridge  # noqa: E402
 from aquainterp.model import GPT, GPTConfig  # noqa: E402
 
 VOCAB = 96
-
-
-def random_gpt(config: GPTConfig, seed: int = 0) -> GPT:
-    """Random non-zero weights everywhere (std 1 embedding, 1/√fan_in matrices)."""
-    torch.manual_seed(seed)
-    model = GPT(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 1.0 if p is model.wte.weight else p.shape[-1] ** -0.5)
-    return model.eval()
 
 
 def ids(batch=2, T=11, seed=1):

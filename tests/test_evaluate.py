@@ -62,14 +62,6 @@ def force_answer(model: GPT, tok, choose):
     return model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """On a loaded 2-core machine, torch's 2 intra-op threads make these tiny forwards ~50x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def tok():

@@ -4,7 +4,6 @@ stage starting from the previous stage's checkpoint, and SFT is evaluated on hel
 import json
 
 import pytest
-import torch
 
 from aquainterp.checkpoint import load_model
 from aquainterp.evaluate import evaluate
@@ -39,7 +38,6 @@ def rationale_match_rate(model, tok, problems) -> float:
 
 @pytest.mark.slow
 def test_base_mid_sft_on_cpu(tmp_path):
-    torch.set_num_threads(1)
     run_tok(TokTrainConfig(data="synthetic", out_dir=str(tmp_path / "tok"), vocab_size=512, max_chars=400_000,
                            eval_docs=50))
     base = run_base(BaseConfig(run_dir=str(tmp_path / "base"), tokenizer_dir=str(tmp_path / "tok"), depth=2,
