@@ -266,7 +266,7 @@ def _floats(metrics: dict) -> dict:
 
 
 def print_summary(r: dict, root: Path, config: DemoConfig) -> None:
-    before, after, final = r["rl"]["before"], r["rl"]["after"], r["rl"]["final"]
+    before, after = r["rl"]["before"], r["rl"]["after"]
 
     say(f"summary ({r['wall_seconds'] / 60:.1f} min; stage times in {root}/summary.json)")
     bpt = r["tokenizer"]["bytes_per_token"].get("synthetic")
@@ -276,13 +276,11 @@ def print_summary(r: dict, root: Path, config: DemoConfig) -> None:
     for label, d in (("before RL", before), ("after RL ", after)):
         cat, gen = d.get("eval/synthetic_categorical_acc"), d.get("eval/synthetic_acc")
         print(f"{label}     categorical {cat:.3f}, generative {gen:.3f}, pass@k {d.get('rl/pass@k', float('nan')):.3f}")
-    kl = final.get("rl/kl_letter_mean")
-    seq_kl = final.get("rl/kl_sequence_mean")
-    margin = final.get("rl/letter_margin_mean")
+    # probes log on their own cadence, not in the per-step history: read their last values back
     last_probe = _last_probe_metrics(root / "rl" / "metrics.jsonl")
-    kl = last_probe.get("rl/kl_letter_mean", kl)
-    seq_kl = last_probe.get("rl/kl_sequence_mean", seq_kl)
-    margin = last_probe.get("rl/letter_margin_mean", margin)
+    kl = last_probe.get("rl/kl_letter_mean")
+    seq_kl = last_probe.get("rl/kl_sequence_mean")
+    margin = last_probe.get("rl/letter_margin_mean")
     print(f"KL drift      letter {kl:.4f}, sequence {seq_kl:.4f} (nats, vs the pre-RL policy)"
           if kl is not None and seq_kl is not None else "KL drift      (no probe step logged)")
     if margin is not None:
