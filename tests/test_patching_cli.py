@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from tasks_tokenizer import trained_tokenizer
-from test_patching import one_thread, random_gpt  # noqa: F401  (one_thread: autouse fixture)
+from test_patching import random_gpt
 
 from aquainterp.bridge import export_hf
 from aquainterp.checkpoint import save_checkpoint

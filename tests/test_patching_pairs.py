@@ -5,7 +5,7 @@ import re
 
 import pytest
 from tasks_tokenizer import trained_tokenizer
-from test_patching import one_thread, random_gpt  # noqa: F401  (one_thread: autouse fixture)
+from test_patching import random_gpt
 
 from aquainterp.patching import LETTERS, Patcher, _counterfactuals, make_pairs
 from aquainterp.tasks import MCProblem, decision_prompt
