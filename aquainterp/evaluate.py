@@ -227,7 +227,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--task", choices=("synthetic", "aqua"), default="synthetic")
     parser.add_argument("--data", default=None, help="AQuA JSON Lines file or hub id (task aqua)")
     parser.add_argument("--split", default=None, help="synthetic: eval|train (eval); aqua hub: split (validation)")
-    parser.add_argument("--n", type=int, default=None, help="evaluate the first N problems (synthetic: 500)")
+    parser.add_argument("--num-problems", "--n", dest="n", type=int, default=None,
+                        help="evaluate the first N problems (synthetic: 500); under torchrun spell it "
+                             "--num-problems, since torchrun's own parser rejects --n as ambiguous")
     parser.add_argument("--mode", choices=MODES, default="categorical")
     parser.add_argument("--num-samples", type=int, default=1, help="generative: samples per problem")
     parser.add_argument("--max-new-tokens", type=int, default=256)
@@ -245,14 +247,22 @@ def run(args) -> int:
     """Under torchrun (WORLD_SIZE > 1) the ranks share the problems; rank 0 prints and writes JSON."""
     import os
 
+    device = args.device
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return _run_on(args, device)
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    code = _run_on(args, device)
+    dist.barrier()  # rank 0 may still be writing; a gloo peer that leaves first can abort in C++
+    dist.destroy_process_group()
+    return code
+
+
+def _run_on(args, device: str) -> int:
     from aquainterp.checkpoint import load_model
 
-    device = args.device
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-        if device.startswith("cuda"):
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-            torch.cuda.set_device(device)
     rank = dist.get_rank() if dist.is_initialized() else 0
     model, tokenizer, _meta = load_model(args.checkpoint, args.step, device=device)
     if tokenizer is None:

@@ -94,3 +94,28 @@ def test_ddp_two_processes_equal_one(tmp_path, shared_data):
     assert single[0]["problems"] == 23 and single[1]["samples"] == 69
     assert 0 < single[0]["correct"] < 23 and 0 < single[1]["correct"] < 69  # not a degenerate all-wrong case
     assert 0 < passes["1"] < passes["3"]
+
+
+@pytest.mark.slow
+def test_eval_command_under_torchrun_matches_one_process(tmp_path, shared_data):
+    """`torchrun --nproc_per_node=2 -m aquainterp.cli eval` writes the same JSON as one process, and both
+    ranks leave cleanly (the group is destroyed after a barrier, so rank 1 never exits under rank 0)."""
+    import subprocess
+    import sys
+
+    tok = trained_tokenizer()
+    save_checkpoint(tmp_path / "ckpt", 1, spread_model(tok), None, {}, tokenizer=tok)
+    args = ["eval", "--checkpoint", str(tmp_path / "ckpt"), "--task", "aqua", "--num-problems", "23",
+            "--data", str(shared_data / "aqua_rat" / "dev.json"), "--mode", "generative",
+            "--num-samples", "3", "--max_new_tokens", "5"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+              "-m", "aquainterp.cli"]
+    done = subprocess.run([*launch, *args, "--json", str(tmp_path / "two.json")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("generative accuracy") == 1  # rank 0 alone prints
+    assert main([*args, "--json", str(tmp_path / "one.json")]) == 0
+    two, one = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("two", "one"))
+    assert two.pop("pass_at_k") == pytest.approx(one.pop("pass_at_k"))
+    assert two == one and one["samples"] == 69

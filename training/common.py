@@ -88,7 +88,13 @@ def setup_distributed(device: str = "auto") -> Dist:
 
 
 def teardown_distributed() -> None:
+    """Called from `finally`. On a clean exit the ranks meet at a barrier first: a gloo rank that
+    destroys its group while a peer is still working (rank 0 saving a checkpoint, say) can abort in
+    C++ ("terminate called without an active exception"). While an exception is propagating the
+    barrier is skipped, since the failed rank's peers may never arrive and it would hang."""
     if torch_dist.is_initialized():
+        if sys.exc_info()[0] is None:
+            torch_dist.barrier()
         torch_dist.destroy_process_group()
 
 
