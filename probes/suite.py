@@ -10,6 +10,14 @@ What the RL loop does (training/rl.py; every `--probe-every` steps, flags `--pro
         logger.log(metrics, step)
         suite.log_raw(logger, step)                       # histograms, hardest-questions table
 
+Cost: one hooked policy forward per probe batch gives entropy, option mass, letter margins, counts and
+the policy side of letter KL. The reference is frozen and the probe set fixed, so the reference's letter
+logits are computed on the first run and reused (recomputed if the reference's tensors change in
+place or are replaced); sequence KL's teacher-forced forwards (policy and reference, along the given
+completions) are the only other per-run forwards. The hardest-questions table, whose greedy
+completions cost more than everything else together, is built only on steps that are multiples of
+`table_every` (sparser than the probe cadence), with completions for its `hardest_k` rows only.
+
 Guarantees: everything runs under torch.no_grad in eval mode, on the probe set only; train/eval mode
 and the RNG state are restored, and every hook is removed, so the next training step computes exactly
 what it would have without the probe run. A suite with no probes selected registers no hooks and does
@@ -109,11 +117,11 @@ class _PatternReducer:
         def reduce(pattern, hook):
             if "entropy" in self.want:
                 ent, norm = window_entropy(pattern, self.positions, self.valid)
-                self.per_layer["entropy"][layer] = ent.cpu()
-                self.per_layer["entropy_normalized"][layer] = norm.cpu()
+                self.per_layer["entropy"][layer] = ent
+                self.per_layer["entropy_normalized"][layer] = norm
             if "option_mass" in self.want:
                 rows = decision_rows(pattern, self.lengths)
-                self.per_layer["option_mass"][layer] = option_mass(rows, self.mask).cpu()
+                self.per_layer["option_mass"][layer] = option_mass(rows, self.mask)
         return reduce
 
     def stacked(self) -> dict[str, torch.Tensor]:
@@ -126,18 +134,23 @@ class ProbeSuite:
                  reference_model=None, batch_size: int = 8, device=None, reference_device=None,
                  entropy_window: int = 8, kl_sequences: int = 8, max_new_tokens: int = 64,
                  completion_style: str = "reasoning", hardest_k: int = 5, table_completions: bool = True,
-                 progress: bool = True):
+                 table_every: int = 50, progress: bool = True):
         """problems: the fixed probe set, MCProblems (or ProbeItems from build_probe_set, to share one).
         reference_model: the frozen pre-RL policy (freeze_reference), needed by "kl". kl_sequences: how
         many probe problems get a greedy completion for sequence KL when the caller passes none.
         hardest_k: rows of the hardest-questions table; table_completions: fill its completion column
-        with greedy completions (generated for those rows if the run made none). progress: a tqdm bar over
-        the probe batches (shown when there are 4 or more)."""
+        with greedy completions (generated for those rows if the run made none). table_every: the table is
+        built on steps that are multiples of it (0 = never), so with the RL loop's probe_every it appears
+        on probe steps that are also multiples of table_every. progress: a tqdm bar over the probe
+        batches (shown when there are 4 or more)."""
         self.model = unwrap(model)
         self.tokenizer = tokenizer
         self.probes = parse_probes(probes)
         if batch_size < 1:
             raise ValueError(f"ProbeSuite: batch_size must be >= 1, got {batch_size}")
+        if table_every < 0:
+            raise ValueError(f"ProbeSuite: table_every must be >= 0 (0 = no hardest-questions table), "
+                             f"got {table_every}")
         self.batch_size = batch_size
         self.device = torch.device(device) if device is not None else _device_of(self.model)
         self.reference = None
@@ -155,6 +168,7 @@ class ProbeSuite:
         self.completion_style = completion_style
         self.hardest_k = hardest_k
         self.table_completions = table_completions
+        self.table_every = table_every
         self.progress = progress
         if problems and all(isinstance(p, ProbeItem) for p in problems):
             self.items: list[ProbeItem] = list(problems)
@@ -163,13 +177,17 @@ class ProbeSuite:
         self.pad_id = getattr(tokenizer, "bos_token_id", 0)
         self.last_raw: dict = {}
         self.last_seconds: dict[str, float] = {}
+        self._batches: list[dict[str, torch.Tensor]] | None = None  # padded probe batches, built once
+        self._reference_letters: torch.Tensor | None = None  # [N, 5], valid while _reference_key holds
+        self._reference_key: tuple | None = None
 
     # ---- the run -----------------------------------------------------------------------------------
 
-    def run(self, step: int, completions=None) -> dict[str, float]:
+    def run(self, step: int, completions=None, table: bool | None = None) -> dict[str, float]:
         """Metrics for this step (design names). completions: sampled (prompt, completion) token pairs
         (or engine Generations) for sequence KL; None = greedy completions of the first `kl_sequences`
-        probe problems. Raw arrays for histograms/heatmaps/tables land in `self.last_raw`."""
+        probe problems. table: build the hardest-questions table (needs "margin"); None = on steps that
+        are multiples of `table_every`. Raw arrays for histograms/heatmaps/tables land in `self.last_raw`."""
         if not self.probes or _rank() != 0:
             self.last_raw = {}
             return {}
@@ -179,11 +197,11 @@ class ProbeSuite:
         model.eval()
         try:
             with torch.no_grad(), torch.random.fork_rng(devices=cuda):
-                return self._measure(step, completions)
+                return self._measure(step, completions, due(step, self.table_every) if table is None else table)
         finally:
             model.train(was_training)
 
-    def _measure(self, step, completions) -> dict[str, float]:
+    def _measure(self, step, completions, table: bool) -> dict[str, float]:
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         collected = self._forward_probe_set()
@@ -229,7 +247,7 @@ class ProbeSuite:
             timings["kl_sequence"] = time.perf_counter() - t2
             metrics.update(kl_metrics(kl_seq, "kl_sequence"))
             raw["kl_sequence"] = kl_seq.numpy()
-        if "margin" in self.probes and self.hardest_k > 0:
+        if table and "margin" in self.probes and self.hardest_k > 0:
             t3 = time.perf_counter()
             raw["hardest"] = self._hardest_table(gold_margin, margin, predicted, generated)
             timings["hardest_table"] = time.perf_counter() - t3
@@ -237,41 +255,70 @@ class ProbeSuite:
         self.last_raw, self.last_seconds = raw, timings
         return metrics
 
+    def _probe_batches(self) -> list[dict[str, torch.Tensor]]:
+        """The fixed probe set as right-padded batches on the device: padded ids, lengths, letter ids,
+        gold letters and (for option mass) the span masks. Built on the first run, reused after."""
+        if self._batches is None:
+            self._batches = []
+            for start in range(0, len(self.items), self.batch_size):
+                batch = self.items[start : start + self.batch_size]
+                ids, lengths = right_pad([it.ids for it in batch], self.pad_id)
+                entry = {"ids": ids.to(self.device), "lengths": lengths.to(self.device),
+                         "letter_ids": torch.tensor([it.letter_ids for it in batch], device=self.device),
+                         "gold": torch.tensor([it.gold for it in batch])}
+                if "option_mass" in self.probes:
+                    entry["mask"] = span_mask([it.spans for it in batch], ids.shape[1], device=self.device)
+                self._batches.append(entry)
+        return self._batches
+
     def _forward_probe_set(self) -> dict[str, torch.Tensor]:
-        """One hooked forward per batch of decision prompts; hooks reduce each layer's pattern at once."""
+        """One hooked policy forward per probe batch; hooks reduce each layer's pattern at once."""
         want_attn = [p for p in ATTENTION_PROBES if p in self.probes]
         n_layers = self.model.cfg.n_layers
-        out: dict[str, list[torch.Tensor]] = {"letters": [], "gold": [], "reference_letters": [],
-                                              "entropy": [], "entropy_normalized": [], "option_mass": []}
-        batches = range(0, len(self.items), self.batch_size)
-        for start in tqdm(batches, desc="probes", leave=False, disable=not self.progress or len(batches) < 4):
-            batch = self.items[start : start + self.batch_size]
-            ids, lengths = right_pad([it.ids for it in batch], self.pad_id)
-            ids, lengths = ids.to(self.device), lengths.to(self.device)
-            letter_ids = torch.tensor([it.letter_ids for it in batch], device=self.device)
-            reducer = _PatternReducer(want_attn, n_layers, lengths, self.entropy_window,
-                                      span_mask([it.spans for it in batch], ids.shape[1], device=self.device))
+        out: dict[str, list[torch.Tensor]] = {"letters": [], "gold": [], "entropy": [], "entropy_normalized": [],
+                                              "option_mass": []}
+        batches = self._probe_batches()
+        for batch in tqdm(batches, desc="probes", leave=False, disable=not self.progress or len(batches) < 4):
+            ids, lengths = batch["ids"], batch["lengths"]
+            reducer = _PatternReducer(want_attn, n_layers, lengths, self.entropy_window, batch.get("mask"))
             if want_attn:
                 hooks = [(f"blocks.{layer}.attn.hook_pattern", reducer.hook(layer)) for layer in range(n_layers)]
                 logits = self.model.run_with_hooks(ids, fwd_hooks=hooks)
             else:
                 logits = self.model(ids)
-            out["letters"].append(letter_logits(logits, lengths - 1, letter_ids).float().cpu())
+            out["letters"].append(letter_logits(logits, lengths - 1, batch["letter_ids"]).float().cpu())
             del logits
-            out["gold"].append(torch.tensor([it.gold for it in batch]))
+            out["gold"].append(batch["gold"])
             for key, value in reducer.stacked().items():
-                out[key].append(value)
-            if self.reference is not None:
-                ref_device = _device_of(self.reference)
-                if want_attn:  # same attention path as the policy, so an unchanged policy gives exactly 0
-                    ref_logits = self.reference.run_with_hooks(
-                        ids.to(ref_device), fwd_hooks=[(_is_pattern, _leave_unchanged)])
+                out[key].append(value.cpu())  # one device-to-host copy per batch, not one per layer
+        collected = {k: torch.cat(v) for k, v in out.items() if v}
+        if self.reference is not None:
+            collected["reference_letters"] = self._reference_letter_logits(bool(want_attn))
+        return collected
+
+    def _reference_letter_logits(self, hooked: bool) -> torch.Tensor:
+        """The frozen reference's letter logits on the probe set [N, 5]: computed once, then reused.
+
+        The key is every reference tensor's identity and in-place version counter, so loading new
+        weights or editing them in place recomputes (edits through `.data` bypass the counter: the
+        reference must stay frozen, as freeze_reference makes it). `hooked`: use the same explicit
+        attention path as the policy forward, so an unchanged policy gives a letter KL of exactly 0."""
+        tensors = [*self.reference.parameters(), *self.reference.buffers()]
+        key = (hooked, tuple((id(t), t._version) for t in tensors))
+        if key != self._reference_key:
+            ref_device = _device_of(self.reference)
+            values = []
+            for batch in self._probe_batches():
+                ids = batch["ids"].to(ref_device)
+                if hooked:
+                    logits = self.reference.run_with_hooks(ids, fwd_hooks=[(_is_pattern, _leave_unchanged)])
                 else:
-                    ref_logits = self.reference(ids.to(ref_device))
-                ref_letters = letter_logits(ref_logits, lengths.to(ref_device) - 1, letter_ids.to(ref_device))
-                out["reference_letters"].append(ref_letters.float().cpu())
-                del ref_logits
-        return {k: torch.cat(v) for k, v in out.items() if v}
+                    logits = self.reference(ids)
+                values.append(letter_logits(logits, batch["lengths"].to(ref_device) - 1,
+                                            batch["letter_ids"].to(ref_device)).float().cpu())
+                del logits
+            self._reference_letters, self._reference_key = torch.cat(values), key
+        return self._reference_letters
 
     def _sequence_kl(self, pairs) -> torch.Tensor:
         """Exact full-vocab KL(policy || reference) per completion token, teacher forced, mean per pair."""

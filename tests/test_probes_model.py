@@ -197,6 +197,43 @@ def test_kl_identical_reference_is_exactly_zero_and_drift_matches_brute_force():
     assert min(seq) > 0
 
 
+def test_one_policy_forward_per_batch_and_reference_letters_computed_once():
+    """Entropy, option mass, margins, counts and letter KL share one hooked policy forward per probe
+    batch; the frozen reference's letter logits are computed on the first run only, and again when its
+    weights change in place."""
+    model = tiny_model(seed=6)
+    reference = freeze_reference(model, "cpu")
+    s = suite(model, ("entropy", "option_mass", "margin", "kl", "counts"), reference_model=reference,
+              batch_size=2)  # 5 items: 3 probe batches
+    forwards = {"policy": 0, "reference": 0}
+    # lm_head runs once per forward (run_with_hooks calls GPT.forward directly, past module hooks)
+    handles = [m.lm_head.register_forward_hook(lambda *_, who=who: forwards.__setitem__(who, forwards[who] + 1))
+               for who, m in (("policy", model), ("reference", reference))]
+    pairs = [(list(it.ids), [5, 6, 7]) for it in s.items[:3]]  # 2 sequence-KL batches
+    try:
+        counts = []
+        for step in range(3):
+            if step == 2:
+                with torch.no_grad():
+                    reference.lm_head.weight.add_(torch.randn_like(reference.lm_head.weight) * 0.3)
+            forwards.update(policy=0, reference=0)
+            m = s.run(step, completions=pairs)
+            counts.append(dict(forwards))
+            if step < 2:
+                assert m["rl/kl_letter_mean"] == 0.0 and m["rl/kl_sequence_mean"] == 0.0
+    finally:
+        for h in handles:
+            h.remove()
+    assert counts == [{"policy": 5, "reference": 5}, {"policy": 5, "reference": 2}, {"policy": 5, "reference": 5}]
+    with torch.no_grad():  # the recomputed reference letters are the edited reference's, prompt by prompt
+        want = []
+        for it in s.items:
+            p = model(torch.tensor([it.ids]))[0, -1, list(LETTER_IDS)].log_softmax(-1)
+            q = reference(torch.tensor([it.ids]))[0, -1, list(LETTER_IDS)].log_softmax(-1)
+            want.append(float((p.exp() * (p - q)).sum()))
+    assert s.last_raw["kl_letter"].tolist() == pytest.approx(want, rel=1e-4, abs=1e-7) and min(want) > 0
+
+
 def test_batching_and_padding_do_not_change_results():
     model = tiny_model(seed=1)
     a = suite(model, ("entropy", "option_mass", "margin", "counts"), batch_size=1).run(0)
@@ -295,6 +332,8 @@ def test_bad_input_errors():
         suite(model, ("kl",))
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         suite(model, ("margin",), batch_size=0)
+    with pytest.raises(ValueError, match="ProbeSuite: table_every must be >= 0 .* got -1"):
+        suite(model, ("margin",), table_every=-1)
     s = suite(model, ("kl",), reference_model=freeze_reference(model))
     with pytest.raises(ValueError, match="completion pair 1 has an empty completion"):
         s.run(0, completions=[([1, 2], [3]), ([1, 2], [])])
@@ -311,7 +350,7 @@ def test_log_raw_writes_histograms_table_and_figures_through_the_logger(tmp_path
 
     model = tiny_model()
     s = suite(model, ("entropy", "option_mass", "margin", "kl", "counts"), reference_model=freeze_reference(model),
-              hardest_k=2)
+              hardest_k=2, table_every=1)  # a table on every probe step, step 3 included
     logger = Logger(tmp_path, mode="disabled")
     metrics = s.run(3, completions=[([1, 2, 3], [4, 5])])
     logger.log(metrics, step=3)

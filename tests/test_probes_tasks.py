@@ -110,3 +110,42 @@ def test_greedy_probe_run_between_training_steps_changes_nothing(tokenizer, prob
     (params_a, grads_a), (params_b, grads_b) = train(False), train(True)
     assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
     assert all(torch.equal(a, b) for a, b in zip(params_a, params_b))
+
+
+def test_table_completions_only_on_table_steps_and_only_for_the_shown_rows(tokenizer, problems):
+    from aquainterp.engine import Engine
+
+    model = model_for(tokenizer, seed=2)
+    suite = ProbeSuite(model, tokenizer, problems, reference_model=freeze_reference(model), batch_size=4,
+                       max_new_tokens=5, hardest_k=2, table_every=4)
+    prefills = []  # the prompt of every Engine prefill: one per greedy completion
+
+    def record(module, args, kwargs):
+        if kwargs.get("kv_cache") is not None and args[0].shape[1] > 1:
+            prefills.append(args[0][0].tolist())
+
+    handle = model.register_forward_pre_hook(record, with_kwargs=True)
+    rollout = [(list(suite.items[0].ids), [5, 6, 7])]  # sampled completions given: KL generates nothing
+    prompts = {it.index: list(tokenizer.render_for_completion(conversation(it.problem, "reasoning")))
+               for it in suite.items}
+    try:
+        for step in (0, 2, 4, 6, 8):  # probes every 2 steps, the table every 4
+            prefills.clear()
+            suite.run(step, completions=rollout)
+            if step % 4:
+                assert prefills == [] and "hardest" not in suite.last_raw
+                continue
+            rows = suite.last_raw["hardest"]["rows"]
+            assert len(rows) == 2 and sorted(prefills) == sorted(prompts[row[0]] for row in rows)
+        prefills.clear()
+        suite.run(6, completions=rollout, table=True)  # forced, e.g. for the last step of a run
+        assert len(prefills) == 2 and "hardest" in suite.last_raw
+        prefills.clear()
+        suite.run(0)  # no rollouts: greedy completions for sequence KL, which the table rows reuse
+        assert sorted(prefills) == sorted(prompts.values()) and len(prefills) == len(problems)
+    finally:
+        handle.remove()
+    engine, stop = Engine(model), [tokenizer.encode_special("<|assistant_end|>")]
+    for row in suite.last_raw["hardest"]["rows"]:
+        greedy = engine.generate(prompts[row[0]], max_new_tokens=5, temperature=0.0, stop_tokens=stop)
+        assert row[-1] == tokenizer.decode(greedy.completions[0])
