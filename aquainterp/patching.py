@@ -12,6 +12,13 @@ restore?); noising runs the clean prompt and writes one corrupted activation in 
 breaking this piece hurt?). Either way a patch is one batch row: the prompt is stacked once per
 (cell, pair) and one hook per layer writes every row's own (position, head) at once, so a sweep over
 L×T cells and N pairs costs ceil(L·T·N / batch_size) forwards, not L·T.
+
+On our GPT a patched forward also skips what the patch cannot change. Everything below layer l and, by
+causal attention, every position before p is the unpatched base run's: a patch at (l, p) resumes at
+block l from the base run's cached residual stream, computes only positions p..T-1, and lets them
+attend to the base run's cached keys/values for positions < p (the model's KV-cache path). Only the
+decision position goes through the final norm and the unembedding. Cells are sorted by (layer,
+position) so that one batch shares its start; a patch costs about (L-l)(T-p)/(L·T) of a full forward.
 """
 
 from __future__ import annotations
@@ -26,6 +33,9 @@ from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
+
+from aquainterp.engine import KVCache
+from aquainterp.model import GPT, SOFTCAP
 
 LETTERS = ("A", "B", "C", "D", "E")
 CORRUPTIONS = ("permute", "numbers", "noise")
@@ -45,6 +55,9 @@ SWEEPS: dict[str, tuple[str, tuple[str, ...]]] = {
     "z": ("blocks.{}.attn.hook_z", ("layer", "head")),
     "z_pos": ("blocks.{}.attn.hook_z", ("layer", "pos", "head")),
 }
+# Per-position hooks that come after block l's attention: at the last layer such a patch reaches only its
+# own position, so off the decision position it changes nothing (the cell keeps the base value).
+AFTER_ATTENTION = ("resid_mid", "resid_post", "attn_out", "mlp_out", "z_pos")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -269,10 +282,12 @@ class Patcher:
     Prompts of different lengths are right-padded: attention is causal, so padding never reaches the
     decision position. With align="end" the position axis counts back from each pair's decision
     position (cell T-1 is every pair's last token), which suits prompts of varied length (AQuA).
+    With reuse_prefix (our GPT only) a patched forward starts at the patch's layer and position from the
+    base run's cache; reuse_prefix=False runs every patch from the first token (the reference path).
     """
 
     def __init__(self, model, pairs: list[PatchPair], *, batch_size: int = 32, align: str = "start",
-                 noise_scale: float = 3.0, seed: int = 0, progress: bool = True):
+                 noise_scale: float = 3.0, seed: int = 0, progress: bool = True, reuse_prefix: bool = True):
         if not pairs:
             raise ValueError("Patcher: no pairs to patch")
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -286,6 +301,7 @@ class Patcher:
             model.eval()
         self.model, self.pairs = model, list(pairs)
         self.batch_size, self.align, self.progress = batch_size, align, progress
+        self.reuse_prefix = reuse_prefix and isinstance(model, GPT)
         self.device = next(model.parameters()).device
         self.n_layers, self.n_heads = model.cfg.n_layers, model.cfg.n_heads
         self.lengths = torch.tensor([len(p.clean_ids) for p in self.pairs], device=self.device)
@@ -298,6 +314,7 @@ class Patcher:
         self.clean_letter = torch.tensor([p.clean_letter_id for p in self.pairs], device=self.device)
         self.noise = self._make_noise(noise_scale, seed) if any(p.noise_span for p in self.pairs) else None
         self._cache: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
+        self._prefix: dict[str, dict[str, torch.Tensor]] = {}
         self._baselines()
 
     @torch.no_grad()
@@ -382,6 +399,55 @@ class Patcher:
                                            fwd_hooks=hooks + [("ln_final.hook_normalized", keep)])
         return logits[:n, 0]
 
+    @torch.no_grad()
+    def prefix(self, run: str) -> dict[str, torch.Tensor]:
+        """`run`'s residual stream entering every block [layer, pair, pos, d_model] and its attention
+        keys/values [layer, pair, kv_head, pos, d_head] (after rotary and QK-norm, as the KV cache holds
+        them): what a patched forward resumes from (cached; one full forward per run)."""
+        if run not in self._prefix:
+            store = {}
+            save = lambda act, hook: store.__setitem__(hook.name, act)
+            names = [f"blocks.{layer}.{n}" for layer in range(self.n_layers)
+                     for n in ("hook_resid_pre", "attn.hook_rot_k", "attn.hook_v")]
+            everyone = torch.arange(len(self.pairs), device=self.device)
+            hooks = (self.corruption_hooks(everyone) if run == "corrupted" else []) + [(n, save) for n in names]
+            self.model.run_with_hooks(self.tokens[run], fwd_hooks=hooks)
+            stack = lambda n: torch.stack([store[f"blocks.{layer}.{n}"] for layer in range(self.n_layers)])
+            self._prefix[run] = {"resid": stack("hook_resid_pre"),
+                                 "k": stack("attn.hook_rot_k").transpose(2, 3),
+                                 "v": stack("attn.hook_v").transpose(2, 3)}
+        return self._prefix[run]
+
+    @torch.no_grad()
+    def _resumed_logits(self, run: str, pair_index: torch.Tensor, patch_hooks: list, layer: int,
+                        start: int) -> torch.Tensor:
+        """Logits [rows, vocab] at each row's decision position from a forward of `run` that begins at
+        block `layer` and position `start` (every row's patch lies at or after both): positions < start
+        are the base run's keys/values in a KV cache, the residual stream entering block `layer` is the
+        base run's, and the blocks' hooks (the patch among them) fire on positions start..T-1."""
+        cached, model, n = self.prefix(run), self.model, len(pair_index)
+        cache = KVCache(n, self.n_layers, self.n_pos)
+        shape = (self.n_layers, n, *cached["k"].shape[2:])
+        cache.k = torch.empty(shape, dtype=cached["k"].dtype, device=self.device)
+        cache.v = torch.empty(shape, dtype=cached["v"].dtype, device=self.device)
+        cache.k[layer:, :, :, :start] = cached["k"][layer:, pair_index, :, :start]
+        cache.v[layer:, :, :, :start] = cached["v"][layer:, pair_index, :, :start]
+        cache.pos = start  # the blocks below insert positions start..T-1 behind the cached ones
+        x = cached["resid"][layer, pair_index, start:]
+        cos, sin = model.cos[:, start: self.n_pos], model.sin[:, start: self.n_pos]
+        with model.hooks(fwd_hooks=patch_hooks):
+            for block in model.blocks[layer:]:
+                x = block(x, cos, sin, cache)
+            return self._head(x[torch.arange(n, device=self.device), self.decision_pos[pair_index] - start])
+
+    def _head(self, final: torch.Tensor) -> torch.Tensor:
+        """GPT.forward's last steps (final norm, lm_head, fp32 soft-cap) on final residual vectors
+        [rows, d_model]; rows are filled up to batch_size so each row's numbers match an unpatched run."""
+        n = final.shape[0]
+        filled = torch.cat([final, final[:1].expand(max(self.batch_size - n, 0), -1)])[:, None]
+        logits = self.model.lm_head(self.model.ln_final(filled)).float()
+        return (torch.tanh(logits / SOFTCAP) * SOFTCAP)[:n, 0]
+
     def _letter_diff(self, logits: torch.Tensor, pair_index: torch.Tensor) -> torch.Tensor:
         rows = torch.arange(len(pair_index), device=logits.device)
         return logits[rows, self.clean_letter[pair_index]] - logits[rows, self.foil_letter[pair_index]]
@@ -425,7 +491,9 @@ class Patcher:
 
     def _rows(self, name: str):
         """Every (cell, pair) patch of a sweep as flat index, pair, layer, absolute position, head
-        (-1 where the sweep has no such axis), minus patches that fall outside a pair's prompt."""
+        (-1 where the sweep has no such axis), minus patches that fall outside a pair's prompt and, when
+        reusing prefixes, last-layer patches after attention off the decision position (both provably
+        leave the decision position alone). Sorted by (layer, position) when reusing prefixes."""
         axes, shape = self.cells(name)
         n = len(self.pairs)
         grids = torch.meshgrid(*[torch.arange(s, device=self.device) for s in (*shape, n)], indexing="ij")
@@ -438,17 +506,24 @@ class Patcher:
             if self.align == "end":
                 pos = pos - (self.n_pos - self.lengths[pair])
             keep = (pos >= 0) & (pos < self.lengths[pair])
+            if self.reuse_prefix and name in AFTER_ATTENTION:
+                keep &= (cols["layer"] < self.n_layers - 1) | (pos == self.decision_pos[pair])
         flat = torch.arange(pair.numel(), device=self.device)
-        return flat[keep], pair[keep], cols["layer"][keep], pos[keep], head[keep]
+        rows = flat[keep], pair[keep], cols["layer"][keep], pos[keep], head[keep]
+        if self.reuse_prefix:
+            order = torch.argsort(rows[2] * (self.n_pos + 1) + rows[3], stable=True)
+            rows = tuple(r[order] for r in rows)
+        return rows
 
-    def _patch_hook(self, source: torch.Tensor, rows, pair, pos, head):
-        """A hook writing source[pair, pos, head] into batch rows `rows` of the running activation."""
+    def _patch_hook(self, source: torch.Tensor, rows, pair, pos, head, start: int = 0):
+        """A hook writing source[pair, pos, head] into batch rows `rows` of the running activation,
+        which holds positions start..T-1."""
         def hook(act, hook):
             act = act.clone()
             if pos[0] >= 0 and head[0] >= 0:
-                act[rows, pos, head] = source[pair, pos, head].to(act.dtype)
+                act[rows, pos - start, head] = source[pair, pos, head].to(act.dtype)
             elif pos[0] >= 0:
-                act[rows, pos] = source[pair, pos].to(act.dtype)
+                act[rows, pos - start] = source[pair, pos].to(act.dtype)
             elif head[0] >= 0:
                 act[rows, :, head] = source[pair, :, head].to(act.dtype)
             else:
@@ -469,19 +544,32 @@ class Patcher:
         # Patches outside a pair's prompt (padding) cannot reach its decision position: base value.
         ld = base_ld.expand(*shape, len(self.pairs)).clone().reshape(-1)
         flat, pair, layer, pos, head = self._rows(name)
-        chunks = range(0, len(flat), self.batch_size)
-        for start in tqdm(chunks, desc=f"{direction} {name}", disable=not self.progress):
-            sl = slice(start, start + self.batch_size)
+        for sl in tqdm(self._batches(layer), desc=f"{direction} {name}", disable=not self.progress):
             b_pair, b_layer, b_pos, b_head = pair[sl], layer[sl], pos[sl], head[sl]
-            hooks = []
-            for lay in torch.unique(b_layer).tolist():
-                rows = torch.nonzero(b_layer == lay).squeeze(1)
-                hooks.append((template.format(lay),
-                              self._patch_hook(source[lay], rows, b_pair[rows], b_pos[rows], b_head[rows])))
-            logits = self._logits(base, b_pair, hooks)
+            if self.reuse_prefix:  # one layer per batch; resume at its first patched position
+                lay, start = int(b_layer[0]), max(int(b_pos.min()), 0)
+                rows = torch.arange(len(b_pair), device=self.device)
+                hooks = [(template.format(lay), self._patch_hook(source[lay], rows, b_pair, b_pos, b_head, start))]
+                logits = self._resumed_logits(base, b_pair, hooks, lay, start)
+            else:
+                hooks = []
+                for lay in torch.unique(b_layer).tolist():
+                    rows = torch.nonzero(b_layer == lay).squeeze(1)
+                    hooks.append((template.format(lay),
+                                  self._patch_hook(source[lay], rows, b_pair[rows], b_pos[rows], b_head[rows])))
+                logits = self._logits(base, b_pair, hooks)
             ld[flat[sl]] = self._letter_diff(logits, b_pair).to(ld.dtype)
         ld = ld.reshape(*shape, len(self.pairs))
         return SweepResult(name, direction, axes, self.normalize(ld), ld)
+
+    def _batches(self, layer: torch.Tensor) -> list[slice]:
+        """Slices of at most batch_size patches; with prefix reuse each stays inside one layer."""
+        if not self.reuse_prefix:
+            return [slice(i, i + self.batch_size) for i in range(0, len(layer), self.batch_size)]
+        out, bounds = [], torch.cumsum(torch.bincount(layer, minlength=self.n_layers), 0).tolist()
+        for lo, hi in zip([0, *bounds[:-1]], bounds):
+            out += [slice(i, min(i + self.batch_size, hi)) for i in range(lo, hi, self.batch_size)]
+        return out
 
     def position_labels(self, tokenizer=None) -> list[str]:
         """Unique labels for the position axis: "index: token" from the longest pair's clean prompt

@@ -3,8 +3,10 @@
     python benchmarks/patching.py [--depth 4] [--n-pairs 8] [--batch-size 128] [--device cpu] [--threads 0]
 
 Three ways to compute the same sweeps (resid_pre per layer × position, hook_z per layer × position × head):
-- batched: aquainterp.patching.Patcher, --batch-size patched sequences per forward;
-- naive: the same engine with one patch (all pairs of one cell) per forward, i.e. batch = n_pairs;
+- batched: aquainterp.patching.Patcher, --batch-size patched sequences per forward, each resumed at its
+  patch's layer and first patched position from the base run's cache (reuse_prefix, the default);
+- naive: the same engine with one patch (all pairs of one cell) per forward from the first token,
+  i.e. batch = n_pairs and reuse_prefix=False;
 - transformer_lens: transformer_lens.patching's own function (one forward per cell, full logits).
 Batched and naive must agree within 1e-5; transformer_lens within 1e-4 in logit units (fp32 rounding
 of logits near the soft-cap; normalised values divide it by the clean-corrupted gap, and the tests
@@ -77,7 +79,7 @@ def main(argv=None) -> int:
           f"batch {args.batch_size}")
 
     batched = Patcher(model, pairs, batch_size=args.batch_size, progress=False)
-    naive = Patcher(model, pairs, batch_size=len(pairs), progress=False)
+    naive = Patcher(model, pairs, batch_size=len(pairs), progress=False, reuse_prefix=False)
     for name in args.sweeps.split(","):
         batched.sweep(name)  # warm-up (and the clean/corrupted caches) for both engines
         naive.sweep(name)
