@@ -331,9 +331,12 @@ class ProbeSuite:
             prompt_len = torch.tensor([len(p) for p, _ in chunk])
             comp_len = torch.tensor([len(c) for _, c in chunk])
             mask = completion_mask(prompt_len, comp_len, ids.shape[1])
-            policy = self.model(ids.to(self.device))
-            reference = self.reference(ids.to(ref_device)).to(self.device)
-            values.append(sequence_kl(policy, reference, mask.to(self.device)).cpu())
+            # positions before the shortest prompt's end are masked out in every row: drop them before the
+            # reference logits [B, T, V] cross devices and before the full-vocab softmaxes
+            first = int(prompt_len.min()) - 1
+            policy = self.model(ids.to(self.device))[:, first:]
+            reference = self.reference(ids.to(ref_device))[:, first:].to(self.device)
+            values.append(sequence_kl(policy, reference, mask[:, first:].to(self.device)).cpu())
             del policy, reference
         return torch.cat(values)
 
