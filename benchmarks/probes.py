@@ -6,12 +6,13 @@ probes at the default cadence vs probes off, measured side by side in one run.
 
 The RL step is training/rl.py's own loop body (rollouts with the Engine, run_probes on the due steps,
 train_on_rollouts). Both arms replay the same steps with the same sampling seeds and the learning rate
-held at 0, so they generate and train on identical tokens and differ only by the probe runs; the arms
-alternate block by block (a block = probe_every steps) so machine load hits both alike. The suite is
-built as rl.py builds it, so the hardest-questions table (greedy completions) comes on probe steps that
-are multiples of its table_every (default 50 = every 5th probe run): the default --blocks covers one
-such cycle; fewer blocks over-weight the table (with 2 blocks, 1 probe run in 2 has it). The suite's
-first run also computes the frozen reference's letter logits, which later runs reuse.
+held at 0, so they generate and train on identical tokens and differ only by the probe runs. The arms
+run each step back to back (off then on on even steps, on then off on odd ones), so a neighbour's load
+burst hits both alike. The suite is built as rl.py builds it, so the hardest-questions table (greedy
+completions) comes on probe steps that are multiples of its table_every (default 50 = every 5th probe
+run): the default --blocks (blocks of probe_every steps) covers one such cycle; fewer blocks
+over-weight the table (with 2 blocks, 1 probe run in 2 has it). The suite's first run also computes
+the frozen reference's letter logits, which later runs reuse.
 """
 
 from __future__ import annotations
@@ -160,13 +161,12 @@ def main(argv=None) -> int:
         totals = {arm: [0.0, 0.0] for arm in ("off", "on")}
         probe_cpu = 0.0
         step(0, False)  # warm-up
-        for block in range(args.blocks):
-            for arm in (("off", "on") if block % 2 == 0 else ("on", "off")):
-                for i in range(args.probe_every):
-                    cpu, wall, pc = step(block * args.probe_every + i, arm == "on")
-                    totals[arm][0] += cpu
-                    totals[arm][1] += wall
-                    probe_cpu += pc
+        for s in range(args.blocks * args.probe_every):
+            for arm in (("off", "on") if s % 2 == 0 else ("on", "off")):
+                cpu, wall, pc = step(s, arm == "on")
+                totals[arm][0] += cpu
+                totals[arm][1] += wall
+                probe_cpu += pc
         logger.finish()
     # the on arm's probe runs are at steps block * probe_every; those that are multiples of table_every
     # also built the hardest-questions table
