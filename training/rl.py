@@ -71,7 +71,7 @@ class RLConfig:
     kl_coef: float = 0.0
     ppo_epochs: int = 1
     clip_eps: float = 0.0  # 0 = no clipping (nanochat)
-    device_batch_size: int = 8  # sequences per forward/backward
+    device_batch_size: int = 8  # completions (of one prompt) per forward/backward
     # optimizer (nanochat chat_rl defaults)
     matrix_lr: float = 0.02
     embedding_lr: float = 0.2
@@ -210,31 +210,58 @@ def rollout(engine: Engine, tokenizer, problem: MCProblem, config: RLConfig, see
                    list(gen.finished))
 
 
-def pack_sequences(rollouts: list[Rollout], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs, targets) [N, T] for every completion: targets are −1 on the prompt and the padding, so
-    only sampled completion tokens (stop token included) carry loss."""
-    seqs, starts = [], []
-    for r in rollouts:
-        for comp in r.completions:
-            seqs.append(r.prompt + comp)
-            starts.append(len(r.prompt) - 1)  # first position whose target is a completion token
-    T = max(len(s) for s in seqs) - 1
-    inputs = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    targets = torch.full((len(seqs), T), -1, dtype=torch.long)
-    for b, (s, start) in enumerate(zip(seqs, starts)):
-        ids = torch.tensor(s, dtype=torch.long)
-        inputs[b, : len(s) - 1] = ids[:-1]
-        targets[b, start : len(s) - 1] = ids[start + 1 :]
-    return inputs, targets
+class SharedPrompt:
+    """A KV cache autograd can flow through, for training on a group of completions of one prompt.
+
+    The first forward (the prompt, batch 1) records every layer's keys/values with their graph; the
+    second (the completions, batch b) attends to them expanded to b rows (a view, no copy) followed
+    by its own. The prompt is computed once per group instead of once per completion, and the
+    gradient of every completion still reaches the prompt's activations. Same interface as
+    aquainterp.engine.KVCache (`get_pos`, `insert_kv`), which the model's attention calls.
+    """
+
+    def __init__(self, num_layers: int):
+        self.k: list[torch.Tensor | None] = [None] * num_layers
+        self.v: list[torch.Tensor | None] = [None] * num_layers
+        self.pos = 0
+
+    def get_pos(self) -> int:
+        return self.pos
+
+    def insert_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        if self.k[layer] is None:  # the prompt pass
+            self.k[layer], self.v[layer] = k, v
+            if layer == len(self.k) - 1:
+                self.pos = k.size(2)
+            return k, v
+        B = k.size(0)
+        return (torch.cat([self.k[layer].expand(B, -1, -1, -1), k], dim=2),
+                torch.cat([self.v[layer].expand(B, -1, -1, -1), v], dim=2))
 
 
-# ------------------------------------------------------------------------------------------ training
+def completion_targets(completions: list[list[int]]) -> torch.Tensor:
+    """[b, longest] completion tokens, −1 on the right padding (the positions that carry no loss)."""
+    targets = torch.full((len(completions), max(len(c) for c in completions)), -1, dtype=torch.long)
+    for i, comp in enumerate(completions):
+        targets[i, : len(comp)] = torch.tensor(comp, dtype=torch.long)
+    return targets
 
 
-def sequence_logprobs(model, inputs: torch.Tensor, targets: torch.Tensor, bf16: bool) -> torch.Tensor:
-    """Per-token log p(target) [B, T] under `model` at temperature 1 (0 on ignored positions)."""
-    with common.autocast(inputs.device, bf16):
-        logits = model(inputs)
+def completion_logprobs(model, prompt: list[int], completions: list[list[int]], pad_id: int, bf16: bool
+                        ) -> torch.Tensor:
+    """log p(token | prompt, earlier tokens) at temperature 1 for every completion token, [b, longest],
+    0 on padding. The prompt runs once; its last position predicts every completion's first token."""
+    if not prompt or not completions or not all(completions):
+        raise ValueError("completion_logprobs: needs a non-empty prompt and non-empty completions")
+    device = model.wte.weight.device
+    targets = completion_targets(completions).to(device)
+    cache = SharedPrompt(model.config.n_layer)
+    with common.autocast(device, bf16):
+        first = model(torch.tensor([prompt], dtype=torch.long, device=device), kv_cache=cache)[:, -1:]
+        logits = first.expand(len(completions), -1, -1)
+        if targets.size(1) > 1:  # token t of a completion is predicted at its position t − 1
+            inputs = targets[:, :-1].masked_fill(targets[:, :-1] < 0, pad_id)
+            logits = torch.cat([logits, model(inputs, kv_cache=cache)], dim=1)
     return token_logprobs(logits, targets)
 
 
@@ -264,31 +291,39 @@ def train_on_rollouts(model, optimizers, rollouts: list[Rollout], config: RLConf
     the clipped ratio. A non-finite loss stops the run before any optimizer step of that epoch.
     """
     device = ddp.device
-    inputs, targets = pack_sequences(rollouts, pad_id)
     rewards = torch.tensor([r.rewards for r in rollouts], dtype=torch.float32)
-    advantages = group_advantages(rewards, std_normalize=config.std_normalize).flatten()
-    mask = (targets >= 0).float()
-    num_valid = global_sum(mask.sum(), ddp).item()
+    advantages = group_advantages(rewards, std_normalize=config.std_normalize)
+    # one micro-batch = up to device_batch_size completions of ONE prompt (the prompt is shared, see
+    # completion_logprobs); its mask and advantages, computed once
+    chunks = []
+    for r, rollout in enumerate(rollouts):
+        for i in range(0, len(rollout.completions), config.device_batch_size):
+            samples = slice(i, i + config.device_batch_size)
+            mask = (completion_targets(rollout.completions[samples]) >= 0).float().to(device)
+            chunks.append((rollout, samples, mask, advantages[r, samples].to(device)))
+    num_valid = global_sum(torch.tensor(float(sum(chunk[2].sum().item() for chunk in chunks))), ddp).item()
     if num_valid == 0:
         raise RuntimeError("training.rl: no completion tokens in this step on any rank (max_new_tokens?)")
-    chunks = [slice(i, i + config.device_batch_size) for i in range(0, inputs.size(0), config.device_batch_size)]
+
+    def logprobs(policy, rollout, samples):
+        return completion_logprobs(policy, rollout.prompt, rollout.completions[samples], pad_id, bf16)
+
     old, ref = [None] * len(chunks), [None] * len(chunks)
     if reference is not None:
         with torch.no_grad():
-            for c, sl in enumerate(chunks):
-                ref[c] = sequence_logprobs(reference, inputs[sl].to(device), targets[sl].to(device), bf16)
+            for c, (rollout, samples, _, _) in enumerate(chunks):
+                ref[c] = logprobs(reference, rollout, samples)
     totals = torch.zeros(4, dtype=torch.float64)  # loss, pg_sum, kl_sum, clipped
     for epoch in range(config.ppo_epochs):
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         epoch_loss = 0.0
-        for c, sl in enumerate(chunks):
-            x, y = inputs[sl].to(device), targets[sl].to(device)
-            logp = sequence_logprobs(model, x, y, bf16)
+        for c, (rollout, samples, mask, adv) in enumerate(chunks):
+            logp = logprobs(model, rollout, samples)
             if epoch == 0:
                 old[c] = logp.detach()  # the policy that sampled (up to numerics): ratio ≡ 1 on epoch 0
-            loss, stats = policy_loss(logp, old[c], advantages[sl].to(device), mask[sl].to(device), num_valid,
-                                      clip_eps=config.clip_eps, ref_logprobs=ref[c], kl_coef=config.kl_coef)
+            loss, stats = policy_loss(logp, old[c], adv, mask, num_valid, clip_eps=config.clip_eps,
+                                      ref_logprobs=ref[c], kl_coef=config.kl_coef)
             loss.backward()
             epoch_loss += loss.item()
             if epoch == config.ppo_epochs - 1:
