@@ -35,12 +35,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=None,
                         help="AQuA JSON Lines file or hub id (task aqua; default deepmind/aqua_rat)")
     parser.add_argument("--split", default=None, help="synthetic: train|eval (default eval); aqua hub split")
+    parser.add_argument("--difficulty", type=int, default=None, choices=(1, 2, 3),
+                        help="synthetic problems of one difficulty (default: the task's mix), e.g. the demo's 1")
     parser.add_argument("--n-pairs", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=32, help="patched sequences per forward")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--corruption", choices=CORRUPTIONS, default="permute")
     parser.add_argument("--style", choices=STYLES, default="direct",
-                        help="decision right after the question (direct) or after the worked rationale")
+                        help="decision right after the question (direct), after the worked rationale (reasoning) "
+                             "or after the rationale and the option checks (checked; corruption noise)")
     parser.add_argument("--direction", choices=(*DIRECTIONS, "both"), default="denoise")
     parser.add_argument("--sweeps", default=",".join(SWEEPS), help=f"comma list from {','.join(SWEEPS)}")
     parser.add_argument("--align", choices=ALIGNMENTS, default="end",
@@ -101,7 +104,7 @@ def problems(args):
     if args.task == "synthetic":
         from aquainterp.tasks.synthetic import SyntheticTask
 
-        task = SyntheticTask(seed=args.seed, split=args.split or "eval")
+        task = SyntheticTask(seed=args.seed, split=args.split or "eval", difficulty=args.difficulty)
         return task.problems(args.n_pairs * 4)
     from aquainterp.tasks.aqua import load_aqua
 

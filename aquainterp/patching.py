@@ -32,6 +32,7 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from aquainterp.engine import KVCache
@@ -41,7 +42,7 @@ LETTERS = ("A", "B", "C", "D", "E")
 CORRUPTIONS = ("permute", "numbers", "noise")
 DIRECTIONS = ("denoise", "noise")
 ALIGNMENTS = ("start", "end")
-STYLES = ("direct", "reasoning")
+STYLES = ("direct", "reasoning", "checked")
 
 # sweep name -> (hook name of layer l, axes of one cell). Axes follow transformer_lens.patching:
 # get_act_patch_resid_pre is [layer, pos], get_act_patch_attn_head_out_all_pos is [layer, head],
@@ -111,8 +112,9 @@ def _swap_gold(problem, target: str):
     return dataclasses.replace(problem, options=tuple(options), correct=target)
 
 
-def _question_span(tokenizer, problem, ids: list[int]) -> tuple[int, int]:
-    """Token range of the user's question: after the last <|user_start|>, before option A."""
+def _question_span(tokenizer, problem, ids: list[int], with_options: bool = False) -> tuple[int, int]:
+    """Token range of the user's question: after the last <|user_start|>, before option A (with_options:
+    up to the end of option E)."""
     from aquainterp.tasks import option_spans
 
     user_start = tokenizer.encode_special("<|user_start|>")
@@ -121,7 +123,7 @@ def _question_span(tokenizer, problem, ids: list[int]) -> tuple[int, int]:
     if not starts or list(span_ids[: spans[-1][1]]) != list(ids[: spans[-1][1]]):
         raise ValueError(f"pair {problem.source}: cannot find the question tokens (no <|user_start|> "
                          "or option spans that disagree with the decision prompt)")
-    start, end = starts[-1] + 1, spans[0][0]
+    start, end = starts[-1] + 1, spans[-1][1] if with_options else spans[0][0]
     if end <= start:
         raise ValueError(f"pair {problem.source}: option A starts at token {end}, before the question "
                          f"at {start}")
@@ -187,18 +189,22 @@ def _counterfactuals(problem, rng: random.Random, tries: int = 200):
             yield dataclasses.replace(problem, question=question, correct=letter)
 
 
-def reasoning_decision_prompt(tokenizer, problem) -> tuple[list[int], list[int]]:
+def reasoning_decision_prompt(tokenizer, problem, style: str = "reasoning") -> tuple[list[int], list[int]]:
     """Like tasks.decision_prompt, after the worked rationale: the "reasoning" conversation up to
-    "...rationale\nAnswer:", so the letter is read where a reasoning model commits to it."""
+    "...rationale\nAnswer:", so the letter is read where a reasoning model commits to it. Style "checked"
+    also keeps the option checks ("A) 5 no", ..., "C) 21 yes") that a model trained on the checked style
+    writes before its answer (plain reasoning where the problem has none, as tasks.chat does)."""
     from aquainterp.tasks import conversation
-    from aquainterp.tasks.chat import ANSWER_PREFIX, letter_token_ids
+    from aquainterp.tasks.chat import ANSWER_PREFIX, letter_token_ids, option_check
 
     answer_ids, letters = letter_token_ids(tokenizer)
-    head = tokenizer.render_for_completion(conversation(problem, "reasoning"))
-    said = tokenizer.encode(f"{problem.rationale}\n{ANSWER_PREFIX}")
-    whole = tokenizer.encode(f"{problem.rationale}\n{ANSWER_PREFIX} {problem.correct}")
+    check = option_check(problem) if style == "checked" else None
+    text = problem.rationale if check is None else f"{problem.rationale}\n{check}"
+    head = tokenizer.render_for_completion(conversation(problem, style))
+    said = tokenizer.encode(f"{text}\n{ANSWER_PREFIX}")
+    whole = tokenizer.encode(f"{text}\n{ANSWER_PREFIX} {problem.correct}")
     if whole[: len(said)] != said:
-        raise ValueError(f"pair {problem.source}: the rationale and '{ANSWER_PREFIX}' tokenise differently "
+        raise ValueError(f"pair {problem.source}: the {style} answer and '{ANSWER_PREFIX}' tokenise differently "
                          "inside the full answer; cannot cut the prompt at the decision position")
     return head + said + answer_ids[len(tokenizer.encode(ANSWER_PREFIX)):], letters
 
@@ -212,7 +218,10 @@ def make_pairs(tokenizer, problems, corruption: str, *, seed: int = 0, skip_unal
     (same digit count, options untouched) so that the rationale's arithmetic lands on another option. noise: the same prompt; the question's embeddings
     are blurred at run time. A problem with no same-length corruption raises ValueError naming it,
     or is skipped and listed when `skip_unalignable` is set. style "direct" cuts the prompt at
-    "Answer:" right after the question; "reasoning" after the worked rationale.
+    "Answer:" right after the question; "reasoning" after the worked rationale; "checked" after the
+    rationale and the option checks. Checked prompts only take noise, on the question and the options:
+    their checks stop at the gold option, so moving the gold changes the length, and the model's answer
+    after its own checks hardly moves when only the question is blurred.
     """
     from aquainterp.tasks import decision_prompt as direct_prompt
 
@@ -223,7 +232,14 @@ def make_pairs(tokenizer, problems, corruption: str, *, seed: int = 0, skip_unal
     if style == "reasoning" and corruption == "numbers":
         raise ValueError("make_pairs: corruption 'numbers' changes the question, so the clean rationale would "
                          "no longer fit it; use style 'direct'")
-    decision_prompt = direct_prompt if style == "direct" else reasoning_decision_prompt
+    if style == "checked" and corruption != "noise":
+        raise ValueError(f"make_pairs: corruption {corruption!r} moves the gold option, and the checked answer "
+                         "checks the options up to the gold one, so clean and corrupted prompts never have the "
+                         "same length; use corruption 'noise' with style 'checked'")
+    if style == "direct":
+        decision_prompt = direct_prompt
+    else:
+        decision_prompt = lambda tokenizer, problem: reasoning_decision_prompt(tokenizer, problem, style)
     rng = random.Random(seed)
     pairs, skipped = [], []
     for problem in problems:
@@ -231,7 +247,7 @@ def make_pairs(tokenizer, problems, corruption: str, *, seed: int = 0, skip_unal
         gold_id = letter_ids[LETTERS.index(problem.correct)]
         if corruption == "noise":
             pairs.append(PatchPair(problem.source, tuple(ids), tuple(ids), gold_id, None, tuple(letter_ids),
-                                   _question_span(tokenizer, problem, ids)))
+                                   _question_span(tokenizer, problem, ids, with_options=style == "checked")))
             continue
         if corruption == "permute":
             others = [x for x in LETTERS if x != problem.correct
@@ -311,7 +327,11 @@ class Patcher:
             "corrupted": self._pad([p.corrupted_ids for p in self.pairs]),
         }
         self.decision_pos = self.lengths - 1
-        self.clean_letter = torch.tensor([p.clean_letter_id for p in self.pairs], device=self.device)
+        # Only letter logits are ever read: the unembedding runs on these vocabulary rows alone.
+        ids = sorted({t for p in self.pairs for t in (*p.letter_ids, p.corrupted_letter_id) if t is not None})
+        self.head_ids = torch.tensor(ids, device=self.device)
+        self._column = {t: j for j, t in enumerate(ids)}
+        self._clean_column = torch.tensor([self._column[p.clean_letter_id] for p in self.pairs], device=self.device)
         self.noise = self._make_noise(noise_scale, seed) if any(p.noise_span for p in self.pairs) else None
         self._cache: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
         self._prefix: dict[str, dict[str, torch.Tensor]] = {}
@@ -320,17 +340,21 @@ class Patcher:
     @torch.no_grad()
     def _baselines(self):
         all_pairs = torch.arange(len(self.pairs), device=self.device)
+        # Unpatched runs through the same final steps as the patched ones, so that a patch that restores
+        # the whole final residual stream reads exactly 1 and one that changes nothing exactly 0.
+        run = self._final_logits if self.reuse_prefix else lambda r, pairs: self._logits(r, pairs, [])
         # The foil letter: the corrupted gold letter, or (noise) the noisy run's best non-gold letter.
-        corrupted_logits = self._logits("corrupted", all_pairs, [])
+        corrupted_logits = run("corrupted", all_pairs)
         foil = []
         for i, p in enumerate(self.pairs):
             if p.corrupted_letter_id is not None:
-                foil.append(p.corrupted_letter_id)
+                foil.append(self._column[p.corrupted_letter_id])
             else:
-                others = [t for t in p.letter_ids if t != p.clean_letter_id]
-                foil.append(max(others, key=lambda t: corrupted_logits[i, t].item()))
-        self.foil_letter = torch.tensor(foil, device=self.device)
-        self.clean_ld = self._letter_diff(self._logits("clean", all_pairs, []), all_pairs)
+                others = [self._column[t] for t in p.letter_ids if t != p.clean_letter_id]
+                foil.append(max(others, key=lambda j: corrupted_logits[i, j].item()))
+        self._foil_column = torch.tensor(foil, device=self.device)
+        self.foil_letter = self.head_ids[self._foil_column]  # token ids
+        self.clean_ld = self._letter_diff(run("clean", all_pairs), all_pairs)
         self.corrupted_ld = self._letter_diff(corrupted_logits, all_pairs)
         self.scale = float(self.clean_ld.mean() - self.corrupted_ld.mean())
         if not math.isfinite(self.scale) or self.scale == 0.0:
@@ -379,7 +403,7 @@ class Patcher:
 
     @torch.no_grad()
     def _logits(self, run: str, pair_index: torch.Tensor, patch_hooks: list) -> torch.Tensor:
-        """Logits [rows, vocab] at each row's decision position, for `run` of pairs `pair_index`.
+        """Letter logits [rows, head_ids] at each row's decision position, for `run` of pairs `pair_index`.
 
         The final norm's output is cut to the decision position first, so the unembedding (the costliest
         matmul of a small model with a 65k vocabulary) runs on one position per row instead of T.
@@ -397,31 +421,39 @@ class Patcher:
         hooks = (self.corruption_hooks(filled) if run == "corrupted" else []) + list(patch_hooks)
         logits = self.model.run_with_hooks(self.tokens[run][filled],
                                            fwd_hooks=hooks + [("ln_final.hook_normalized", keep)])
-        return logits[:n, 0]
+        return logits[:n, 0][:, self.head_ids]
 
     @torch.no_grad()
     def prefix(self, run: str) -> dict[str, torch.Tensor]:
-        """`run`'s residual stream entering every block [layer, pair, pos, d_model] and its attention
+        """`run`'s residual stream entering every block [layer, pair, pos, d_model], its attention
         keys/values [layer, pair, kv_head, pos, d_head] (after rotary and QK-norm, as the KV cache holds
-        them): what a patched forward resumes from (cached; one full forward per run)."""
+        them) and its final residual stream [pair, pos, d_model]: what a patched forward resumes from
+        (cached; one full forward per run)."""
         if run not in self._prefix:
             store = {}
             save = lambda act, hook: store.__setitem__(hook.name, act)
             names = [f"blocks.{layer}.{n}" for layer in range(self.n_layers)
                      for n in ("hook_resid_pre", "attn.hook_rot_k", "attn.hook_v")]
+            names.append(f"blocks.{self.n_layers - 1}.hook_resid_post")
             everyone = torch.arange(len(self.pairs), device=self.device)
             hooks = (self.corruption_hooks(everyone) if run == "corrupted" else []) + [(n, save) for n in names]
             self.model.run_with_hooks(self.tokens[run], fwd_hooks=hooks)
             stack = lambda n: torch.stack([store[f"blocks.{layer}.{n}"] for layer in range(self.n_layers)])
             self._prefix[run] = {"resid": stack("hook_resid_pre"),
                                  "k": stack("attn.hook_rot_k").transpose(2, 3),
-                                 "v": stack("attn.hook_v").transpose(2, 3)}
+                                 "v": stack("attn.hook_v").transpose(2, 3),
+                                 "final": store[f"blocks.{self.n_layers - 1}.hook_resid_post"]}
         return self._prefix[run]
+
+    def _final_logits(self, run: str, pair_index: torch.Tensor) -> torch.Tensor:
+        """Letter logits [rows, head_ids] of the unpatched `run` from its cached final residual stream."""
+        final = self.prefix(run)["final"][pair_index, self.decision_pos[pair_index]]
+        return torch.cat([self._head(final[i: i + self.batch_size]) for i in range(0, len(final), self.batch_size)])
 
     @torch.no_grad()
     def _resumed_logits(self, run: str, pair_index: torch.Tensor, patch_hooks: list, layer: int,
                         start: int) -> torch.Tensor:
-        """Logits [rows, vocab] at each row's decision position from a forward of `run` that begins at
+        """Letter logits [rows, head_ids] at each row's decision position from a forward of `run` that begins at
         block `layer` and position `start` (every row's patch lies at or after both): positions < start
         are the base run's keys/values in a KV cache, the residual stream entering block `layer` is the
         base run's, and the blocks' hooks (the patch among them) fire on positions start..T-1."""
@@ -442,21 +474,24 @@ class Patcher:
 
     def _head(self, final: torch.Tensor) -> torch.Tensor:
         """GPT.forward's last steps (final norm, lm_head, fp32 soft-cap) on final residual vectors
-        [rows, d_model]; rows are filled up to batch_size so each row's numbers match an unpatched run."""
+        [rows, d_model], for the letter rows of lm_head only; rows are filled up to batch_size so that
+        every call has the same shapes and an unpatched row reads exactly the unpatched value."""
         n = final.shape[0]
         filled = torch.cat([final, final[:1].expand(max(self.batch_size - n, 0), -1)])[:, None]
-        logits = self.model.lm_head(self.model.ln_final(filled)).float()
+        logits = F.linear(self.model.ln_final(filled), self.model.lm_head.weight[self.head_ids]).float()
         return (torch.tanh(logits / SOFTCAP) * SOFTCAP)[:n, 0]
 
     def _letter_diff(self, logits: torch.Tensor, pair_index: torch.Tensor) -> torch.Tensor:
+        """Clean gold minus foil letter logit, from letter logits [rows, head_ids]."""
         rows = torch.arange(len(pair_index), device=logits.device)
-        return logits[rows, self.clean_letter[pair_index]] - logits[rows, self.foil_letter[pair_index]]
+        clean, foil = self._clean_column.to(logits.device), self._foil_column.to(logits.device)
+        return logits[rows, clean[pair_index]] - logits[rows, foil[pair_index]]
 
     def metric(self, logits: torch.Tensor) -> torch.Tensor:
         """The normalised metric of full logits [n_pairs, pos, vocab] (a scalar), the same pair order;
         what transformer_lens.patching's functions take as `patching_metric`."""
         rows = torch.arange(len(self.pairs), device=logits.device)
-        at_decision = logits[rows, self.decision_pos.to(logits.device)]
+        at_decision = logits[rows, self.decision_pos.to(logits.device)][:, self.head_ids.to(logits.device)]
         ld = self._letter_diff(at_decision, rows)
         return (ld.mean() - self.corrupted_ld.mean()) / self.scale
 

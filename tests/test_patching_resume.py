@@ -25,7 +25,8 @@ def scrambled_pairs(n=3, length=12, seed=2):
 
 
 def full_patched_logits(patcher, run, hook_name, source, pos):
-    """Reference: the whole model on `run`'s tokens, one hook writing source[:, pos] (None: all positions)."""
+    """Reference: the whole model on `run`'s tokens, one hook writing source[:, pos] (None: all positions);
+    the letter logits at the decision position."""
     everyone = torch.arange(len(patcher.pairs))
 
     def write(act, hook):
@@ -38,7 +39,7 @@ def full_patched_logits(patcher, run, hook_name, source, pos):
 
     hooks = (patcher.corruption_hooks(everyone) if run == "corrupted" else []) + [(hook_name, write)]
     logits = patcher.model.run_with_hooks(patcher.tokens[run], fwd_hooks=hooks)
-    return logits[everyone, patcher.decision_pos]
+    return logits[everyone, patcher.decision_pos][:, patcher.head_ids]
 
 
 @pytest.mark.parametrize("pairs", ["scrambled", "noise"])
