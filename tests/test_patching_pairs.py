@@ -141,3 +141,26 @@ def test_reasoning_style_cuts_the_sft_answer_right_before_the_letter(tok, proble
     assert tok.decode(noisy[0].clean_ids[slice(*noisy[0].noise_span)]).strip() == problems[0].question
     with pytest.raises(ValueError, match="'numbers' changes the question"):
         make_pairs(tok, problems[:1], "numbers", style="reasoning")
+
+
+def test_checked_style_cuts_after_the_option_checks_and_blurs_question_and_options(tok, problems):
+    from aquainterp.patching import reasoning_decision_prompt
+    from aquainterp.tasks import conversation
+    from aquainterp.tasks.chat import option_check, option_lines
+
+    checked = [p for p in problems if option_check(p) is not None][:6]
+    assert len(checked) == 6
+    for problem in checked:
+        ids, letters = reasoning_decision_prompt(tok, problem, "checked")
+        full, mask = tok.render_conversation(conversation(problem, "checked"))
+        assert full[: len(ids)] == ids and full[len(ids)] == letters[problem.answer_index]
+        assert mask[len(ids)] == 1
+        said = tok.decode(ids[ids.index(tok.encode_special("<|assistant_start|>")) + 1:])
+        assert said.endswith(f"{option_lines(problem)[problem.answer_index]} yes\nAnswer:")
+    pairs, _ = make_pairs(tok, checked[:3], "noise", style="checked")
+    for problem, pair in zip(checked, pairs):
+        blurred = tok.decode(pair.clean_ids[slice(*pair.noise_span)]).strip()
+        assert blurred == "\n".join([problem.question, *option_lines(problem)])
+    for corruption in ("permute", "numbers"):
+        with pytest.raises(ValueError, match=f"corruption '{corruption}' moves the gold option.*use corruption 'noise'"):
+            make_pairs(tok, checked[:1], corruption, style="checked")
