@@ -31,13 +31,18 @@ def poison_batch(model, value: float) -> None:
 
 
 def poison_gradient(model, value: float) -> None:
-    """The 3rd backward pass leaves `value` in one weight's gradient; the loss itself stays finite."""
-    calls = [0]
+    """The 3rd optimizer step's gradients get `value` in one weight; the loss itself stays finite.
+
+    A step may run several backward passes (gradient accumulation, one per RL prompt); the first
+    of a step is the one that finds `.grad` cleared (zero_grad(set_to_none=True)), so steps are
+    counted there and every backward of the bad step is poisoned."""
+    steps = [0]
     param = model.lm_head.weight
 
     def hook(grad):
-        calls[0] += 1
-        if calls[0] == BAD_STEP:
+        if param.grad is None:
+            steps[0] += 1
+        if steps[0] == BAD_STEP:
             grad = grad.clone()
             grad[0, 0] = value
         return grad
