@@ -201,6 +201,9 @@ def test_one_rl_step_on_aqua_dev_rows_end_to_end(tmp_path, shared_data):
     assert set(summary["before"]) == {"eval/aqua_categorical_acc", "eval/aqua_acc", "eval/aqua_sampled_acc",
                                       "rl/pass@k"}
     assert all(0 <= v <= 1 for v in summary["before"].values())
+    # the hardest-questions table comes at the suite's cadence (step 0) AND after the last step,
+    # whatever max_steps is, so every run ends with one
+    assert [r["step"] for r in rows if "rl/hardest_questions" in r] == [0, 1]
     assert (Path(config.out) / "checkpoints" / "step_000001" / "model.safetensors").is_file()
     assert json.loads((Path(config.out) / "summary.json").read_text())["steps"] == 1
 
