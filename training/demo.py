@@ -36,14 +36,16 @@ BUDGETS = {
                  sft_examples=8000, sft_steps=400, sft_batch=32, sft_device_batch=32, sft_lr_frac=0.5,
                  sft_styles="direct,checked",
                  eval_n=200, gen_eval_n=50,
-                 rl_steps=60, rl_examples=8, rl_samples=8, rl_new_tokens=48, rl_eval=100, rl_probe_batch=16,
+                 rl_steps=60, rl_examples=8, rl_samples=8, rl_new_tokens=48, rl_lr_frac=0.05, rl_eval=100,
+                 rl_probe_batch=16,
                  patch_pairs=8),
     "small": dict(difficulty=1, vocab_size=512, tok_chars=300_000, depth=2, aspect_ratio=64, head_dim=64,
                   seq_len=128, base_steps=20, base_batch_tokens=2048, base_device_batch=16,
                   sft_examples=400, sft_steps=10, sft_batch=16, sft_device_batch=16, sft_lr_frac=0.5,
                   sft_styles="direct,checked",
                   eval_n=40, gen_eval_n=8,
-                  rl_steps=2, rl_examples=4, rl_samples=4, rl_new_tokens=24, rl_eval=20, rl_probe_batch=8,
+                  rl_steps=2, rl_examples=4, rl_samples=4, rl_new_tokens=24, rl_lr_frac=0.05, rl_eval=20,
+                  rl_probe_batch=8,
                   patch_pairs=2),
 }
 
@@ -179,8 +181,8 @@ def run_demo(config: DemoConfig) -> dict:
     # 4. GRPO with all probes ------------------------------------------------------------------------
     from training import rl
 
-    rl_settings = {k: b[k] for k in ("rl_steps", "rl_examples", "rl_samples", "rl_new_tokens", "rl_eval",
-                                     "rl_probe_batch")}
+    rl_settings = {k: b[k] for k in ("rl_steps", "rl_examples", "rl_samples", "rl_new_tokens", "rl_lr_frac",
+                                     "rl_eval", "rl_probe_batch")}
     rl_stage = Stage(root, "rl", {**common, **rl_settings, "wandb": config.wandb}, sft_stage.key)
 
     def reinforce():
@@ -190,7 +192,7 @@ def run_demo(config: DemoConfig) -> dict:
             task="synthetic", difficulty=b["difficulty"], checkpoint=str(sft_stage.dir / "checkpoints"),
             eval_examples=b["rl_eval"],
             max_steps=b["rl_steps"], examples_per_step=b["rl_examples"], num_samples=b["rl_samples"],
-            max_new_tokens=b["rl_new_tokens"], temperature=1.0, top_k=None, pass_k=4,
+            max_new_tokens=b["rl_new_tokens"], temperature=1.0, top_k=None, pass_k=4, init_lr_frac=b["rl_lr_frac"],
             eval_every=max(1, b["rl_steps"] // 4), probes=rl.PROBE_NAMES, probe_every=max(1, b["rl_steps"] // 8),
             probe_batch=b["rl_probe_batch"], table_every=max(1, b["rl_steps"] // 4), out=str(rl_stage.dir),
             device=config.device, bf16="auto", seed=config.seed, wandb=config.wandb, run_name="aquainterp-demo"))
@@ -220,14 +222,18 @@ def run_demo(config: DemoConfig) -> dict:
     # 6. activation patching -----------------------------------------------------------------------
     from aquainterp import patch_cmd
 
-    patch_stage = Stage(root, "patching", {**common, "pairs": b["patch_pairs"]}, rl_stage.key)
+    # the "checked" answers (the model checks each option, then answers) are where it decides, so patch
+    # there: noise on the question and options, the decision token after "<gold option> yes\nAnswer:"
+    patch_settings = {"pairs": b["patch_pairs"], "style": "checked", "corruption": "noise"}
+    patch_stage = Stage(root, "patching", {**common, **patch_settings}, rl_stage.key)
 
     def patching():
-        say(f"6/6 patching: {b['patch_pairs']} option-permutation pairs on the final RL checkpoint")
+        say(f"6/6 patching: {b['patch_pairs']} noise-corrupted 'checked' prompts on the final RL checkpoint")
         code = cli(patch_cmd.add_arguments, patch_cmd.run,
                    ["--checkpoint", str(rl_stage.dir / "checkpoints"), "--task", "synthetic",
-                    "--n-pairs", str(b["patch_pairs"]), "--corruption", "permute", "--device", config.device,
-                    "--seed", str(config.seed), "--skip-unalignable", "--out", str(patch_stage.dir)])
+                    "--difficulty", str(b["difficulty"]), "--n-pairs", str(b["patch_pairs"]),
+                    "--style", "checked", "--corruption", "noise", "--device", config.device,
+                    "--seed", str(config.seed), "--out", str(patch_stage.dir)])
         if code:
             raise RuntimeError(f"aquainterp patch failed with exit code {code}")
         summary = json.loads((patch_stage.dir / "summary.json").read_text())
