@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from aquainterp.engine import KVCache
-from aquainterp.model import GPT, SOFTCAP
+from aquainterp.model import GPT, SOFTCAP, apply_rotary_emb, norm
 
 LETTERS = ("A", "B", "C", "D", "E")
 CORRUPTIONS = ("permute", "numbers", "noise")
@@ -59,6 +59,32 @@ SWEEPS: dict[str, tuple[str, tuple[str, ...]]] = {
 # Per-position hooks that come after block l's attention: at the last layer such a patch reaches only its
 # own position, so off the decision position it changes nothing (the cell keeps the base value).
 AFTER_ATTENTION = ("resid_mid", "resid_post", "attn_out", "mlp_out", "z_pos")
+
+
+def _hooked(module) -> bool:
+    return bool(getattr(module, "fwd_hooks", None) or getattr(module, "bwd_hooks", None))
+
+
+def _last_block_at(block, x, cos, sin, cache: KVCache, at: torch.Tensor) -> torch.Tensor:
+    """Block.forward's output at one position per row, `at` [rows] (relative to x's first position),
+    for a last block no hook watches: keys/values of every position go into the cache (the query
+    attends to them), but query, attention output and MLP run on that position only. Same ops as the
+    unhooked Block.forward; the one-query attention masks keys after each row's position."""
+    attn, (B, T, _) = block.attn, x.shape
+    rows = torch.arange(B, device=x.device)
+    h = norm(x)
+    k = norm(apply_rotary_emb(attn.c_k(h).view(B, T, attn.n_kv_head, attn.head_dim), cos, sin))
+    v = attn.c_v(h).view(B, T, attn.n_kv_head, attn.head_dim)
+    prefix = cache.get_pos()
+    k, v = cache.insert_kv(attn.layer_idx, k.transpose(1, 2), v.transpose(1, 2))
+    q = attn.c_q(h[rows, at][:, None]).view(B, 1, attn.n_head, attn.head_dim)
+    q = norm(apply_rotary_emb(q, cos[0, at][:, None], sin[0, at][:, None])).transpose(1, 2)
+    visible = torch.arange(k.size(2), device=x.device)[None, :] <= (prefix + at)[:, None]
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None, None, :],
+                                       enable_gqa=attn.n_head != attn.n_kv_head)
+    out = x[rows, at][:, None] + attn.c_proj(y.transpose(1, 2).reshape(B, 1, -1))
+    out = out + block.mlp.c_proj(F.relu(block.mlp.c_fc(norm(out))).square())
+    return out[:, 0]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -452,12 +478,21 @@ class Patcher:
 
     @torch.no_grad()
     def _resumed_logits(self, run: str, pair_index: torch.Tensor, patch_hooks: list, layer: int,
-                        start: int) -> torch.Tensor:
+                        start: int, stop: int | None = None) -> torch.Tensor:
         """Letter logits [rows, head_ids] at each row's decision position from a forward of `run` that begins at
         block `layer` and position `start` (every row's patch lies at or after both): positions < start
         are the base run's keys/values in a KV cache, the residual stream entering block `layer` is the
-        base run's, and the blocks' hooks (the patch among them) fire on positions start..T-1."""
+        base run's, and the blocks' hooks (the patch among them) fire on positions start..T-1.
+
+        Work that cannot reach the decision position is skipped, exactly:
+        - `stop` (patches after block `layer`'s attention, all at positions < stop): that block runs
+          positions start..stop-1 only, since its later positions never read the patched ones; its
+          output at stop.. is the base run's;
+        - the last block, when no patch is inside it (or the patch is its input, hook_resid_pre), runs
+          its keys/values on every position but its query, attention output and MLP at the decision
+          position only (_last_block_at)."""
         cached, model, n = self.prefix(run), self.model, len(pair_index)
+        last_layer = self.n_layers - 1
         cache = KVCache(n, self.n_layers, self.n_pos)
         shape = (self.n_layers, n, *cached["k"].shape[2:])
         cache.k = torch.empty(shape, dtype=cached["k"].dtype, device=self.device)
@@ -465,12 +500,26 @@ class Patcher:
         cache.k[layer:, :, :, :start] = cached["k"][layer:, pair_index, :, :start]
         cache.v[layer:, :, :, :start] = cached["v"][layer:, pair_index, :, :start]
         cache.pos = start  # the blocks below insert positions start..T-1 behind the cached ones
-        x = cached["resid"][layer, pair_index, start:]
         cos, sin = model.cos[:, start: self.n_pos], model.sin[:, start: self.n_pos]
+        at = self.decision_pos[pair_index] - start
+        last = model.blocks[last_layer]
+        input_patch = {name for name, _ in patch_hooks} == {f"blocks.{last_layer}.hook_resid_pre"}
+        decision_only = (layer < last_layer or input_patch) and not any(_hooked(m) for m in last.modules())
+        x = cached["resid"][layer, pair_index, start: stop]
         with model.hooks(fwd_hooks=patch_hooks):
-            for block in model.blocks[layer:]:
+            if stop is not None:  # the patched block on its window, then the base run's later positions
+                window = stop - start
+                x = model.blocks[layer](x, cos[:, :window], sin[:, :window], cache)
+                after = cached["resid"][layer + 1] if layer < last_layer else cached["final"]
+                x = torch.cat([x, after[pair_index, stop:]], dim=1)
+                layer += 1
+            if input_patch:
+                x = last.hook_resid_pre(x)  # the patch is the last block's input
+            for block in model.blocks[layer: last_layer if decision_only else self.n_layers]:
                 x = block(x, cos, sin, cache)
-            return self._head(x[torch.arange(n, device=self.device), self.decision_pos[pair_index] - start])
+        final = (_last_block_at(last, x, cos, sin, cache, at) if decision_only
+                 else x[torch.arange(n, device=self.device), at])
+        return self._head(final)
 
     def _head(self, final: torch.Tensor) -> torch.Tensor:
         """GPT.forward's last steps (final norm, lm_head, fp32 soft-cap) on final residual vectors
@@ -585,7 +634,8 @@ class Patcher:
                 lay, start = int(b_layer[0]), max(int(b_pos.min()), 0)
                 rows = torch.arange(len(b_pair), device=self.device)
                 hooks = [(template.format(lay), self._patch_hook(source[lay], rows, b_pair, b_pos, b_head, start))]
-                logits = self._resumed_logits(base, b_pair, hooks, lay, start)
+                stop = int(b_pos.max()) + 1 if name in AFTER_ATTENTION else None
+                logits = self._resumed_logits(base, b_pair, hooks, lay, start, stop)
             else:
                 hooks = []
                 for lay in torch.unique(b_layer).tolist():

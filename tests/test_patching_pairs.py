@@ -4,6 +4,7 @@ import random
 import re
 
 import pytest
+import torch
 from tasks_tokenizer import trained_tokenizer
 from test_patching import random_gpt
 
@@ -115,14 +116,17 @@ def test_sweep_on_real_pairs_with_token_labels(tok, problems):
     assert r.normalized.shape == (1, patcher.n_pos)
     labels = patcher.position_labels(tok)
     assert labels[-1] == "0: " + tok.token_str(pairs[0].clean_ids[-1]) or labels[-1].endswith("*")
-    # At layer 0 a position whose token is the same in both prompts carries nothing: exactly unpatched.
+    # At layer 0 a position whose token is the same in both prompts carries nothing: unpatched (up to
+    # fp32 rounding: the resumed last block computes the decision query alone); the swapped option
+    # tokens do carry something.
     for i, p in enumerate(pairs):
         offset = patcher.n_pos - len(p.clean_ids)
         same = [k for k, (a, b) in enumerate(zip(p.clean_ids, p.corrupted_ids)) if a == b]
         assert len(same) > len(p.clean_ids) - 6
-        assert (r.logit_diff[0, [offset + k for k in same], i] == patcher.corrupted_ld[i]).all()
+        unpatched = patcher.corrupted_ld[i].expand(len(same))
+        torch.testing.assert_close(r.logit_diff[0, [offset + k for k in same], i], unpatched, atol=1e-5, rtol=0)
         differ = [offset + k for k in range(len(p.clean_ids)) if k not in same]
-        assert (r.logit_diff[0, differ, i] != patcher.corrupted_ld[i]).any()
+        assert (r.logit_diff[0, differ, i] - patcher.corrupted_ld[i]).abs().max() > 1e-3
 
 
 def test_reasoning_style_cuts_the_sft_answer_right_before_the_letter(tok, problems):
