@@ -34,9 +34,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+from transformer_lens.hook_points import HookPoint
 
 from aquainterp.engine import KVCache
-from aquainterp.model import GPT, SOFTCAP, apply_rotary_emb, norm
+from aquainterp.model import GPT, SOFTCAP, _active, apply_rotary_emb, norm
 
 LETTERS = ("A", "B", "C", "D", "E")
 CORRUPTIONS = ("permute", "numbers", "noise")
@@ -61,18 +62,15 @@ SWEEPS: dict[str, tuple[str, tuple[str, ...]]] = {
 AFTER_ATTENTION = ("resid_mid", "resid_post", "attn_out", "mlp_out", "z_pos")
 
 
-def _hooked(module) -> bool:
-    return bool(getattr(module, "fwd_hooks", None) or getattr(module, "bwd_hooks", None))
-
-
 def _last_block_at(block, x, cos, sin, cache: KVCache, at: torch.Tensor) -> torch.Tensor:
     """Block.forward's output at one position per row, `at` [rows] (relative to x's first position),
     for a last block no hook watches: keys/values of every position go into the cache (the query
     attends to them), but query, attention output and MLP run on that position only. Same ops as the
-    unhooked Block.forward; the one-query attention masks keys after each row's position."""
+    unhooked Block.forward (its norm and MLP modules are called as they are); the one-query attention
+    masks keys after each row's position."""
     attn, (B, T, _) = block.attn, x.shape
     rows = torch.arange(B, device=x.device)
-    h = norm(x)
+    h = block.ln1(x)
     k = norm(apply_rotary_emb(attn.c_k(h).view(B, T, attn.n_kv_head, attn.head_dim), cos, sin))
     v = attn.c_v(h).view(B, T, attn.n_kv_head, attn.head_dim)
     prefix = cache.get_pos()
@@ -83,7 +81,7 @@ def _last_block_at(block, x, cos, sin, cache: KVCache, at: torch.Tensor) -> torc
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None, None, :],
                                        enable_gqa=attn.n_head != attn.n_kv_head)
     out = x[rows, at][:, None] + attn.c_proj(y.transpose(1, 2).reshape(B, 1, -1))
-    out = out + block.mlp.c_proj(F.relu(block.mlp.c_fc(norm(out))).square())
+    out = out + block.mlp(block.ln2(out))
     return out[:, 0]
 
 
@@ -504,7 +502,8 @@ class Patcher:
         at = self.decision_pos[pair_index] - start
         last = model.blocks[last_layer]
         input_patch = {name for name, _ in patch_hooks} == {f"blocks.{last_layer}.hook_resid_pre"}
-        decision_only = (layer < last_layer or input_patch) and not any(_hooked(m) for m in last.modules())
+        decision_only = (layer < last_layer or input_patch) and not any(
+            _active(m) for m in last.modules() if isinstance(m, HookPoint))
         x = cached["resid"][layer, pair_index, start: stop]
         with model.hooks(fwd_hooks=patch_hooks):
             if stop is not None:  # the patched block on its window, then the base run's later positions

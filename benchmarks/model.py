@@ -69,13 +69,10 @@ def side_by_side(label: str, a, b, repeats: int) -> tuple[float, float]:
     on a quiet machine it is close to the median."""
     a(), b()
     ta, tb = [], []
+    arms = [(ta, a), (tb, b)]
     for i in tqdm(range(repeats), desc=label, leave=False, file=sys.stderr):
-        if i % 2:
-            tb.append(timed(b))
-            ta.append(timed(a))
-        else:
-            ta.append(timed(a))
-            tb.append(timed(b))
+        for times, fn in arms[:: -1 if i % 2 else 1]:
+            times.append(timed(fn))
     return min(ta), min(tb)
 
 
