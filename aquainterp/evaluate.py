@@ -147,16 +147,19 @@ def categorical_eval(model, tokenizer, problems: list[MCProblem], batch_size: in
 @torch.no_grad()
 def generative_eval(model, tokenizer, problems: list[MCProblem], num_samples: int = 1,
                     max_new_tokens: int = 256, temperature: float | None = None, top_k: int | None = None,
-                    seed: int = 0, progress: bool = True) -> EvalResult:
+                    seed: int = 0, progress: bool = True, batch_size: int = 16) -> EvalResult:
     """Sample answers to the "reasoning" prompt and score the extracted letters; pass@k for k <= samples.
 
     temperature defaults to 0 (greedy) for one sample and 1.0 for several. Problem i is sampled with
-    seed + i, so results do not depend on how problems are sharded over ranks.
+    seed + i, so results do not depend on how problems are sharded over ranks (up to the float rounding
+    of batched kernels). batch_size: problems decoded together (Engine.generate_batch).
     """
     from aquainterp.engine import Engine
 
     if num_samples < 1:
         raise ValueError(f"generative_eval: num_samples must be >= 1, got {num_samples}")
+    if batch_size < 1:
+        raise ValueError(f"generative_eval: batch_size must be >= 1, got {batch_size}")
     if temperature is None:
         temperature = 0.0 if num_samples == 1 else 1.0
     engine = Engine(model)
@@ -166,19 +169,25 @@ def generative_eval(model, tokenizer, problems: list[MCProblem], num_samples: in
     ks = [k for k in (1, 2, 4, 8, 16, 32, 64) if k <= num_samples] + ([num_samples] if num_samples not in
                                                                       (1, 2, 4, 8, 16, 32, 64) else [])
     pass_sums = dict.fromkeys(ks, 0.0)
-    for index, problem in tqdm(indexed, desc="generative eval", unit="problem", disable=not progress or rank != 0):
-        prompt = tokenizer.render_for_completion(conversation(problem, "reasoning"))
-        gen = engine.generate(prompt, num_samples=num_samples, max_new_tokens=max_new_tokens,
-                              temperature=temperature, top_k=top_k, stop_tokens=(stop,), seed=seed + index)
-        hits = 0
-        for completion in gen.completions:
-            text = tokenizer.decode([t for t in completion if t != stop])
-            letter = extract_letter(text)
-            result.add(problem.correct, letter)
-            hits += letter == problem.correct
-        for k in ks:
-            pass_sums[k] += pass_at_k(num_samples, hits, k)
-        result.problems += 1
+    bar = tqdm(total=len(indexed), desc="generative eval", unit="problem", disable=not progress or rank != 0)
+    for start in range(0, len(indexed), batch_size):
+        chunk = indexed[start : start + batch_size]
+        prompts = [list(tokenizer.render_for_completion(conversation(problem, "reasoning"))) for _, problem in chunk]
+        gens = engine.generate_batch(prompts, num_samples=num_samples, max_new_tokens=max_new_tokens,
+                                     temperature=temperature, top_k=top_k, stop_tokens=(stop,),
+                                     seeds=[seed + index for index, _ in chunk])
+        for (_, problem), gen in zip(chunk, gens):
+            hits = 0
+            for completion in gen.completions:
+                text = tokenizer.decode([t for t in completion if t != stop])
+                letter = extract_letter(text)
+                result.add(problem.correct, letter)
+                hits += letter == problem.correct
+            for k in ks:
+                pass_sums[k] += pass_at_k(num_samples, hits, k)
+            result.problems += 1
+        bar.update(len(chunk))
+    bar.close()
     _all_reduce(result, pass_sums, _device(model))
     return result
 
@@ -237,7 +246,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--difficulty", type=int, default=None, choices=(1, 2, 3))
-    parser.add_argument("--batch-size", type=int, default=16, help="categorical: prompts per forward")
+    parser.add_argument("--batch-size", type=int, default=16,
+                        help="problems per batch: categorical, prompts per forward; generative, problems "
+                             "decoded together (each with --num-samples rows)")
     parser.add_argument("--skip-bad-rows", action="store_true", help="skip and count malformed AQuA rows")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default=None, help="also write the result as JSON to this path")
@@ -273,7 +284,8 @@ def _run_on(args, device: str) -> int:
         kwargs = {"batch_size": args.batch_size}
     else:
         kwargs = {"num_samples": args.num_samples, "max_new_tokens": args.max_new_tokens,
-                  "temperature": args.temperature, "top_k": args.top_k, "seed": args.seed}
+                  "temperature": args.temperature, "top_k": args.top_k, "seed": args.seed,
+                  "batch_size": args.batch_size}
     result = evaluate(model, tokenizer, problems, args.mode, **kwargs)
     if rank != 0:
         return 0

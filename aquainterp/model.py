@@ -27,7 +27,7 @@ from transformer_lens.config import TransformerLensConfig
 from transformer_lens.hook_points import HookPoint
 
 if TYPE_CHECKING:
-    from aquainterp.engine import KVCache
+    from aquainterp.kv_cache import KVCache
 
 SOFTCAP = 15.0
 ROPE_BASE = 10000.0
@@ -105,7 +105,7 @@ def norm(x: torch.Tensor) -> torch.Tensor:
 def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the two halves of each head: nanochat's sign convention (HF NanoChat's rotate_half agrees).
 
-    x is [B, T, H, D]; cos/sin are [1, T, 1, D/2] in fp32 and are cast to x's dtype, as HF does.
+    x is [B, T, H, D]; cos/sin are [1 or B, T, 1, D/2] in fp32 and are cast to x's dtype, as HF does.
     """
     d = x.shape[-1] // 2
     x1, x2 = x[..., :d], x[..., d:]
@@ -119,6 +119,23 @@ def rotary_tables(seq_len: int, head_dim: int, base: float = ROPE_BASE, device=N
     t = torch.arange(seq_len, dtype=torch.float32, device=device)
     freqs = torch.outer(t, inv_freq)
     return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
+
+
+def rotary_positions(left_pad: torch.Tensor, start: int, length: int) -> torch.Tensor:
+    """[B, length] rotary positions of columns start.. of left-padded rows: each row's first real token
+    is position 0, as if it ran alone (padding columns get 0; they are masked)."""
+    columns = torch.arange(start, start + length, device=left_pad.device)
+    return (columns[None, :] - left_pad[:, None]).clamp_(min=0)
+
+
+def padded_causal_mask(left_pad: torch.Tensor, start: int, Tq: int, Tk: int) -> torch.Tensor:
+    """[B, 1, Tq, Tk] boolean mask (True = may attend) for queries at columns start.. of left-padded rows:
+    causal, and no real token sees a padding key. A padding query sees itself only, so its (unused)
+    output stays finite instead of a softmax over nothing."""
+    q_col = torch.arange(start, start + Tq, device=left_pad.device)[:, None]
+    k_col = torch.arange(Tk, device=left_pad.device)[None, :]
+    visible = (k_col <= q_col) & (k_col >= left_pad[:, None, None])
+    return (visible | (k_col == q_col))[:, None]
 
 
 def _active(hook: HookPoint) -> bool:
@@ -196,25 +213,28 @@ class CausalSelfAttention(nn.Module):
         q = self.hook_rot_q(norm(apply_rotary_emb(q, cos, sin)))
         k = self.hook_rot_k(norm(apply_rotary_emb(k, cos, sin)))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
-        prefix = 0
+        prefix, left_pad = 0, None
         if kv_cache is not None:
-            prefix = kv_cache.get_pos()
+            prefix, left_pad = kv_cache.get_pos(), kv_cache.left_pad
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)
         Tq, Tk = q.size(2), k.size(2)
-        # Boolean mask (True = may attend), only needed when queries start after cached keys.
-        mask = None
-        if Tq != Tk and Tq > 1:
+        # Boolean mask (True = may attend), only needed when queries start after cached keys or rows
+        # are left-padded; otherwise the kernels' own causal mask is used.
+        mask, causal = None, Tq == Tk and Tq > 1
+        if left_pad is not None:
+            mask, causal = padded_causal_mask(left_pad, prefix, Tq, Tk), False
+        elif Tq != Tk and Tq > 1:
             q_pos = torch.arange(prefix, prefix + Tq, device=q.device)
             mask = torch.arange(Tk, device=q.device)[None, :] <= q_pos[:, None]
         if self.needs_explicit_attention():
-            y = self._explicit_attention(q, k, v, mask, causal=Tq == Tk)
+            y = self._explicit_attention(q, k, v, mask, causal)
         else:
             y = F.scaled_dot_product_attention(
                 q,
                 k,
                 v,
                 attn_mask=mask,
-                is_causal=Tq == Tk and Tq > 1,
+                is_causal=causal,
                 enable_gqa=self.n_head != self.n_kv_head,
             )
         z = self.hook_z(y.transpose(1, 2))  # [B, T, H, D]
@@ -227,7 +247,7 @@ class CausalSelfAttention(nn.Module):
             v = v.repeat_interleave(groups, dim=1)
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
         Tq, Tk = scores.shape[-2:]
-        if causal and Tq > 1:
+        if causal:
             mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril()
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
@@ -372,7 +392,11 @@ class GPT(HookedRootModule):
             raise ValueError(
                 f"GPT.forward: targets shape {tuple(targets.shape)} != idx shape {tuple(idx.shape)}"
             )
-        cos, sin = self.cos[:, T0 : T0 + T], self.sin[:, T0 : T0 + T]
+        if kv_cache is not None and kv_cache.left_pad is not None:  # per-row positions, see KVCache
+            positions = rotary_positions(kv_cache.left_pad, T0, T)
+            cos, sin = self.cos[0, positions], self.sin[0, positions]
+        else:
+            cos, sin = self.cos[:, T0 : T0 + T], self.sin[:, T0 : T0 + T]
         x = norm(self.hook_embed(self.wte(idx)))
         for block in self.blocks:
             x = block(x, cos, sin, kv_cache)

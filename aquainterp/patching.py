@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformer_lens.hook_points import HookPoint
 
-from aquainterp.engine import KVCache
+from aquainterp.kv_cache import KVCache
 from aquainterp.model import GPT, SOFTCAP, _active, apply_rotary_emb, norm
 
 LETTERS = ("A", "B", "C", "D", "E")

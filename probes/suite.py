@@ -346,17 +346,16 @@ class ProbeSuite:
         return list(self.tokenizer.render_for_completion(conversation(item.problem, self.completion_style)))
 
     def _greedy(self, indices) -> dict[int, list[int]]:
-        """Greedy completions (temperature 0) of the given probe problems, stop token included."""
+        """Greedy completions (temperature 0) of the given probe problems, stop token included, decoded
+        together in one batch."""
         from aquainterp.engine import Engine  # the engine is only needed when we generate ourselves
 
-        engine = Engine(self.model)
+        indices = sorted(indices)
         stop = [self.tokenizer.encode_special("<|assistant_end|>")]
-        out = {}
-        for index in sorted(indices):
-            gen = engine.generate(self._completion_prompt(self.items[index]), num_samples=1,
-                                  max_new_tokens=self.max_new_tokens, temperature=0.0, stop_tokens=stop)
-            out[index] = list(gen.completions[0])
-        return out
+        gens = Engine(self.model).generate_batch([self._completion_prompt(self.items[i]) for i in indices],
+                                                 max_new_tokens=self.max_new_tokens, temperature=0.0,
+                                                 stop_tokens=stop)
+        return {index: list(gen.completions[0]) for index, gen in zip(indices, gens)}
 
     def _hardest_table(self, gold_margin, margin, predicted, generated) -> dict:
         """The hardest_k problems by signed gold margin (most confidently wrong first)."""

@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aquainterp.engine import Engine, Generation, KVCache
+from aquainterp.engine import Engine, Generation
+from aquainterp.kv_cache import KVCache
 from aquainterp.model import GPT, GPTConfig
 
 VOCAB = 48
@@ -115,17 +116,78 @@ def test_as_batch_pads_and_masks_completions():
     assert mask.tolist() == [[0, 0, 1, 1, 1], [0, 0, 1, 0, 0]]
 
 
-def test_kv_cache_expand_copies_rows():
-    cache = KVCache(batch_size=1, num_layers=1, max_len=4)
-    k = torch.randn(1, 2, 3, 8)
+def test_kv_cache_select_rows_copies_rows():
+    cache = KVCache(batch_size=2, num_layers=1, max_len=4, left_pad=torch.tensor([0, 2]))
+    k = torch.randn(2, 2, 3, 8)
     cache.insert_kv(0, k, -k)
-    wide = cache.expand(3)
-    assert wide.get_pos() == 3 and wide.k.shape == (1, 3, 2, 4, 8)
-    torch.testing.assert_close(wide.k[0, :, :, :3], k.expand(3, -1, -1, -1))
+    wide = cache.select_rows(torch.tensor([1, 1, 0]))
+    assert wide.get_pos() == 3 and wide.k.shape == (1, 3, 2, 4, 8) and wide.left_pad.tolist() == [2, 2, 0]
+    torch.testing.assert_close(wide.k[0, :, :, :3], k[[1, 1, 0]])
+    torch.testing.assert_close(wide.v[0, :, :, :3], -k[[1, 1, 0]])
     wide.k[0, 1].zero_()  # rows are independent copies
     assert wide.k[0, 0].abs().sum() > 0 and cache.k.abs().sum() > 0
-    with pytest.raises(ValueError, match="only a batch-1 cache can be expanded"):
-        wide.expand(2)
+    with pytest.raises(ValueError, match=r"rows must be a non-empty 1-d list of indices in \[0, 3\), got \[3\]"):
+        wide.select_rows(torch.tensor([3]))
+    with pytest.raises(ValueError, match="left_pad must be a long tensor of 2 non-negative counts"):
+        KVCache(batch_size=2, num_layers=1, max_len=4, left_pad=torch.tensor([0, -1]))
+
+
+PROMPTS = [[3, 17, 5, 40, 22, 9], [7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [30, 31, 32]]
+
+
+@pytest.mark.parametrize("hooked", [False, True])
+def test_batched_greedy_equals_each_prompt_alone(hooked):
+    """Left-padded prompts of lengths 6, 1, 11, 3 decoded together give each prompt's own greedy tokens
+    and log-probs (full recompute is the reference), on both attention paths."""
+    model = random_gpt(seed=4)
+    hooks = [(f"blocks.{l}.attn.hook_pattern", lambda x, hook: None) for l in range(2)] if hooked else []
+    with model.hooks(fwd_hooks=hooks):
+        gens = Engine(model).generate_batch(PROMPTS, max_new_tokens=20, temperature=0.0)
+    for prompt, gen in zip(PROMPTS, gens):
+        expected = greedy_full_recompute(model, prompt, 20)
+        assert gen.prompt == prompt and gen.completions == [expected] and gen.finished == [False]
+        torch.testing.assert_close(torch.tensor(gen.logprobs[0]), full_logprobs(model, prompt, expected),
+                                   atol=1e-5, rtol=0)
+
+
+def test_batched_sampling_draws_as_each_prompt_alone_and_finished_prompts_leave():
+    """Per-prompt seeds reproduce generate(prompt, seed) sample for sample; a prompt whose samples all hit
+    the stop token leaves the batch while the others keep decoding."""
+    model = random_gpt(seed=5)
+    engine = Engine(model)
+    alone = [engine.generate(p, num_samples=3, max_new_tokens=12, temperature=1.0, seed=10 + i)
+             for i, p in enumerate(PROMPTS)]
+    # stop tokens that end every sample of prompt 1 at its first token
+    stop = sorted({c[0] for c in alone[1].completions})
+    alone = [engine.generate(p, num_samples=3, max_new_tokens=12, temperature=1.0, seed=10 + i, stop_tokens=stop)
+             for i, p in enumerate(PROMPTS)]
+    rows = []  # batch size of every forward: the prefill, then one per decode step
+    handle = model.register_forward_pre_hook(lambda mod, args: rows.append(args[0].shape[0]))
+    together = engine.generate_batch(PROMPTS, num_samples=3, max_new_tokens=12, temperature=1.0,
+                                     seeds=[10 + i for i in range(len(PROMPTS))], stop_tokens=stop)
+    handle.remove()
+    for a, b in zip(alone, together):
+        assert a.completions == b.completions and a.finished == b.finished
+        torch.testing.assert_close(torch.tensor(sum(a.logprobs, [])), torch.tensor(sum(b.logprobs, [])),
+                                   atol=1e-5, rtol=0)
+    assert together[1].finished == [True] * 3 and max(len(c) for c in together[1].completions) == 1
+    assert max(len(c) for g in together for c in g.completions) == 12
+    assert rows[:2] == [4, 9] and rows[-1] >= 3  # prefill 4 prompts; prompt 1 left before the first decode
+
+
+def test_left_padded_prefill_equals_unpadded_logits():
+    """The model side of the contract: with KVCache.left_pad, a left-padded row's logits at its real
+    positions equal the same tokens run alone (rotary positions shifted, padding keys masked)."""
+    model = random_gpt(seed=6)
+    short, long = PROMPTS[0], PROMPTS[2]
+    ids = torch.tensor([[0] * (len(long) - len(short)) + short, long])
+    cache = KVCache(2, 2, len(long), left_pad=torch.tensor([len(long) - len(short), 0]))
+    with torch.no_grad():
+        padded = model(ids, kv_cache=cache)
+        torch.testing.assert_close(padded[0, len(long) - len(short) :], model(torch.tensor([short]))[0],
+                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(padded[1], model(torch.tensor([long]))[0], atol=1e-5, rtol=0)
+        assert torch.isfinite(padded).all()  # padding rows see themselves, never a softmax over nothing
 
 
 def test_bad_arguments_are_named():
@@ -142,3 +204,7 @@ def test_bad_arguments_are_named():
         engine.generate([1], max_new_tokens=640)
     with pytest.raises(TypeError, match="expected an aquainterp GPT"):
         Engine(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="Engine.generate_batch: 1 seeds for 2 prompts"):
+        engine.generate_batch([[1], [2]], seeds=[0])
+    with pytest.raises(ValueError, match="Engine.generate_batch: expected a non-empty list of prompts"):
+        engine.generate_batch([])

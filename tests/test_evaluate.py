@@ -27,9 +27,11 @@ def tiny_gpt(vocab_size: int, seed: int = 0) -> GPT:
 def force_answer(model: GPT, tok, choose):
     """Hook the real GPT so that, whatever it computes, its next token after the last input token
     follows "<|assistant_start|>Answer: X<|assistant_end|>". At the letter position X = choose(s, b):
-    s = sum of the prompt's ids (a fingerprint of the problem), b = the sample's row while decoding
-    (0 for whole-prompt forwards, so a categorical answer does not depend on batch composition).
-    Works with and without the KV cache (the hook reads the input ids of each call)."""
+    s = sum of the prompt's ids (a fingerprint of the problem; left padding is token 0), b = the sample's
+    index within its prompt while decoding (0 for whole-prompt forwards, so a categorical answer does not
+    depend on batch composition). Works with and without the KV cache (the hook reads the input ids of
+    each call). Decoding rows are the Engine's: prompt-major, num_samples rows per prompt; every row
+    follows the same chain, so all stop together and no prompt leaves the batch early."""
     prompt_tail, letters = letter_token_ids(tok)
     start, end = tok.encode_special("<|assistant_start|>"), tok.encode_special("<|assistant_end|>")
     chain = [start, *prompt_tail]
@@ -46,15 +48,16 @@ def force_answer(model: GPT, tok, choose):
 
     def hook(module, args, kwargs, logits):
         idx = args[0]
-        if idx.shape[1] > 1:  # a whole prompt (prefill or categorical batch), not one decode step
-            prompt_sum["last"] = int(idx[0].sum())
+        if idx.shape[1] > 1:  # whole prompts (prefill or categorical batch), not one decode step
+            prompt_sum["rows"] = idx.sum(1).tolist()
         target = next_of.to(idx.device)[idx]
         at_letter = (idx == chain[-1]).nonzero().tolist()
         for b, t in at_letter:
             if idx.shape[1] > 1:
                 choice = choose(int(idx[b, : t + 1].sum()), 0)
             else:
-                choice = choose(prompt_sum["last"], b)
+                samples = idx.shape[0] // len(prompt_sum["rows"])
+                choice = choose(prompt_sum["rows"][b // samples], b % samples)
             target[b, t] = letters[LETTERS.index(choice)]
         return torch.full_like(logits, -10.0).scatter(-1, target[..., None], 10.0)
 

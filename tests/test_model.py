@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from transformer_lens import ActivationCache
 from transformer_lens.patching import get_act_patch_resid_pre
 
-from aquainterp.engine import KVCache
+from aquainterp.kv_cache import KVCache
 from aquainterp.model import GPT, GPTConfig
 
 VOCAB = 64

@@ -118,11 +118,14 @@ def test_table_completions_only_on_table_steps_and_only_for_the_shown_rows(token
     model = model_for(tokenizer, seed=2)
     suite = ProbeSuite(model, tokenizer, problems, reference_model=freeze_reference(model), batch_size=4,
                        max_new_tokens=5, hardest_k=2, table_every=4)
-    prefills = []  # the prompt of every Engine prefill: one per greedy completion
+    prefills, calls = [], []  # every prompt the Engine prefilled (padding cut off); prefill forwards
 
     def record(module, args, kwargs):
-        if kwargs.get("kv_cache") is not None and args[0].shape[1] > 1:
-            prefills.append(args[0][0].tolist())
+        cache = kwargs.get("kv_cache")
+        if cache is not None and args[0].shape[1] > 1:
+            pads = [0] * args[0].shape[0] if cache.left_pad is None else cache.left_pad.tolist()
+            prefills.extend(row[pad:] for row, pad in zip(args[0].tolist(), pads))
+            calls.append(len(pads))
 
     handle = model.register_forward_pre_hook(record, with_kwargs=True)
     rollout = [(list(suite.items[0].ids), [5, 6, 7])]  # sampled completions given: KL generates nothing
@@ -138,8 +141,10 @@ def test_table_completions_only_on_table_steps_and_only_for_the_shown_rows(token
             rows = suite.last_raw["hardest"]["rows"]
             assert len(rows) == 2 and sorted(prefills) == sorted(prompts[row[0]] for row in rows)
         prefills.clear()
+        calls.clear()
         suite.run(6, completions=rollout, table=True)  # forced, e.g. for the last step of a run
         assert len(prefills) == 2 and "hardest" in suite.last_raw
+        assert calls == [2]  # both rows' completions decoded together
         prefills.clear()
         suite.run(0)  # no rollouts: greedy completions for sequence KL, which the table rows reuse
         assert sorted(prefills) == sorted(prompts.values()) and len(prefills) == len(problems)

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from aquainterp.checkpoint import CheckpointError
 from aquainterp.engine import Engine
+from aquainterp.kv_cache import SharedPrompt
 from aquainterp.logger import Logger
 from aquainterp.tasks import LETTERS, MCProblem, conversation, extract_letter
 from training import common
@@ -208,35 +209,6 @@ def rollout(engine: Engine, tokenizer, problem: MCProblem, config: RLConfig, see
                                          format_reward=config.format_reward))
     return Rollout(problem, prompt, [list(c) for c in gen.completions], texts, predicted, rewards,
                    list(gen.finished))
-
-
-class SharedPrompt:
-    """A KV cache autograd can flow through, for training on a group of completions of one prompt.
-
-    The first forward (the prompt, batch 1) records every layer's keys/values with their graph; the
-    second (the completions, batch b) attends to them expanded to b rows (a view, no copy) followed
-    by its own. The prompt is computed once per group instead of once per completion, and the
-    gradient of every completion still reaches the prompt's activations. Same interface as
-    aquainterp.engine.KVCache (`get_pos`, `insert_kv`), which the model's attention calls.
-    """
-
-    def __init__(self, num_layers: int):
-        self.k: list[torch.Tensor | None] = [None] * num_layers
-        self.v: list[torch.Tensor | None] = [None] * num_layers
-        self.pos = 0
-
-    def get_pos(self) -> int:
-        return self.pos
-
-    def insert_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        if self.k[layer] is None:  # the prompt pass
-            self.k[layer], self.v[layer] = k, v
-            if layer == len(self.k) - 1:
-                self.pos = k.size(2)
-            return k, v
-        B = k.size(0)
-        return (torch.cat([self.k[layer].expand(B, -1, -1, -1), k], dim=2),
-                torch.cat([self.v[layer].expand(B, -1, -1, -1), v], dim=2))
 
 
 def completion_targets(completions: list[list[int]]) -> torch.Tensor:
