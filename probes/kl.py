@@ -7,7 +7,6 @@ fed to both models (teacher forcing), averaged over the completion's tokens.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -35,15 +34,6 @@ def sequence_kl(policy_logits: Tensor, reference_logits: Tensor, mask: Tensor) -
         raise ValueError("sequence_kl: a sequence has no completion positions (empty completion)")
     per_token = kl_from_logits(policy_logits, reference_logits) * mask
     return per_token.sum(-1) / counts
-
-
-def completion_mask(prompt_lengths: Tensor, completion_lengths: Tensor, width: int) -> Tensor:
-    """[B, width] bool: positions p with prompt_len - 1 <= p < prompt_len + completion_len - 1,
-    i.e. the positions whose logits predict a completion token."""
-    pos = torch.arange(width, device=prompt_lengths.device)[None, :]
-    start = (prompt_lengths - 1)[:, None]
-    end = (prompt_lengths + completion_lengths - 1)[:, None]
-    return (pos >= start) & (pos < end)
 
 
 def kl_metrics(values: Tensor, name: str) -> dict[str, float]:

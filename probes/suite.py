@@ -14,7 +14,7 @@ Cost: one hooked policy forward per probe batch gives entropy, option mass, lett
 the policy side of letter KL. The reference is frozen and the probe set fixed, so the reference's letter
 logits are computed on the first run and reused (recomputed if the reference's tensors change in
 place or are replaced); sequence KL's teacher-forced forwards (policy and reference, along the given
-completions) are the only other per-run forwards. The hardest-questions table, whose greedy
+completions, each distinct prompt run once) are the only other per-run forwards. The hardest-questions table, whose greedy
 completions cost more than everything else together, is built only on steps that are multiples of
 `table_every` (sparser than the probe cadence), with completions for its `hardest_k` rows only.
 
@@ -38,10 +38,11 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from aquainterp.kv_cache import completion_logits
 from aquainterp.tasks import LETTERS, conversation
 from probes.counts import letter_counts
 from probes.entropy import entropy_metrics, query_window, window_entropy
-from probes.kl import completion_mask, kl_from_logits, kl_metrics, sequence_kl
+from probes.kl import kl_from_logits, kl_metrics, sequence_kl
 from probes.margin import letter_logits, letter_margins, margin_metrics
 from probes.option_mass import decision_rows, option_mass, option_mass_metrics, pick_option, span_mask
 from probes.probe_set import ProbeItem, build_probe_set, right_pad
@@ -321,24 +322,22 @@ class ProbeSuite:
         return self._reference_letters
 
     def _sequence_kl(self, pairs) -> torch.Tensor:
-        """Exact full-vocab KL(policy || reference) per completion token, teacher forced, mean per pair."""
-        values = []
-        ref_device = _device_of(self.reference)
-        for start in range(0, len(pairs), self.batch_size):
-            chunk = pairs[start : start + self.batch_size]
-            # the last completion token is never an input: its logits would predict past the completion
-            ids, _ = right_pad([p + c[:-1] for p, c in chunk], self.pad_id)
-            prompt_len = torch.tensor([len(p) for p, _ in chunk])
-            comp_len = torch.tensor([len(c) for _, c in chunk])
-            mask = completion_mask(prompt_len, comp_len, ids.shape[1])
-            # positions before the shortest prompt's end are masked out in every row: drop them before the
-            # reference logits [B, T, V] cross devices and before the full-vocab softmaxes
-            first = int(prompt_len.min()) - 1
-            policy = self.model(ids.to(self.device))[:, first:]
-            reference = self.reference(ids.to(ref_device))[:, first:].to(self.device)
-            values.append(sequence_kl(policy, reference, mask[:, first:].to(self.device)).cpu())
-            del policy, reference
-        return torch.cat(values)
+        """Exact full-vocab KL(policy || reference) per completion token, teacher forced, mean per pair.
+
+        Pairs that share a prompt (RL's samples of one problem) run it once: completion_logits."""
+        by_prompt: dict[tuple[int, ...], list[int]] = {}
+        for i, (prompt, _) in enumerate(pairs):
+            by_prompt.setdefault(tuple(prompt), []).append(i)
+        values = torch.empty(len(pairs))
+        for prompt, members in by_prompt.items():
+            for start in range(0, len(members), self.batch_size):
+                chunk = members[start : start + self.batch_size]
+                completions = [pairs[i][1] for i in chunk]
+                policy, targets = completion_logits(self.model, list(prompt), completions, self.pad_id)
+                reference, _ = completion_logits(self.reference, list(prompt), completions, self.pad_id)
+                values[chunk] = sequence_kl(policy, reference.to(policy.device), targets >= 0).cpu()
+                del policy, reference
+        return values
 
     # ---- completions and the hardest-questions table -------------------------------------------------
 

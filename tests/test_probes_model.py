@@ -209,7 +209,7 @@ def test_one_policy_forward_per_batch_and_reference_letters_computed_once():
     # lm_head runs once per forward (run_with_hooks calls GPT.forward directly, past module hooks)
     handles = [m.lm_head.register_forward_hook(lambda *_, who=who: forwards.__setitem__(who, forwards[who] + 1))
                for who, m in (("policy", model), ("reference", reference))]
-    pairs = [(list(it.ids), [5, 6, 7]) for it in s.items[:3]]  # 2 sequence-KL batches
+    pairs = [(list(it.ids), [5, 6, 7]) for it in s.items[:3]]  # 3 prompts: 2 sequence-KL forwards each
     try:
         counts = []
         for step in range(3):
@@ -224,7 +224,7 @@ def test_one_policy_forward_per_batch_and_reference_letters_computed_once():
     finally:
         for h in handles:
             h.remove()
-    assert counts == [{"policy": 5, "reference": 5}, {"policy": 5, "reference": 2}, {"policy": 5, "reference": 5}]
+    assert counts == [{"policy": 9, "reference": 9}, {"policy": 9, "reference": 6}, {"policy": 9, "reference": 9}]
     with torch.no_grad():  # the recomputed reference letters are the edited reference's, prompt by prompt
         want = []
         for it in s.items:

@@ -114,6 +114,7 @@ def test_greedy_probe_run_between_training_steps_changes_nothing(tokenizer, prob
 
 def test_table_completions_only_on_table_steps_and_only_for_the_shown_rows(tokenizer, problems):
     from aquainterp.engine import Engine
+    from aquainterp.kv_cache import KVCache
 
     model = model_for(tokenizer, seed=2)
     suite = ProbeSuite(model, tokenizer, problems, reference_model=freeze_reference(model), batch_size=4,
@@ -122,7 +123,7 @@ def test_table_completions_only_on_table_steps_and_only_for_the_shown_rows(token
 
     def record(module, args, kwargs):
         cache = kwargs.get("kv_cache")
-        if cache is not None and args[0].shape[1] > 1:
+        if isinstance(cache, KVCache) and args[0].shape[1] > 1:  # the Engine's (sequence KL: SharedPrompt)
             pads = [0] * args[0].shape[0] if cache.left_pad is None else cache.left_pad.tolist()
             prefills.extend(row[pad:] for row, pad in zip(args[0].tolist(), pads))
             calls.append(len(pads))

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from aquainterp.kv_cache import completion_targets
 from aquainterp.model import GPT, GPTConfig
 from aquainterp.tasks import MCProblem
 from training import rl
@@ -29,7 +30,7 @@ def _rollout(prompt, completions, rewards):
 
 
 def test_completion_targets_pad_with_minus_one():
-    assert rl.completion_targets([[8, 9], [10], [11, 12, 13]]).tolist() == [[8, 9, -1], [10, -1, -1], [11, 12, 13]]
+    assert completion_targets([[8, 9], [10], [11, 12, 13]]).tolist() == [[8, 9, -1], [10, -1, -1], [11, 12, 13]]
 
 
 def _naive_logprobs(model, prompt, completion):
@@ -266,6 +267,7 @@ def test_two_gloo_ranks_equal_one_process_cli(tmp_path, shared_data):
 UPDATE_WORKER = """
 import sys, torch
 from safetensors.torch import save_file
+from aquainterp.kv_cache import completion_targets
 from aquainterp.model import GPT, GPTConfig
 from aquainterp.tasks import MCProblem
 from probes.reference import freeze_reference

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from aquainterp.checkpoint import CheckpointError
 from aquainterp.engine import Engine
-from aquainterp.kv_cache import SharedPrompt
+from aquainterp.kv_cache import completion_logits, completion_targets
 from aquainterp.logger import Logger
 from aquainterp.tasks import LETTERS, MCProblem, conversation, extract_letter
 from training import common
@@ -211,29 +211,12 @@ def rollout(engine: Engine, tokenizer, problem: MCProblem, config: RLConfig, see
                    list(gen.finished))
 
 
-def completion_targets(completions: list[list[int]]) -> torch.Tensor:
-    """[b, longest] completion tokens, −1 on the right padding (the positions that carry no loss)."""
-    targets = torch.full((len(completions), max(len(c) for c in completions)), -1, dtype=torch.long)
-    for i, comp in enumerate(completions):
-        targets[i, : len(comp)] = torch.tensor(comp, dtype=torch.long)
-    return targets
-
-
 def completion_logprobs(model, prompt: list[int], completions: list[list[int]], pad_id: int, bf16: bool
                         ) -> torch.Tensor:
     """log p(token | prompt, earlier tokens) at temperature 1 for every completion token, [b, longest],
-    0 on padding. The prompt runs once; its last position predicts every completion's first token."""
-    if not prompt or not completions or not all(completions):
-        raise ValueError("completion_logprobs: needs a non-empty prompt and non-empty completions")
-    device = model.wte.weight.device
-    targets = completion_targets(completions).to(device)
-    cache = SharedPrompt(model.config.n_layer)
-    with common.autocast(device, bf16):
-        first = model(torch.tensor([prompt], dtype=torch.long, device=device), kv_cache=cache)[:, -1:]
-        logits = first.expand(len(completions), -1, -1)
-        if targets.size(1) > 1:  # token t of a completion is predicted at its position t − 1
-            inputs = targets[:, :-1].masked_fill(targets[:, :-1] < 0, pad_id)
-            logits = torch.cat([logits, model(inputs, kv_cache=cache)], dim=1)
+    0 on padding. The prompt runs once (aquainterp.kv_cache.completion_logits)."""
+    with common.autocast(model.wte.weight.device, bf16):
+        logits, targets = completion_logits(model, prompt, completions, pad_id)
     return token_logprobs(logits, targets)
 
 
