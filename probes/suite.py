@@ -179,6 +179,7 @@ class ProbeSuite:
         self.last_raw: dict = {}
         self.last_seconds: dict[str, float] = {}
         self._batches: list[dict[str, torch.Tensor]] | None = None  # padded probe batches, built once
+        self._order: torch.Tensor | None = None  # item index of each batched row
         self._reference_letters: torch.Tensor | None = None  # [N, 5], valid while _reference_key holds
         self._reference_key: tuple | None = None
 
@@ -258,11 +259,15 @@ class ProbeSuite:
 
     def _probe_batches(self) -> list[dict[str, torch.Tensor]]:
         """The fixed probe set as right-padded batches on the device: padded ids, lengths, letter ids,
-        gold letters and (for option mass) the span masks. Built on the first run, reused after."""
+        gold letters and (for option mass) the span masks. Built on the first run, reused after.
+        Items are batched in order of length, so little compute goes to padding; `_in_probe_order`
+        puts the concatenated results back in probe-set order."""
         if self._batches is None:
             self._batches = []
-            for start in range(0, len(self.items), self.batch_size):
-                batch = self.items[start : start + self.batch_size]
+            order = sorted(range(len(self.items)), key=lambda i: len(self.items[i].ids))
+            self._order = torch.tensor(order)
+            for start in range(0, len(order), self.batch_size):
+                batch = [self.items[i] for i in order[start : start + self.batch_size]]
                 ids, lengths = right_pad([it.ids for it in batch], self.pad_id)
                 entry = {"ids": ids.to(self.device), "lengths": lengths.to(self.device),
                          "letter_ids": torch.tensor([it.letter_ids for it in batch], device=self.device),
@@ -292,7 +297,7 @@ class ProbeSuite:
             out["gold"].append(batch["gold"])
             for key, value in reducer.stacked().items():
                 out[key].append(value.cpu())  # one device-to-host copy per batch, not one per layer
-        collected = {k: torch.cat(v) for k, v in out.items() if v}
+        collected = {k: self._in_probe_order(torch.cat(v)) for k, v in out.items() if v}
         if self.reference is not None:
             collected["reference_letters"] = self._reference_letter_logits(bool(want_attn))
         return collected
@@ -318,8 +323,14 @@ class ProbeSuite:
                 values.append(letter_logits(logits, batch["lengths"].to(ref_device) - 1,
                                             batch["letter_ids"].to(ref_device)).float().cpu())
                 del logits
-            self._reference_letters, self._reference_key = torch.cat(values), key
+            self._reference_letters, self._reference_key = self._in_probe_order(torch.cat(values)), key
         return self._reference_letters
+
+    def _in_probe_order(self, batched: torch.Tensor) -> torch.Tensor:
+        """Rows concatenated over _probe_batches (sorted by length) -> rows in probe-set order."""
+        out = torch.empty_like(batched)
+        out[self._order] = batched
+        return out
 
     def _sequence_kl(self, pairs) -> torch.Tensor:
         """Exact full-vocab KL(policy || reference) per completion token, teacher forced, mean per pair.

@@ -243,6 +243,24 @@ def test_batching_and_padding_do_not_change_results():
         assert a[k] == pytest.approx(b[k], abs=1e-5), k
 
 
+def test_length_sorted_batches_report_in_probe_set_order():
+    """Probe batches are formed in order of prompt length; every per-item result still belongs to its
+    own item: shuffled lengths, batches of 2, each row checked against a plain forward of that item."""
+    model = tiny_model(seed=3)
+    shuffled = [items(6)[i] for i in (4, 0, 5, 2, 1, 3)]
+    shuffled = [ProbeItem(k, it.problem, it.ids, it.spans, it.letter_ids, it.gold) for k, it in enumerate(shuffled)]
+    s = ProbeSuite(model, None, shuffled, probes=("entropy", "option_mass", "margin", "kl", "counts"),
+                   reference_model=freeze_reference(model), batch_size=2, table_completions=False)
+    s.run(0, completions=[(list(shuffled[0].ids), [5, 6])])
+    assert [len(s.items[i].ids) for i in s._order.tolist()] == sorted(len(it.ids) for it in shuffled)
+    with torch.no_grad():
+        want = torch.stack([model(torch.tensor([it.ids]))[0, -1, list(LETTER_IDS)] for it in shuffled])
+    torch.testing.assert_close(torch.as_tensor(s.last_raw["letter_logits"]), want, atol=1e-5, rtol=0)
+    assert s.last_raw["gold"].tolist() == [it.gold for it in shuffled]
+    assert s.last_raw["predicted"].tolist() == want.argmax(-1).tolist()
+    assert s.last_raw["kl_letter"].tolist() == [0.0] * 6  # reference letters in the same order as the policy's
+
+
 def test_counts_match_argmax_of_a_plain_forward():
     model = tiny_model(seed=2)
     s = suite(model, ("counts",))
