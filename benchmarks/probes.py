@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import math
 import statistics
 import sys
 import tempfile
@@ -160,13 +161,17 @@ def main(argv=None) -> int:
 
         totals = {arm: [0.0, 0.0] for arm in ("off", "on")}
         probe_cpu = 0.0
+        differences = []  # per step: on CPU - off CPU, and the same without the probe call
         step(0, False)  # warm-up
         for s in range(args.blocks * args.probe_every):
+            cpus = {}
             for arm in (("off", "on") if s % 2 == 0 else ("on", "off")):
                 cpu, wall, pc = step(s, arm == "on")
                 totals[arm][0] += cpu
                 totals[arm][1] += wall
                 probe_cpu += pc
+                cpus[arm] = cpu
+            differences.append((cpus["on"] - cpus["off"], cpus["on"] - pc - cpus["off"]))
         logger.finish()
     # the on arm's probe runs are at steps block * probe_every; those that are multiples of table_every
     # also built the hardest-questions table
@@ -180,7 +185,13 @@ def main(argv=None) -> int:
     print(f"  probes on    {on_cpu * 1e3:9.1f} ms CPU/step  [wall {on_wall * 1e3:.0f}]  "
           f"(one probe run {probe_cpu / args.blocks * 1e3:.0f} ms CPU on average; {table_runs} of "
           f"{args.blocks} runs built the hardest table, table_every {suite.table_every})")
-    print(f"  ratio on/off {on_cpu / off_cpu:.3f}x CPU  [{on_wall / off_wall:.3f}x wall]  timed side by side")
+    spread = statistics.stdev(d for d, _ in differences) / math.sqrt(n) / off_cpu
+    rest = [r for _, r in differences]
+    print(f"  ratio on/off {on_cpu / off_cpu:.3f}x CPU  [{on_wall / off_wall:.3f}x wall]  timed side by side "
+          f"(+-{spread:.3f}: standard error of the mean per-step difference)")
+    print(f"  the rest of the step (all but the probe call), on - off: {statistics.mean(rest) * 1e3:+.1f} ms "
+          f"+- {statistics.stdev(rest) / math.sqrt(n) * 1e3:.1f} ms per step (what the probes cost outside "
+          f"their own call, or the neighbours' noise)")
     print(f"  ratio from the probe runs' own CPU time: {1 + probe_cpu / args.blocks / (args.probe_every * off_cpu):.3f}x "
           f"(1 + probe run / ({args.probe_every} x off step); less sensitive to the neighbours' load)")
     if args.project_default_step:
