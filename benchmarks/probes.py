@@ -104,7 +104,8 @@ def main(argv=None) -> int:
           f"batch {config.device_batch_size}")
 
     # ---- per-probe cost -------------------------------------------------------------------------------
-    rollouts = [rl.rollout(engine, tokenizer, train[i], config, i, stop) for i in range(config.examples_per_step)]
+    rollouts = rl.sample_rollouts(engine, tokenizer, train[: config.examples_per_step], config,
+                                  list(range(config.examples_per_step)), stop)
     pairs = [(r.prompt, c) for r in rollouts for c in r.completions if c]
     print(f"\nper-probe cost, ms per run (median of {args.repeats}; CPU time of this process, wall in brackets):")
     items = build_probe_set(tokenizer, probe_set)  # tokenised once, shared by every suite below
@@ -147,9 +148,10 @@ def main(argv=None) -> int:
         def step(s: int, probes_on: bool) -> tuple[float, float, float]:
             c0, w0 = clock()
             apply_schedule(optimizers, 0.0, None)  # lr 0: both arms replay identical rollouts
-            batch = [rl.rollout(engine, tokenizer, train[(s * config.examples_per_step + i) % len(train)],
-                                config, rl.sample_seed(config.seed, s, i), stop)
-                     for i in range(config.examples_per_step)]
+            batch = rl.sample_rollouts(
+                engine, tokenizer,
+                [train[(s * config.examples_per_step + i) % len(train)] for i in range(config.examples_per_step)],
+                config, [rl.sample_seed(config.seed, s, i) for i in range(config.examples_per_step)], stop)
             probe_cpu = 0.0
             if probes_on and due(s, config.probe_every):  # rl.py: probe_every and step % probe_every == 0
                 p0, _ = clock()
@@ -199,8 +201,8 @@ def main(argv=None) -> int:
         big = dataclasses.replace(config, examples_per_step=d.examples_per_step, num_samples=d.num_samples,
                                   max_new_tokens=d.max_new_tokens)
         c0, _ = clock()
-        batch = [rl.rollout(engine, tokenizer, train[i % len(train)], big, rl.sample_seed(big.seed, 0, i), stop)
-                 for i in range(big.examples_per_step)]
+        batch = rl.sample_rollouts(engine, tokenizer, [train[i % len(train)] for i in range(big.examples_per_step)],
+                                   big, [rl.sample_seed(big.seed, 0, i) for i in range(big.examples_per_step)], stop)
         rl.train_on_rollouts(model, optimizers, batch, big, ddp, pad_id, None, 0)
         big_cpu = clock()[0] - c0
         run_cpu = probe_cpu / args.blocks

@@ -66,6 +66,7 @@ class RLConfig:
     max_new_tokens: int = 256
     temperature: float = 1.0
     top_k: int | None = 50
+    rollout_prompts: int = 16  # prompts whose samples are decoded together (rows = this x num_samples)
     # reward / loss
     format_reward: float = 0.0
     std_normalize: bool = False
@@ -114,7 +115,7 @@ class RLConfig:
                  "give exactly one of --checkpoint (start from SFT) or --depth (fresh model)")
         need(self.depth is None or self.depth >= 1, f"--depth must be >= 1, got {self.depth}")
         for name in ("max_steps", "examples_per_step", "num_samples", "max_new_tokens", "ppo_epochs",
-                     "device_batch_size", "eval_examples", "pass_k", "probe_batch", "table_rows"):
+                     "device_batch_size", "rollout_prompts", "eval_examples", "pass_k", "probe_batch", "table_rows"):
             need(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name in ("eval_every", "probe_every", "table_every", "save_every"):
             need(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be >= 0 (0 = off), got "
@@ -193,11 +194,27 @@ class Rollout:
     finished: list[bool]
 
 
-def rollout(engine: Engine, tokenizer, problem: MCProblem, config: RLConfig, seed: int, stop_tokens) -> Rollout:
-    """Sample a group of completions to the "reasoning" prompt of one problem and score each one."""
-    prompt = tokenizer.render_for_completion(conversation(problem, "reasoning"))
-    gen = engine.generate(prompt, num_samples=config.num_samples, max_new_tokens=config.max_new_tokens,
-                          temperature=config.temperature, top_k=config.top_k, stop_tokens=stop_tokens, seed=seed)
+def sample_rollouts(engine: Engine, tokenizer, problems: list[MCProblem], config: RLConfig, seeds: list[int],
+                    stop_tokens) -> list[Rollout]:
+    """A group of `num_samples` completions to the "reasoning" prompt of each problem, scored.
+
+    `rollout_prompts` prompts are decoded together (Engine.generate_batch: one decode step serves every
+    row). Problem i samples from its own generator, seeded with seeds[i], so its completions do not
+    depend on how problems are grouped or sharded over ranks (up to the float rounding of batched
+    kernels, which can flip a near-tie)."""
+    out = []
+    for start in range(0, len(problems), config.rollout_prompts):
+        chunk = problems[start : start + config.rollout_prompts]
+        prompts = [list(tokenizer.render_for_completion(conversation(p, "reasoning"))) for p in chunk]
+        gens = engine.generate_batch(prompts, num_samples=config.num_samples, max_new_tokens=config.max_new_tokens,
+                                     temperature=config.temperature, top_k=config.top_k, stop_tokens=stop_tokens,
+                                     seeds=seeds[start : start + config.rollout_prompts])
+        out.extend(score_rollout(problem, gen, tokenizer, config, stop_tokens) for problem, gen in zip(chunk, gens))
+    return out
+
+
+def score_rollout(problem: MCProblem, gen, tokenizer, config: RLConfig, stop_tokens) -> Rollout:
+    """Decode each completion (stop token cut), extract its letter and compute its reward."""
     texts, predicted, rewards = [], [], []
     for comp, done in zip(gen.completions, gen.finished):
         body = comp[:-1] if done and comp and comp[-1] in stop_tokens else comp
@@ -207,7 +224,7 @@ def rollout(engine: Engine, tokenizer, problem: MCProblem, config: RLConfig, see
         predicted.append(letter)
         rewards.append(completion_reward(letter, problem.correct, well_formed=done and letter is not None,
                                          format_reward=config.format_reward))
-    return Rollout(problem, prompt, [list(c) for c in gen.completions], texts, predicted, rewards,
+    return Rollout(problem, gen.prompt, [list(c) for c in gen.completions], texts, predicted, rewards,
                    list(gen.finished))
 
 
@@ -489,11 +506,10 @@ def _run(config: RLConfig, ddp: Dist, policy: tuple | None = None) -> dict:
         if step > 0 and config.eval_every and step % config.eval_every == 0:
             logger.log(evaluate_policy(model, tokenizer, held_out, config), step=step)
         matrix_lr = apply_schedule(optimizers, 1.0 - step / config.max_steps, None)  # nanochat: linear to 0
-        rollouts = []
-        for i in range(ddp.rank, config.examples_per_step, ddp.world_size):
-            g = example_index(step, i, config.examples_per_step)
-            rollouts.append(rollout(engine, tokenizer, train[g % len(train)], config,
-                                    sample_seed(config.seed, step, g), stop_tokens))
+        mine = [example_index(step, i, config.examples_per_step)
+                for i in range(ddp.rank, config.examples_per_step, ddp.world_size)]
+        rollouts = sample_rollouts(engine, tokenizer, [train[g % len(train)] for g in mine], config,
+                                   [sample_seed(config.seed, step, g) for g in mine], stop_tokens)
         if suite is not None and config.probe_every and step % config.probe_every == 0:
             run_probes(suite, logger, step, rollouts)
         metrics = rollout_metrics(rollouts, ddp)
@@ -544,6 +560,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--num-samples", type=int, default=d.num_samples, help="completions per prompt (group size)")
     a("--max-new-tokens", type=int, default=d.max_new_tokens)
     a("--temperature", type=float, default=d.temperature)
+    a("--rollout-prompts", type=int, default=d.rollout_prompts,
+      help="prompts decoded together when sampling rollouts (KV cache rows = this x --num-samples)")
     a("--top-k", type=int, default=d.top_k, help="0 = no top-k")
     a("--format-reward", type=float, default=d.format_reward, help="bonus for a finished, parseable answer")
     a("--std-normalize", action="store_true", help="divide advantages by the group std")
