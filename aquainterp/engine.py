@@ -135,7 +135,8 @@ class Engine:
         if any(len(p) != width for p in prompts):
             left_pad = torch.tensor([width - len(p) for p in prompts], dtype=torch.long, device=device)
         cache = KVCache(len(prompts), model.config.n_layer, max(total, 1), left_pad)
-        logits = model(ids.to(device), kv_cache=cache)[:, -1, :]
+        last = torch.full((len(prompts),), width - 1, dtype=torch.long, device=device)
+        logits = model(ids.to(device), kv_cache=cache, logits_at=last)  # [P, vocab]: only the last position
         if num_samples > 1:  # prompt g's samples are rows g*num_samples ... (g+1)*num_samples - 1
             rows = torch.arange(len(prompts), device=device).repeat_interleave(num_samples)
             cache, logits = cache.select_rows(rows), logits[rows]

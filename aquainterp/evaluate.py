@@ -135,9 +135,10 @@ def categorical_eval(model, tokenizer, problems: list[MCProblem], batch_size: in
         x = torch.zeros((len(batch), width), dtype=torch.long, device=device)
         for i, (ids, _) in enumerate(prompts):
             x[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        logits = model(x)
+        decision = torch.tensor([len(ids) - 1 for ids, _ in prompts], device=device)
+        logits = model(x, logits_at=decision)  # [batch, vocab]: the decision positions only
         for i, (problem, (ids, letter_ids)) in enumerate(zip(batch, prompts)):
-            letter_logits = logits[i, len(ids) - 1, letter_ids]
+            letter_logits = logits[i, letter_ids]
             result.add(problem.correct, LETTERS[int(letter_logits.argmax())])
         result.problems += len(batch)
     _all_reduce(result, {}, device)

@@ -130,7 +130,8 @@ def completion_logits(model, prompt: list[int], completions: list[list[int]], pa
     device = model.wte.weight.device
     targets = completion_targets(completions).to(device)
     cache = SharedPrompt(model.config.n_layer)
-    first = model(torch.tensor([prompt], dtype=torch.long, device=device), kv_cache=cache)[:, -1:]
+    last = torch.tensor([len(prompt) - 1], device=device)
+    first = model(torch.tensor([prompt], dtype=torch.long, device=device), kv_cache=cache, logits_at=last)[:, None]
     logits = first.expand(len(completions), -1, -1)
     if targets.size(1) > 1:  # token t of a completion is predicted at its position t - 1
         inputs = targets[:, :-1].masked_fill(targets[:, :-1] < 0, pad_id)

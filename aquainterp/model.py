@@ -371,9 +371,14 @@ class GPT(HookedRootModule):
         self.cos.copy_(cos)
         self.sin.copy_(sin)
 
-    def forward(self, idx, targets=None, kv_cache: KVCache | None = None, loss_reduction: str = "mean"):
+    def forward(self, idx, targets=None, kv_cache: KVCache | None = None, loss_reduction: str = "mean",
+                logits_at: torch.Tensor | None = None):
         """Logits [B, T, vocab] (fp32, soft-capped) or, with targets, nanochat's cross-entropy
-        (targets == -1 ignored; loss_reduction='none' gives a flat [B*T] tensor, as nanochat)."""
+        (targets == -1 ignored; loss_reduction='none' gives a flat [B*T] tensor, as nanochat).
+
+        logits_at: [B] one position per row; returns only those positions' logits, [B, vocab]. For
+        callers that read one position (a prompt's last token, the letter decision): at a 65k vocabulary
+        the unembedding of every position costs more than all the blocks of a small model."""
         if not isinstance(idx, torch.Tensor) or idx.ndim != 2 or idx.dtype not in (torch.long, torch.int32):
             got = (
                 f"{idx.dtype} tensor of shape {tuple(idx.shape)}"
@@ -388,6 +393,13 @@ class GPT(HookedRootModule):
                 f"GPT.forward: positions {T0}..{T0 + T - 1} exceed the rotary table of {self.rotary_len} "
                 f"(10 × sequence_len {self.config.sequence_len})"
             )
+        if logits_at is not None:
+            if targets is not None:
+                raise ValueError("GPT.forward: logits_at returns logits; it cannot be combined with targets")
+            if (not isinstance(logits_at, torch.Tensor) or logits_at.shape != (B,) or logits_at.is_floating_point()
+                    or bool(((logits_at < 0) | (logits_at >= T)).any())):
+                raise ValueError(f"GPT.forward: logits_at must be an integer tensor of {B} positions in [0, {T}), "
+                                 f"got {logits_at if not isinstance(logits_at, torch.Tensor) else logits_at.tolist()}")
         if targets is not None and targets.shape != idx.shape:
             raise ValueError(
                 f"GPT.forward: targets shape {tuple(targets.shape)} != idx shape {tuple(idx.shape)}"
@@ -401,6 +413,8 @@ class GPT(HookedRootModule):
         for block in self.blocks:
             x = block(x, cos, sin, kv_cache)
         x = self.ln_final(x)
+        if logits_at is not None:
+            x = x[torch.arange(B, device=x.device), logits_at.to(x.device)]  # [B, d_model]
         # Soft-cap in fp32, in place where autograd allows: each [B, T, vocab] temporary costs as much as
         # the lm_head matmul on CPU (tanh_ saves its output for backward, so the last multiply copies then).
         logits = self.lm_head(x).float().div_(SOFTCAP).tanh_()

@@ -13,12 +13,6 @@ from torch import Tensor
 LETTERS = ("A", "B", "C", "D", "E")
 
 
-def letter_logits(logits: Tensor, positions: Tensor, letter_ids: Tensor) -> Tensor:
-    """logits [B, T, V], decision positions [B], letter ids [B, 5] -> [B, 5] letter logits."""
-    batch = torch.arange(logits.shape[0], device=logits.device)
-    return logits[batch, positions].gather(-1, letter_ids)
-
-
 def letter_margins(letters: Tensor, gold: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """letters [N, 5], gold index [N] -> (margin [N], gold_margin [N], predicted index [N])."""
     if letters.ndim != 2 or letters.shape[1] != 5:

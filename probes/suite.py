@@ -43,7 +43,7 @@ from aquainterp.tasks import LETTERS, conversation
 from probes.counts import letter_counts
 from probes.entropy import entropy_metrics, query_window, window_entropy
 from probes.kl import kl_from_logits, kl_metrics, sequence_kl
-from probes.margin import letter_logits, letter_margins, margin_metrics
+from probes.margin import letter_margins, margin_metrics
 from probes.option_mass import decision_rows, option_mass, option_mass_metrics, pick_option, span_mask
 from probes.probe_set import ProbeItem, build_probe_set, right_pad
 from probes.reference import unwrap
@@ -289,10 +289,10 @@ class ProbeSuite:
             reducer = _PatternReducer(want_attn, n_layers, lengths, self.entropy_window, batch.get("mask"))
             if want_attn:
                 hooks = [(f"blocks.{layer}.attn.hook_pattern", reducer.hook(layer)) for layer in range(n_layers)]
-                logits = self.model.run_with_hooks(ids, fwd_hooks=hooks)
+                logits = self.model.run_with_hooks(ids, fwd_hooks=hooks, logits_at=lengths - 1)
             else:
-                logits = self.model(ids)
-            out["letters"].append(letter_logits(logits, lengths - 1, batch["letter_ids"]).float().cpu())
+                logits = self.model(ids, logits_at=lengths - 1)  # [B, vocab]: the decision positions only
+            out["letters"].append(logits.gather(-1, batch["letter_ids"]).float().cpu())
             del logits
             out["gold"].append(batch["gold"])
             for key, value in reducer.stacked().items():
@@ -315,13 +315,13 @@ class ProbeSuite:
             ref_device = _device_of(self.reference)
             values = []
             for batch in self._probe_batches():
-                ids = batch["ids"].to(ref_device)
+                ids, decision = batch["ids"].to(ref_device), batch["lengths"].to(ref_device) - 1
                 if hooked:
-                    logits = self.reference.run_with_hooks(ids, fwd_hooks=[(_is_pattern, _leave_unchanged)])
+                    logits = self.reference.run_with_hooks(ids, fwd_hooks=[(_is_pattern, _leave_unchanged)],
+                                                           logits_at=decision)
                 else:
-                    logits = self.reference(ids)
-                values.append(letter_logits(logits, batch["lengths"].to(ref_device) - 1,
-                                            batch["letter_ids"].to(ref_device)).float().cpu())
+                    logits = self.reference(ids, logits_at=decision)
+                values.append(logits.gather(-1, batch["letter_ids"].to(ref_device)).float().cpu())
                 del logits
             self._reference_letters, self._reference_key = self._in_probe_order(torch.cat(values)), key
         return self._reference_letters

@@ -59,6 +59,9 @@ def force_answer(model: GPT, tok, choose):
                 samples = idx.shape[0] // len(prompt_sum["rows"])
                 choice = choose(prompt_sum["rows"][b // samples], b % samples)
             target[b, t] = letters[LETTERS.index(choice)]
+        at = kwargs.get("logits_at")
+        if at is not None:  # the model returned one position per row
+            target = target[torch.arange(len(target)), at.to(target.device)]
         return torch.full_like(logits, -10.0).scatter(-1, target[..., None], 10.0)
 
     model.register_forward_hook(hook, with_kwargs=True)

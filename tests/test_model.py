@@ -391,6 +391,22 @@ def test_kv_cache_prefill_then_decode_equals_full_forward(explicit):
 # ---------------------------------------------------------------- bad input and loading
 
 
+def test_logits_at_returns_the_chosen_positions_and_hooks_still_see_every_position():
+    model = random_gpt(small_config())
+    idx = tokens(batch=3, T=7)
+    at = torch.tensor([6, 0, 3])
+    full = model(idx)
+    seen = []
+    with model.hooks(fwd_hooks=[("ln_final.hook_normalized", lambda x, hook: seen.append(x.shape))]):
+        picked = model(idx, logits_at=at)
+    torch.testing.assert_close(picked, full[torch.arange(3), at], atol=1e-6, rtol=0)
+    assert picked.shape == (3, model.config.vocab_size) and seen == [(3, 7, model.config.n_embd)]
+    with pytest.raises(ValueError, match=r"logits_at must be an integer tensor of 3 positions in \[0, 7\), got \[7, 0, 0\]"):
+        model(idx, logits_at=torch.tensor([7, 0, 0]))
+    with pytest.raises(ValueError, match="cannot be combined with targets"):
+        model(idx, idx, logits_at=at)
+
+
 def test_bad_input_errors():
     model = random_gpt(small_config())
     with pytest.raises(ValueError, match=r"idx must be an integer tensor \[batch, seq\], got torch.float32"):

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from probes.counts import letter_counts
 from probes.entropy import normalized_entropy, pattern_entropy, query_window, window_entropy
 from probes.kl import kl_from_logits, kl_metrics, sequence_kl
-from probes.margin import letter_logits, letter_margins, margin_metrics
+from probes.margin import letter_margins, margin_metrics
 from probes.option_mass import decision_rows, option_mass, option_mass_metrics, span_mask
 
 
@@ -103,13 +103,6 @@ def test_letter_margins_known_values():
     assert m["rl/letter_margin_std"] == pytest.approx(torch.tensor([0.5, 3.0, 0.0]).std(unbiased=False).item())
     with pytest.raises(ValueError, match="expected \\[N, 5\\]"):
         letter_margins(torch.zeros(3, 4), torch.zeros(3, dtype=torch.long))
-
-
-def test_letter_logits_gathers_decision_position_and_ids():
-    logits = torch.arange(2 * 3 * 10, dtype=torch.float32).view(2, 3, 10)
-    ids = torch.tensor([[1, 2, 3, 4, 5], [9, 8, 7, 6, 5]])
-    out = letter_logits(logits, torch.tensor([2, 0]), ids)
-    assert out.tolist() == [[21, 22, 23, 24, 25], [39, 38, 37, 36, 35]]
 
 
 def test_kl_identical_is_exactly_zero_and_shift_invariant():
