@@ -137,7 +137,7 @@ def categorical_eval(model, tokenizer, problems: list[MCProblem], batch_size: in
             x[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         decision = torch.tensor([len(ids) - 1 for ids, _ in prompts], device=device)
         logits = model(x, logits_at=decision)  # [batch, vocab]: the decision positions only
-        for i, (problem, (ids, letter_ids)) in enumerate(zip(batch, prompts)):
+        for i, (problem, (_, letter_ids)) in enumerate(zip(batch, prompts)):
             letter_logits = logits[i, letter_ids]
             result.add(problem.correct, LETTERS[int(letter_logits.argmax())])
         result.problems += len(batch)

@@ -7,7 +7,6 @@ Letter ids are the tokens the letters get in that context (aquainterp.tasks.deci
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 LETTERS = ("A", "B", "C", "D", "E")
