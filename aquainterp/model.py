@@ -128,14 +128,16 @@ def rotary_positions(left_pad: torch.Tensor, start: int, length: int) -> torch.T
     return (columns[None, :] - left_pad[:, None]).clamp_(min=0)
 
 
-def padded_causal_mask(left_pad: torch.Tensor, start: int, Tq: int, Tk: int) -> torch.Tensor:
-    """[B, 1, Tq, Tk] boolean mask (True = may attend) for queries at columns start.. of left-padded rows:
-    causal, and no real token sees a padding key. A padding query sees itself only, so its (unused)
-    output stays finite instead of a softmax over nothing."""
-    q_col = torch.arange(start, start + Tq, device=left_pad.device)[:, None]
-    k_col = torch.arange(Tk, device=left_pad.device)[None, :]
-    visible = (k_col <= q_col) & (k_col >= left_pad[:, None, None])
-    return (visible | (k_col == q_col))[:, None]
+def causal_mask(start: int, Tq: int, Tk: int, device, left_pad: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean mask (True = may attend) for queries at columns start.. over keys 0..Tk-1: [Tq, Tk],
+    causal. With left_pad, [B, 1, Tq, Tk]: also no real token sees a padding key, and a padding query
+    sees itself only, so its (unused) output stays finite instead of a softmax over nothing."""
+    q_col = torch.arange(start, start + Tq, device=device)[:, None]
+    k_col = torch.arange(Tk, device=device)[None, :]
+    visible = k_col <= q_col
+    if left_pad is None:
+        return visible
+    return ((visible & (k_col >= left_pad[:, None, None])) | (k_col == q_col))[:, None]
 
 
 def _active(hook: HookPoint) -> bool:
@@ -221,11 +223,8 @@ class CausalSelfAttention(nn.Module):
         # Boolean mask (True = may attend), only needed when queries start after cached keys or rows
         # are left-padded; otherwise the kernels' own causal mask is used.
         mask, causal = None, Tq == Tk and Tq > 1
-        if left_pad is not None:
-            mask, causal = padded_causal_mask(left_pad, prefix, Tq, Tk), False
-        elif Tq != Tk and Tq > 1:
-            q_pos = torch.arange(prefix, prefix + Tq, device=q.device)
-            mask = torch.arange(Tk, device=q.device)[None, :] <= q_pos[:, None]
+        if left_pad is not None or (Tq != Tk and Tq > 1):
+            mask, causal = causal_mask(prefix, Tq, Tk, q.device, left_pad), False
         if self.needs_explicit_attention():
             y = self._explicit_attention(q, k, v, mask, causal)
         else:
