@@ -172,8 +172,9 @@ def main(argv=None) -> int:
                 totals[arm][0] += cpu
                 totals[arm][1] += wall
                 probe_cpu += pc
-                cpus[arm] = cpu
-            differences.append((cpus["on"] - cpus["off"], cpus["on"] - pc - cpus["off"]))
+                cpus[arm] = (cpu, pc)
+            (on, on_probe), (off, _) = cpus["on"], cpus["off"]
+            differences.append((on - off, on - on_probe - off))
         logger.finish()
     # the on arm's probe runs are at steps block * probe_every; those that are multiples of table_every
     # also built the hardest-questions table
