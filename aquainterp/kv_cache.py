@@ -2,7 +2,9 @@
 
 The attention calls `get_pos()` (how many positions are cached), `insert_kv(layer, k, v)` (append this
 forward's keys/values, get back everything visible) and reads `left_pad` (None, or how many padding
-columns each row starts with). That is the whole contract.
+columns each row starts with). A 2026-07 model also reads and writes `prev_embedding` (the last
+position's normed token embedding, [batch or 1, 1, d_model]: smear's state between forwards). That is
+the whole contract.
 
 - KVCache: preallocated storage for decoding, filled left to right (the Engine's cache). Rows can be
   left-padded prompts of different lengths: the model then masks the padding keys and shifts each
@@ -39,6 +41,7 @@ class KVCache:
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
         self.pos = 0
+        self.prev_embedding: torch.Tensor | None = None  # smear's state (2026-07 models), set by the model
 
     def get_pos(self) -> int:
         return self.pos
@@ -76,6 +79,8 @@ class KVCache:
             index = rows.to(self.k.device)
             out.k = self.k.index_select(1, index)
             out.v = self.v.index_select(1, index)
+        if self.prev_embedding is not None:
+            out.prev_embedding = self.prev_embedding.index_select(0, rows.to(self.prev_embedding.device))
         return out
 
 
@@ -94,6 +99,7 @@ class SharedPrompt:
         self.k: list[torch.Tensor | None] = [None] * num_layers
         self.v: list[torch.Tensor | None] = [None] * num_layers
         self.pos = 0
+        self.prev_embedding: torch.Tensor | None = None  # smear's state (2026-07), [1, 1, d_model]
 
     def get_pos(self) -> int:
         return self.pos

@@ -32,6 +32,17 @@ if TYPE_CHECKING:
 SOFTCAP = 15.0
 ROPE_BASE = 10000.0
 
+# The two nanochat architectures (see GPTConfig.architecture and the README's model section).
+ARCH_2025_10 = "nanochat-2025-10"  # the Oct-2025 speedrun GPT: what HF NanoChat and TL's bridge represent
+ARCH_2026_07 = "nanochat-2026-07"  # nanochat HEAD 92d63d4: windows, value embeddings, smear, backout, λs
+ARCHITECTURES = (ARCH_2025_10, ARCH_2026_07)
+# Per-preset defaults of the fields left None: (rope_base, window_pattern, pad_vocab_size_to).
+_PRESET_DEFAULTS = {ARCH_2025_10: (10000.0, None, 1), ARCH_2026_07: (100000.0, "SSSL", 64)}
+QK_SCALE_2026 = 1.2  # 2026-07 multiplies q and k by this after QK-norm
+VE_GATE_CHANNELS = 12  # value-embedding gate reads the first 12 channels of the block input
+SMEAR_CHANNELS = 24  # smear gate reads the first 24 channels of the current token's embedding
+_INT_FIELDS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")
+
 
 @dataclass
 class GPTConfig:
@@ -41,12 +52,52 @@ class GPTConfig:
     n_head: int = 6  # query heads
     n_kv_head: int = 6  # key/value heads (GQA when < n_head)
     n_embd: int = 768
+    # Which nanochat: "nanochat-2025-10" (default, so every existing config keeps its meaning) or
+    # "nanochat-2026-07" (rotary base 1e5, q/k ×1.2, sliding windows, resid/x0 λs, value embeddings,
+    # smear, backout, vocab padded to 64). Fields below left None take the preset's value.
+    architecture: str = ARCH_2025_10
+    rope_base: float | None = None
+    window_pattern: str | None = None  # 2026-07: "S"/"L" per layer, tiled, last layer always L
+    pad_vocab_size_to: int | None = None  # embedding/lm_head rows rounded up to a multiple; logits cropped
+    # "bfloat16" reproduces nanochat 2c4473d (2026-01), which keeps its cos/sin tables in bf16 (logits move
+    # by ~4e-3 against fp32 tables); "float32" (default) is exact and what HF NanoChat computes.
+    rotary_dtype: str = "float32"
+    mlp_hidden: int | None = None  # MLP width; None = 4 × n_embd (HF NanoChat's intermediate_size)
+    norm_eps: float | None = None  # RMSNorm eps; None = torch's default (finfo eps), as nanochat
 
     def __post_init__(self):
-        for f in fields(self):
-            value = getattr(self, f.name)
+        for name in _INT_FIELDS:
+            value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"GPTConfig.{f.name} must be a positive int, got {value!r}")
+                raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"GPTConfig.architecture must be one of {list(ARCHITECTURES)}, got {self.architecture!r}")
+        rope_base, pattern, pad = _PRESET_DEFAULTS[self.architecture]
+        if self.rope_base is None:
+            self.rope_base = rope_base
+        if self.window_pattern is None:
+            self.window_pattern = pattern
+        if self.pad_vocab_size_to is None:
+            self.pad_vocab_size_to = pad
+        if isinstance(self.rope_base, bool) or not isinstance(self.rope_base, (int, float)) or not self.rope_base > 1:
+            raise ValueError(f"GPTConfig.rope_base must be a number > 1, got {self.rope_base!r}")
+        self.rope_base = float(self.rope_base)
+        if self.window_pattern is not None:
+            if self.architecture == ARCH_2025_10:
+                raise ValueError(f"GPTConfig.window_pattern: {ARCH_2025_10} has no sliding windows "
+                                 f"(got {self.window_pattern!r}); use architecture {ARCH_2026_07!r}")
+            if not isinstance(self.window_pattern, str) or not self.window_pattern or set(self.window_pattern.upper()) - set("SL"):
+                raise ValueError(f"GPTConfig.window_pattern must be a non-empty string of S and L, got {self.window_pattern!r}")
+            self.window_pattern = self.window_pattern.upper()
+        for name in ("pad_vocab_size_to", "mlp_hidden"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
+        if self.rotary_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"GPTConfig.rotary_dtype must be 'float32' or 'bfloat16', got {self.rotary_dtype!r}")
+        if self.norm_eps is not None and (isinstance(self.norm_eps, bool) or not isinstance(self.norm_eps, (int, float))
+                                          or not 0 < self.norm_eps < 1):
+            raise ValueError(f"GPTConfig.norm_eps must be a number in (0, 1) or None, got {self.norm_eps!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f"GPTConfig: n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if self.n_head % self.n_kv_head:
@@ -60,9 +111,40 @@ class GPTConfig:
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of wte/lm_head/value embeddings: vocab_size rounded up to pad_vocab_size_to."""
+        return -(-self.vocab_size // self.pad_vocab_size_to) * self.pad_vocab_size_to
+
+    @property
+    def d_mlp(self) -> int:
+        return 4 * self.n_embd if self.mlp_hidden is None else self.mlp_hidden
+
+    @property
+    def is_2026(self) -> bool:
+        return self.architecture == ARCH_2026_07
+
+    def window_sizes(self) -> list[int | None]:
+        """Per layer, how many earlier positions a query may see besides itself (None = all).
+
+        nanochat's rule: the pattern tiles the layers, L = sequence_len, S = ceil(sequence_len/4/128)·128,
+        the last layer always L. A query at position i sees keys i-w .. i."""
+        if self.window_pattern is None:
+            return [None] * self.n_layer
+        short = -(-self.sequence_len // 4 // 128) * 128
+        sizes = [short if self.window_pattern[i % len(self.window_pattern)] == "S" else self.sequence_len
+                 for i in range(self.n_layer)]
+        sizes[-1] = self.sequence_len
+        return sizes
+
+    def has_value_embedding(self, layer: int) -> bool:
+        """2026-07: value embeddings on alternating layers, the last one included."""
+        return self.is_2026 and layer % 2 == (self.n_layer - 1) % 2
+
     @classmethod
     def from_depth(
-        cls, depth, vocab_size=65536, sequence_len=2048, aspect_ratio=64, head_dim=128, n_kv_head=None
+        cls, depth, vocab_size=65536, sequence_len=2048, aspect_ratio=64, head_dim=128, n_kv_head=None,
+        architecture=ARCH_2025_10,
     ):
         """nanochat's sizing rule: width = depth × aspect_ratio, heads of about head_dim channels."""
         if not isinstance(depth, int) or depth < 1:
@@ -81,6 +163,7 @@ class GPTConfig:
             n_head=n_head,
             n_kv_head=n_head if n_kv_head is None else n_kv_head,
             n_embd=n_embd,
+            architecture=architecture,
         )
 
     def to_dict(self) -> dict:
@@ -97,9 +180,9 @@ class GPTConfig:
         return cls(**d)
 
 
-def norm(x: torch.Tensor) -> torch.Tensor:
-    """Parameter-free RMSNorm over the last dim, torch's default eps (as nanochat)."""
-    return F.rms_norm(x, (x.size(-1),))
+def norm(x: torch.Tensor, eps: float | None = None) -> torch.Tensor:
+    """Parameter-free RMSNorm over the last dim; eps None = torch's default (as nanochat)."""
+    return F.rms_norm(x, (x.size(-1),), eps=eps)
 
 
 def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -113,12 +196,13 @@ def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     return torch.cat([x1 * cos + x2 * sin, x1 * (-sin) + x2 * cos], dim=-1)
 
 
-def rotary_tables(seq_len: int, head_dim: int, base: float = ROPE_BASE, device=None):
-    """cos/sin tables [1, seq_len, 1, head_dim/2] in fp32 (nanochat keeps bf16 ones; fp32 lets us match HF)."""
+def rotary_tables(seq_len: int, head_dim: int, base: float = ROPE_BASE, device=None, dtype=torch.float32):
+    """cos/sin tables [1, seq_len, 1, head_dim/2], computed in fp32 and stored in `dtype` (fp32 matches HF;
+    nanochat 2c4473d stores bf16 ones, see GPTConfig.rotary_dtype)."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
     t = torch.arange(seq_len, dtype=torch.float32, device=device)
     freqs = torch.outer(t, inv_freq)
-    return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
+    return freqs.cos()[None, :, None, :].to(dtype), freqs.sin()[None, :, None, :].to(dtype)
 
 
 def rotary_positions(left_pad: torch.Tensor, start: int, length: int) -> torch.Tensor:
@@ -128,13 +212,17 @@ def rotary_positions(left_pad: torch.Tensor, start: int, length: int) -> torch.T
     return (columns[None, :] - left_pad[:, None]).clamp_(min=0)
 
 
-def causal_mask(start: int, Tq: int, Tk: int, device, left_pad: torch.Tensor | None = None) -> torch.Tensor:
+def causal_mask(start: int, Tq: int, Tk: int, device, left_pad: torch.Tensor | None = None,
+                window: int | None = None) -> torch.Tensor:
     """Boolean mask (True = may attend) for queries at columns start.. over keys 0..Tk-1: [Tq, Tk],
     causal. With left_pad, [B, 1, Tq, Tk]: also no real token sees a padding key, and a padding query
-    sees itself only, so its (unused) output stays finite instead of a softmax over nothing."""
+    sees itself only, so its (unused) output stays finite instead of a softmax over nothing.
+    window: a query at column i sees keys i-window .. i only (nanochat's sliding window)."""
     q_col = torch.arange(start, start + Tq, device=device)[:, None]
     k_col = torch.arange(Tk, device=device)[None, :]
     visible = k_col <= q_col
+    if window is not None:
+        visible = visible & (q_col - k_col <= window)
     if left_pad is None:
         return visible
     return ((visible & (k_col >= left_pad[:, None, None])) | (k_col == q_col))[:, None]
@@ -151,18 +239,19 @@ class RMSNormPre(nn.Module):
     (sqrt(mean x² + eps), what TL caches for `apply_ln_to_stack`) and x is divided by it.
     """
 
-    def __init__(self):
+    def __init__(self, eps: float | None = None):
         super().__init__()
+        self.eps = eps  # None = torch's default, finfo(dtype).eps
         self.hook_scale = HookPoint()  # [batch, pos, 1]
         self.hook_normalized = HookPoint()  # [batch, pos, d_model]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _active(self.hook_scale):
-            eps = torch.finfo(x.dtype).eps
+            eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
             scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + eps).sqrt())
             y = x / scale
         else:
-            y = norm(x)
+            y = norm(x, self.eps)
         return self.hook_normalized(y)
 
 
@@ -177,10 +266,18 @@ class CausalSelfAttention(nn.Module):
         self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=False)
+        self.eps = config.norm_eps
+        self.qk_scale = QK_SCALE_2026 if config.is_2026 else 1.0
+        self.window = config.window_sizes()[layer_idx]  # None = full causal attention
+        # 2026-07 value embeddings: v += 3·sigmoid(ve_gate(x[..., :12])) · value_embeds[layer](ids), per kv head
+        self.ve_gate = (nn.Linear(VE_GATE_CHANNELS, self.n_kv_head, bias=False)
+                        if config.has_value_embedding(layer_idx) else None)
         self.hook_q = HookPoint()  # [batch, pos, head, d_head]
         self.hook_k = HookPoint()  # [batch, pos, kv_head, d_head]
-        self.hook_v = HookPoint()  # [batch, pos, kv_head, d_head]
-        self.hook_rot_q = HookPoint()  # after rotary and QK-norm
+        self.hook_v = HookPoint()  # [batch, pos, kv_head, d_head]: the values attention mixes (ve included)
+        self.hook_ve_gate = HookPoint()  # 2026-07 value-embedding layers: [batch, pos, kv_head], in (0, 3)
+        self.hook_ve = HookPoint()  # ... gate · value embedding, [batch, pos, kv_head, d_head], added to v
+        self.hook_rot_q = HookPoint()  # after rotary and QK-norm (and ×1.2 in 2026-07): what the scores dot
         self.hook_rot_k = HookPoint()
         self.hook_attn_scores = HookPoint()  # [batch, head, query_pos, key_pos], scaled, masked with -inf
         self.hook_pattern = HookPoint()  # [batch, head, query_pos, key_pos]
@@ -207,13 +304,21 @@ class CausalSelfAttention(nn.Module):
         """True when a hook reads or writes scores/pattern, which the fused kernel never materialises."""
         return _active(self.hook_attn_scores) or _active(self.hook_pattern)
 
-    def forward(self, x, cos, sin, kv_cache: KVCache | None = None):
+    def forward(self, x, cos, sin, kv_cache: KVCache | None = None, ve: torch.Tensor | None = None):
         B, T, _ = x.shape
         q = self.hook_q(self.c_q(x).view(B, T, self.n_head, self.head_dim))
         k = self.hook_k(self.c_k(x).view(B, T, self.n_kv_head, self.head_dim))
-        v = self.hook_v(self.c_v(x).view(B, T, self.n_kv_head, self.head_dim))
-        q = self.hook_rot_q(norm(apply_rotary_emb(q, cos, sin)))
-        k = self.hook_rot_k(norm(apply_rotary_emb(k, cos, sin)))
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if self.ve_gate is not None:
+            if ve is None:
+                raise ValueError(f"layer {self.layer_idx} has value embeddings: attention needs ve=")
+            gate = self.hook_ve_gate(3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS])))
+            v = v + self.hook_ve(gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim))
+        v = self.hook_v(v)
+        q, k = norm(apply_rotary_emb(q, cos, sin), self.eps), norm(apply_rotary_emb(k, cos, sin), self.eps)
+        if self.qk_scale != 1.0:
+            q, k = q * self.qk_scale, k * self.qk_scale
+        q, k = self.hook_rot_q(q), self.hook_rot_k(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
         prefix, left_pad = 0, None
         if kv_cache is not None:
@@ -223,8 +328,9 @@ class CausalSelfAttention(nn.Module):
         # Boolean mask (True = may attend), only needed when queries start after cached keys or rows
         # are left-padded; otherwise the kernels' own causal mask is used.
         mask, causal = None, Tq == Tk and Tq > 1
-        if left_pad is not None or (Tq != Tk and Tq > 1):
-            mask, causal = causal_mask(prefix, Tq, Tk, q.device, left_pad), False
+        windowed = self.window is not None and self.window < Tk - 1  # some key is out of the window
+        if left_pad is not None or (Tq != Tk and Tq > 1) or windowed:
+            mask, causal = causal_mask(prefix, Tq, Tk, q.device, left_pad, self.window), False
         if self.needs_explicit_attention():
             y = self._explicit_attention(q, k, v, mask, causal)
         else:
@@ -258,8 +364,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+        self.c_fc = nn.Linear(config.n_embd, config.d_mlp, bias=False)
+        self.c_proj = nn.Linear(config.d_mlp, config.n_embd, bias=False)
         self.hook_pre = HookPoint()  # [batch, pos, d_mlp]
         self.hook_post = HookPoint()  # after ReLU²
 
@@ -280,9 +386,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
-        self.ln1 = RMSNormPre()
+        self.ln1 = RMSNormPre(config.norm_eps)
         self.attn = CausalSelfAttention(config, layer_idx)
-        self.ln2 = RMSNormPre()
+        self.ln2 = RMSNormPre(config.norm_eps)
         self.mlp = MLP(config)
         self.hook_resid_pre = HookPoint()
         self.hook_attn_out = HookPoint()
@@ -290,30 +396,48 @@ class Block(nn.Module):
         self.hook_mlp_out = HookPoint()
         self.hook_resid_post = HookPoint()
 
-    def forward(self, x, cos, sin, kv_cache=None):
+    def forward(self, x, cos, sin, kv_cache=None, ve=None):
         x = self.hook_resid_pre(x)
-        x = self.hook_resid_mid(x + self.hook_attn_out(self.attn(self.ln1(x), cos, sin, kv_cache)))
+        x = self.hook_resid_mid(x + self.hook_attn_out(self.attn(self.ln1(x), cos, sin, kv_cache, ve)))
         x = self.hook_resid_post(x + self.hook_mlp_out(self.mlp(self.ln2(x))))
         return x
 
 
 class GPT(HookedRootModule):
     """nanochat GPT. Parameter names (checkpoint keys): wte, blocks.{l}.attn.c_q|c_k|c_v|c_proj,
-    blocks.{l}.mlp.c_fc|c_proj, lm_head."""
+    blocks.{l}.mlp.c_fc|c_proj, lm_head; 2026-07 adds resid_lambdas, x0_lambdas, smear_gate,
+    smear_lambda, backout_lambda, value_embeds.{l} and blocks.{l}.attn.ve_gate (nanochat's own names)."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
         if not isinstance(config, GPTConfig):
             raise TypeError(f"GPT(config): expected a GPTConfig, got {type(config).__name__}")
         self.config = config
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        padded = config.padded_vocab_size  # rows past vocab_size are never read: logits are cropped
+        self.wte = nn.Embedding(padded, config.n_embd)
         self.hook_embed = HookPoint()  # raw token embedding; blocks.0.hook_resid_pre is its RMSNorm
         self.blocks = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
-        self.ln_final = RMSNormPre()
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # Rotary tables for 10× the training length (as nanochat), fp32, not saved in checkpoints.
+        self.ln_final = RMSNormPre(config.norm_eps)
+        self.lm_head = nn.Linear(config.n_embd, padded, bias=False)
+        if config.is_2026:
+            n = config.n_layer
+            # x = resid_lambdas[l]·x + x0_lambdas[l]·x0 before block l (x0: the smeared, normed embedding)
+            self.resid_lambdas = nn.Parameter(torch.ones(n))
+            self.x0_lambdas = nn.Parameter(torch.zeros(n))
+            # smear: x[t] += smear_lambda·sigmoid(smear_gate(x[t, :24]))·x[t-1] on the normed embedding
+            self.smear_gate = nn.Linear(SMEAR_CHANNELS, 1, bias=False)
+            self.smear_lambda = nn.Parameter(torch.zeros(1))
+            # backout: before ln_final, subtract backout_lambda × the residual after block n_layer // 2
+            self.backout_lambda = nn.Parameter(torch.full((1,), 0.2))
+            kv_dim = config.n_kv_head * config.head_dim
+            self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(padded, kv_dim) for i in range(n)
+                                               if config.has_value_embedding(i)})
+            self.hook_smear = HookPoint()  # [batch, pos, d_model]: what smear added (0 at a row's first token)
+            self.hook_x0 = HookPoint()  # [batch, pos, d_model]: x0, the embedding every block blends back in
+            self.hook_backout = HookPoint()  # [batch, pos, d_model]: what backout subtracts before ln_final
+        # Rotary tables for 10× the training length (as nanochat), not saved in checkpoints.
         self.rotary_len = config.sequence_len * 10
-        cos, sin = rotary_tables(self.rotary_len, config.head_dim)
+        cos, sin = rotary_tables(self.rotary_len, config.head_dim, config.rope_base, dtype=self._rotary_dtype)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
         self.cfg = TransformerLensConfig(
@@ -322,7 +446,7 @@ class GPT(HookedRootModule):
             n_layers=config.n_layer,
             n_ctx=config.sequence_len,
             n_heads=config.n_head,
-            d_mlp=4 * config.n_embd,
+            d_mlp=config.d_mlp,
             d_vocab=config.vocab_size,
             n_key_value_heads=config.n_kv_head,
             device=str(self.wte.weight.device),
@@ -330,7 +454,7 @@ class GPT(HookedRootModule):
             normalization_type="RMSPre",
             uses_rms_norm=True,
             final_rms=True,
-            eps=torch.finfo(torch.float32).eps,
+            eps=torch.finfo(torch.float32).eps if config.norm_eps is None else config.norm_eps,
             act_fn="relu2",
             dtype=self.wte.weight.dtype,
         )
@@ -344,17 +468,25 @@ class GPT(HookedRootModule):
         return out
 
     @property
-    def W_E(self) -> torch.Tensor:  # [d_vocab, d_model]
-        return self.wte.weight
+    def _rotary_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.config.rotary_dtype == "bfloat16" else torch.float32
 
     @property
-    def W_U(self) -> torch.Tensor:  # [d_model, d_vocab]
-        return self.lm_head.weight.T
+    def W_E(self) -> torch.Tensor:  # [d_vocab, d_model] (padding rows cropped)
+        return self.wte.weight[: self.config.vocab_size]
+
+    @property
+    def W_U(self) -> torch.Tensor:  # [d_model, d_vocab] (padding rows cropped)
+        return self.lm_head.weight[: self.config.vocab_size].T
 
     @torch.no_grad()
     def init_weights(self):
         """nanochat's init: N(0, 1) embedding, Linear std 1/√fan_in·min(1, √(fan_out/fan_in)),
-        zeros for lm_head and every block's output projections (attn.c_proj, mlp.c_proj)."""
+        zeros for lm_head and every block's output projections (attn.c_proj, mlp.c_proj).
+        2026-07: nanochat HEAD's init instead (see _init_weights_2026)."""
+        if self.config.is_2026:
+            self._init_weights_2026()
+            return
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 fan_out, fan_in = module.weight.shape
@@ -366,9 +498,39 @@ class GPT(HookedRootModule):
         for block in self.blocks:
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
-        cos, sin = rotary_tables(self.rotary_len, self.config.head_dim, device=self.cos.device)
+        self._reset_rotary()
+
+    def _reset_rotary(self):
+        cos, sin = rotary_tables(self.rotary_len, self.config.head_dim, self.config.rope_base,
+                                 device=self.cos.device, dtype=self._rotary_dtype)
         self.cos.copy_(cos)
         self.sin.copy_(sin)
+
+    def _init_weights_2026(self):
+        """nanochat 92d63d4's init_weights: wte N(0, 0.8), lm_head N(0, 0.001); q/k/v and value embeddings
+        U(±s), c_fc U(±0.4·s) with s = √3/√n_embd; c_proj zeros; resid_lambdas 1.15 → 1.05 and x0_lambdas
+        0.20 → 0.05 linearly over the layers; smear_lambda 0, backout_lambda 0.2; smear and ve gates U(0, 0.02)."""
+        n_layer = self.config.n_layer
+        s = 3**0.5 * self.config.n_embd**-0.5
+        nn.init.normal_(self.wte.weight, mean=0.0, std=0.8)
+        nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
+        for block in self.blocks:
+            for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
+                nn.init.uniform_(linear.weight, -s, s)
+            nn.init.zeros_(block.attn.c_proj.weight)
+            nn.init.uniform_(block.mlp.c_fc.weight, -0.4 * s, 0.4 * s)
+            nn.init.zeros_(block.mlp.c_proj.weight)
+            if block.attn.ve_gate is not None:
+                nn.init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02)
+        frac = torch.arange(n_layer, dtype=torch.float32) / max(n_layer - 1, 1)
+        self.resid_lambdas.copy_(1.15 - 0.10 * frac)
+        self.x0_lambdas.copy_(0.20 - 0.15 * frac)
+        nn.init.zeros_(self.smear_lambda)
+        nn.init.constant_(self.backout_lambda, 0.2)
+        nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02)
+        for embedding in self.value_embeds.values():
+            nn.init.uniform_(embedding.weight, -s, s)
+        self._reset_rotary()
 
     def forward(self, idx, targets=None, kv_cache: KVCache | None = None, loss_reduction: str = "mean",
                 logits_at: torch.Tensor | None = None):
@@ -408,15 +570,23 @@ class GPT(HookedRootModule):
             cos, sin = self.cos[0, positions], self.sin[0, positions]
         else:
             cos, sin = self.cos[:, T0 : T0 + T], self.sin[:, T0 : T0 + T]
-        x = norm(self.hook_embed(self.wte(idx)))
-        for block in self.blocks:
-            x = block(x, cos, sin, kv_cache)
+        x = norm(self.hook_embed(self.wte(idx)), self.config.norm_eps)
+        if self.config.is_2026:
+            x = self._trunk_2026(idx, x, cos, sin, kv_cache, T0)
+        else:
+            for block in self.blocks:
+                x = block(x, cos, sin, kv_cache)
         x = self.ln_final(x)
         if logits_at is not None:
             x = x[torch.arange(B, device=x.device), logits_at.to(x.device)]  # [B, d_model]
         # Soft-cap in fp32, in place where autograd allows: each [B, T, vocab] temporary costs as much as
         # the lm_head matmul on CPU (tanh_ saves its output for backward, so the last multiply copies then).
-        logits = self.lm_head(x).float().div_(SOFTCAP).tanh_()
+        # A padded vocabulary unembeds with the real rows only (nanochat crops the logits: same numbers).
+        head = self.lm_head.weight
+        if head.size(0) != self.config.vocab_size:
+            logits = F.linear(x, head[: self.config.vocab_size]).float().div_(SOFTCAP).tanh_()
+        else:
+            logits = self.lm_head(x).float().div_(SOFTCAP).tanh_()
         logits = logits * SOFTCAP if logits.requires_grad else logits.mul_(SOFTCAP)
         if targets is None:
             return logits
@@ -426,6 +596,44 @@ class GPT(HookedRootModule):
             ignore_index=-1,
             reduction=loss_reduction,
         )
+
+    def _smear(self, x: torch.Tensor, kv_cache, T0: int) -> torch.Tensor:
+        """2026-07 smear on the normed embedding x [B, T, C]: x[t] += λ·sigmoid(smear_gate(x[t, :24]))·x[t-1].
+
+        A row's first token has no predecessor (nothing added). While decoding, the predecessor of a
+        forward's first token is the previous forward's last embedding, kept as kv_cache.prev_embedding."""
+        B, T, C = x.shape
+        prev0 = None
+        if kv_cache is not None and T0 > 0:
+            prev0 = getattr(kv_cache, "prev_embedding", None)
+            if prev0 is None:
+                raise ValueError(f"GPT.forward: {type(kv_cache).__name__} holds {T0} positions but no "
+                                 "prev_embedding, which smear needs to continue a 2026-07 sequence")
+            prev0 = prev0.expand(B, 1, C).to(x.dtype)
+        if kv_cache is not None:
+            kv_cache.prev_embedding = x[:, -1:]
+        prev = torch.cat([prev0 if prev0 is not None else x.new_zeros(B, 1, C), x[:, :-1]], dim=1)
+        gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))
+        left_pad = None if kv_cache is None else kv_cache.left_pad
+        if prev0 is None or left_pad is not None:  # no predecessor: column 0, and a row's left padding
+            column = torch.arange(T0, T0 + T, device=x.device)
+            first = torch.zeros(B, device=x.device, dtype=torch.long) if left_pad is None else left_pad
+            gate = gate * (column[None, :] > first[:, None]).unsqueeze(-1).to(x.dtype)
+        return x + self.hook_smear(gate * prev)
+
+    def _trunk_2026(self, idx, x, cos, sin, kv_cache, T0: int) -> torch.Tensor:
+        """Smear, then before each block x = resid_lambdas[l]·x + x0_lambdas[l]·x0 (blocks.{l}.hook_resid_pre
+        is after this mix), value embeddings into the attention of their layers, and backout."""
+        x = self.hook_x0(self._smear(x, kv_cache, T0))
+        x0, x_mid = x, None
+        mid = self.config.n_layer // 2
+        for i, block in enumerate(self.blocks):
+            x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            ve = self.value_embeds[str(i)](idx).to(x.dtype) if block.attn.ve_gate is not None else None
+            x = block(x, cos, sin, kv_cache, ve)
+            if i == mid:
+                x_mid = x
+        return x - self.hook_backout(self.backout_lambda.to(x.dtype) * x_mid)
 
     def run_with_cache(self, *model_args, **kwargs) -> tuple[torch.Tensor, ActivationCache]:
         """HookedRootModule.run_with_cache, with the dict wrapped as an ActivationCache."""
