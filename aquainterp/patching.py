@@ -323,7 +323,8 @@ class Patcher:
     decision position. With align="end" the position axis counts back from each pair's decision
     position (cell T-1 is every pair's last token), which suits prompts of varied length (AQuA).
     With reuse_prefix (our GPT only) a patched forward starts at the patch's layer and position from the
-    base run's cache; reuse_prefix=False runs every patch from the first token (the reference path).
+    base run's cache; reuse_prefix=False runs every patch from the first token (the reference path),
+    which is also what a nanochat-2026-07 model always gets (see __init__).
     """
 
     def __init__(self, model, pairs: list[PatchPair], *, batch_size: int = 32, align: str = "start",
@@ -341,7 +342,10 @@ class Patcher:
             model.eval()
         self.model, self.pairs = model, list(pairs)
         self.batch_size, self.align, self.progress = batch_size, align, progress
-        self.reuse_prefix = reuse_prefix and isinstance(model, GPT)
+        # The resumed forward (_resumed_logits, _last_block_at) re-runs blocks the 2025-10 way; a 2026-07
+        # model's residual stream also needs x0, the resid/x0 lambdas, value embeddings and backout, so
+        # its patches run the model's own forward from the first token (the reference path, exact).
+        self.reuse_prefix = reuse_prefix and isinstance(model, GPT) and not model.config.is_2026
         self.device = next(model.parameters()).device
         self.n_layers, self.n_heads = model.cfg.n_layers, model.cfg.n_heads
         self.lengths = torch.tensor([len(p.clean_ids) for p in self.pairs], device=self.device)
