@@ -39,11 +39,11 @@ METRICS_FILE = "metrics.jsonl"
 MEDIA_DIR = "media"
 
 # Families whose x-axis is another family's step (probes run inside the RL loop).
-STEP_FAMILY = {"attn": "rl"}
+STEP_FAMILY = {"attn": "rl", "probe": "rl"}
 
 
 def step_metric_for(name: str) -> str | None:
-    """The W&B step metric a metric plots against: 'rl/acc' -> 'rl/step', 'attn/x' -> 'rl/step'."""
+    """The W&B step metric a metric plots against: 'rl/acc' -> 'rl/step', 'attn/x' and 'probe/x' -> 'rl/step'."""
     family, sep, _rest = name.partition("/")
     if not sep or not family:
         return None

@@ -57,3 +57,15 @@ def option_mass_metrics(mass: Tensor, gold: Tensor, chosen: Tensor) -> dict[str,
     out["attn/gold_option_mass_mean"] = float(pick_option(mass, gold).mean())
     out["attn/chosen_option_mass_mean"] = float(pick_option(mass, chosen).mean())
     return out
+
+
+def completion_mass_metrics(mass: Tensor) -> dict[str, float]:
+    """mass [N, L, H] (the decision row's attention on the completion's own tokens) ->
+    attn/completion_mass_mean and attn/completion_mass/layer{l}/head{h}: how much the decision reads
+    its own reasoning rather than the prompt."""
+    per_head = mass.mean(0)
+    out = {"attn/completion_mass_mean": float(mass.mean())}
+    for layer in range(per_head.shape[0]):
+        for head in range(per_head.shape[1]):
+            out[f"attn/completion_mass/layer{layer}/head{head}"] = float(per_head[layer, head])
+    return out

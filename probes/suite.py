@@ -1,29 +1,41 @@
 """ProbeSuite: run the selected probes on the fixed probe set and return one metrics dict.
 
-What the RL loop does (training/rl.py; every `--probe-every` steps, flags `--probes` and `--probe-batch`):
+What the RL loop does (training/rl.py; every `--probe-every` steps, flags `--probes`, `--probe-batch`,
+`--probe-decision`):
 
     reference = freeze_reference(model, "cpu")            # once, before RL starts
     suite = ProbeSuite(model, tokenizer, probe_problems, reference_model=reference)
     ...
     if due(step, args.probe_every):
-        metrics = suite.run(step, completions=rollouts)   # rollouts: (prompt, completion) pairs or Generations
+        metrics = suite.run(step, completions=pairs, rollouts=rollouts)
         logger.log(metrics, step)
         suite.log_raw(logger, step)                       # histograms, hardest-questions table
 
-Cost: one hooked policy forward per probe batch gives entropy, option mass, letter margins, counts and
-the policy side of letter KL. The reference is frozen and the probe set fixed, so the reference's letter
-logits are computed on the first run and reused (recomputed if the reference's tensors change in
-place or are replaced); sequence KL's teacher-forced forwards (policy and reference, along the given
-completions, each distinct prompt run once) are the only other per-run forwards. The hardest-questions table, whose greedy
-completions cost more than everything else together, is built only on steps that are multiples of
-`table_every` (sparser than the probe cadence), with completions for its `hardest_k` rows only.
+Where the letter and attention probes read (`decision`):
+- "completion" (default): the answer step of the policy's own completion. Each run decodes the probe
+  set greedily (one batch, Engine.generate_batch), then one teacher-forced hooked forward per probe
+  batch over prompt + completion cut right after its last answer marker: the position where a
+  reasoning model picks its letter. Letter counts are the letters the completions state
+  (extract_letter, as evaluation reads them); a completion without the marker is counted in
+  rl/probe_no_answer_frac and left out of the letter and attention metrics, never scored.
+  rl/probe_decision_agreement = how often the top letter logit there is the letter stated.
+- "direct": right after "Answer:" in the prompt without any rationale (the decision of a model trained
+  to answer in one token); counts are the top letter logits there.
+With `rollouts` (this step's samples), the letter probes also run on them (prompt + sample, cut at
+its marker): rl/rollout_letter_margin_*, rl/rollout_letter_gold_margin_*, rl/rollout_kl_letter_*.
+
+Cost per run: the greedy decode of the probe set (completion decision), one hooked policy forward per
+probe batch (entropy, option and completion mass, letter margins, logit lens, the policy side of
+letter KL), the reference's letter logits on prefixes it has not seen (kept per prefix), sequence KL's
+teacher-forced forwards (each distinct prompt run once), and a letters-only forward over at most
+`rollout_letters` rollouts. The hardest-questions table is built on steps that are multiples of
+`table_every`.
 
 Guarantees: everything runs under torch.no_grad in eval mode, on the probe set only; train/eval mode
 and the RNG state are restored, and every hook is removed, so the next training step computes exactly
 what it would have without the probe run. A suite with no probes selected registers no hooks and does
-no work. The attention hooks (entropy, option mass) reduce each layer's pattern in the hook itself, so
-memory stays at one layer's [B, H, T, T] pattern. A CPU reference (freeze_reference(model, "cpu"))
-saves accelerator memory at the price of CPU forwards for the letter and sequence KL.
+no work. The attention hooks reduce each layer's pattern in the hook itself (probes.decision), so
+memory stays at one layer's [B, H, T, T] pattern.
 
 DDP: probes run on rank 0 only, on the unwrapped module (no collective is involved); `run` returns {}
 on other ranks, so it is safe to call on all of them.
@@ -35,21 +47,23 @@ import math
 import time
 from collections.abc import Sequence
 
+import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from aquainterp.kv_cache import completion_logits
-from aquainterp.tasks import LETTERS, conversation
+from aquainterp.tasks import LETTERS, conversation, extract_letter
 from probes.counts import letter_counts
-from probes.entropy import entropy_metrics, query_window, window_entropy
+from probes.decision import ATTENTION_PROBES, read_decisions, reference_letters
+from probes.entropy import entropy_metrics
 from probes.kl import kl_from_logits, kl_metrics, sequence_kl
+from probes.logit_lens import gold_margins, lens_metrics
 from probes.margin import letter_margins, margin_metrics
-from probes.option_mass import decision_rows, option_mass, option_mass_metrics, pick_option, span_mask
-from probes.probe_set import ProbeItem, build_probe_set, right_pad
+from probes.option_mass import completion_mass_metrics, option_mass_metrics, pick_option
+from probes.probe_set import ProbeItem, answer_marker, build_probe_set, completion_row, direct_row
 from probes.reference import unwrap
 
-PROBE_NAMES = ("entropy", "option_mass", "margin", "kl", "counts")
-ATTENTION_PROBES = ("entropy", "option_mass")
+PROBE_NAMES = ("entropy", "option_mass", "margin", "kl", "counts", "logit_lens")
+DECISIONS = ("completion", "direct")
 
 
 def parse_probes(spec: str | Sequence[str]) -> tuple[str, ...]:
@@ -96,38 +110,26 @@ def _completion_pairs(completions) -> list[tuple[list[int], list[int]]]:
     return pairs
 
 
-def _is_pattern(name: str) -> bool:
-    return name.endswith("attn.hook_pattern")
+def _letter_index(letter: str | None) -> int | None:
+    return None if letter is None else LETTERS.index(letter)
 
 
-def _leave_unchanged(tensor, hook):
-    """A hook that reads nothing: it only switches the model to its explicit-softmax attention path."""
-    return None
-
-
-class _PatternReducer:
-    """Forward hooks on hook_pattern that reduce each layer's pattern for one batch, at once, to the
-    window entropies [B, H, W] and the decision row's option masses [B, H, 5] (then free it)."""
-
-    def __init__(self, want: Sequence[str], n_layers: int, lengths: torch.Tensor, window: int, mask):
-        self.want, self.lengths, self.mask = want, lengths, mask
-        self.positions, self.valid = query_window(lengths, window)
-        self.per_layer = {key: [None] * n_layers for key in ("entropy", "entropy_normalized", "option_mass")}
-
-    def hook(self, layer: int):
-        def reduce(pattern, hook):
-            if "entropy" in self.want:
-                ent, norm = window_entropy(pattern, self.positions, self.valid)
-                self.per_layer["entropy"][layer] = ent
-                self.per_layer["entropy_normalized"][layer] = norm
-            if "option_mass" in self.want:
-                rows = decision_rows(pattern, self.lengths)
-                self.per_layer["option_mass"][layer] = option_mass(rows, self.mask)
-        return reduce
-
-    def stacked(self) -> dict[str, torch.Tensor]:
-        """{name: [B, L, H, ...]} for the quantities that were computed."""
-        return {k: torch.stack(v, dim=1) for k, v in self.per_layer.items() if v[0] is not None}
+def _rollout_triples(rollouts) -> list[tuple[list[int], list[int], object]]:
+    """(prompt, completion, problem) for every non-empty sample of RL Rollouts (objects with .prompt,
+    .completions and .problem) or of given triples."""
+    triples = []
+    for i, entry in enumerate(rollouts):
+        if hasattr(entry, "completions") and hasattr(entry, "problem"):
+            triples.extend((list(entry.prompt), list(c), entry.problem) for c in entry.completions if c)
+            continue
+        try:
+            prompt, completion, problem = entry
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"ProbeSuite.run: rollouts[{i}] must be a Rollout or a (prompt_ids, completion_ids, "
+                            f"problem) triple, got {type(entry).__name__}") from e
+        if completion:
+            triples.append((list(prompt), list(completion), problem))
+    return triples
 
 
 class ProbeSuite:
@@ -135,7 +137,8 @@ class ProbeSuite:
                  reference_model=None, batch_size: int = 8, device=None, reference_device=None,
                  entropy_window: int = 8, kl_sequences: int = 8, max_new_tokens: int = 64,
                  completion_style: str = "reasoning", hardest_k: int = 5, table_completions: bool = True,
-                 table_every: int = 50, progress: bool = True):
+                 table_every: int = 50, progress: bool = True, decision: str = "completion",
+                 rollout_letters: int = 64):
         """problems: the fixed probe set, MCProblems (or ProbeItems from build_probe_set, to share one).
         reference_model: the frozen pre-RL policy (freeze_reference), needed by "kl". kl_sequences: how
         many probe problems get a greedy completion for sequence KL when the caller passes none.
@@ -143,7 +146,10 @@ class ProbeSuite:
         with greedy completions (generated for those rows if the run made none). table_every: the table is
         built on steps that are multiples of it (0 = never), so with the RL loop's probe_every it appears
         on probe steps that are also multiples of table_every. progress: a tqdm bar over the probe
-        batches (shown when there are 4 or more)."""
+        batches (shown when there are 4 or more). decision: where the letter and attention probes read,
+        "completion" (the answer step of the policy's own greedy completion; needs the tokenizer) or
+        "direct" (right after "Answer:" in a prompt without rationale). rollout_letters: at most this
+        many of a run's rollouts get the letter probes."""
         self.model = unwrap(model)
         self.tokenizer = tokenizer
         self.probes = parse_probes(probes)
@@ -152,6 +158,14 @@ class ProbeSuite:
         if table_every < 0:
             raise ValueError(f"ProbeSuite: table_every must be >= 0 (0 = no hardest-questions table), "
                              f"got {table_every}")
+        if decision not in DECISIONS:
+            raise ValueError(f"ProbeSuite: decision must be one of {DECISIONS}, got {decision!r}")
+        if rollout_letters < 0:
+            raise ValueError(f"ProbeSuite: rollout_letters must be >= 0, got {rollout_letters}")
+        if decision == "completion" and self.probes and tokenizer is None:
+            raise ValueError("ProbeSuite: decision='completion' generates and reads the policy's completions, "
+                             "so it needs the tokenizer (or use decision='direct')")
+        self.decision, self.rollout_letters = decision, rollout_letters
         self.batch_size = batch_size
         self.device = torch.device(device) if device is not None else _device_of(self.model)
         self.reference = None
@@ -174,21 +188,23 @@ class ProbeSuite:
         if problems and all(isinstance(p, ProbeItem) for p in problems):
             self.items: list[ProbeItem] = list(problems)
         else:
-            self.items = build_probe_set(tokenizer, problems) if self.probes else []
+            self.items = build_probe_set(tokenizer, problems, completion_style) if self.probes else []
         self.pad_id = getattr(tokenizer, "bos_token_id", 0)
+        self._marker = answer_marker(tokenizer) if tokenizer is not None and self.probes else []
+        self._letter_ids = self.items[0].letter_ids if self.items else ()
         self.last_raw: dict = {}
         self.last_seconds: dict[str, float] = {}
-        self._batches: list[dict[str, torch.Tensor]] | None = None  # padded probe batches, built once
-        self._order: torch.Tensor | None = None  # item index of each batched row
-        self._reference_letters: torch.Tensor | None = None  # [N, 5], valid while _reference_key holds
+        self._reference_cache: dict = {}  # DecisionRow -> reference letter logits [5], while the key holds
         self._reference_key: tuple | None = None
+        self._last_prefixes: dict[int, tuple[int, ...]] = {}  # probe index -> decision prefix of the last run
 
     # ---- the run -----------------------------------------------------------------------------------
 
-    def run(self, step: int, completions=None, table: bool | None = None) -> dict[str, float]:
+    def run(self, step: int, completions=None, table: bool | None = None, rollouts=None) -> dict[str, float]:
         """Metrics for this step (design names). completions: sampled (prompt, completion) token pairs
         (or engine Generations) for sequence KL; None = greedy completions of the first `kl_sequences`
-        probe problems. table: build the hardest-questions table (needs "margin"); None = on steps that
+        probe problems. rollouts: this step's samples (RL Rollouts, or (prompt, completion, problem)
+        triples) for the rollout letter metrics; None = none. table: build the hardest-questions table (needs "margin"); None = on steps that
         are multiples of `table_every`. Raw arrays for histograms/heatmaps/tables land in `self.last_raw`."""
         if not self.probes or _rank() != 0:
             self.last_raw = {}
@@ -199,20 +215,86 @@ class ProbeSuite:
         model.eval()
         try:
             with torch.no_grad(), torch.random.fork_rng(devices=cuda):
-                return self._measure(step, completions, due(step, self.table_every) if table is None else table)
+                return self._measure(step, completions, rollouts,
+                                     due(step, self.table_every) if table is None else table)
         finally:
             model.train(was_training)
 
-    def _measure(self, step, completions, table: bool) -> dict[str, float]:
+    def _measure(self, step, completions, rollouts, table: bool) -> dict[str, float]:
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        collected = self._forward_probe_set()
-        timings["forward"] = time.perf_counter() - t0
+        n = len(self.items)
+        generated: dict[int, list[int]] = {}
+        if self.decision == "completion":
+            generated = self._greedy(range(n))
+            texts = {i: self.tokenizer.decode(c) for i, c in generated.items()}
+            written = [_letter_index(extract_letter(texts[i])) for i in range(n)]
+            rows = [completion_row(it.prompt, generated[it.index], self._marker, it.letter_ids, it.gold,
+                                   it.prompt_spans) for it in self.items]
+        else:
+            texts, written = {}, [None] * n
+            rows = [direct_row(it) for it in self.items]
+        timings["generate"] = time.perf_counter() - t0
+        answered = [i for i, row in enumerate(rows) if row is not None]
+        self._last_prefixes = {i: rows[i].ids for i in answered}
+        metrics: dict[str, float] = {}
+        raw: dict = {"step": step, "decision": self.decision, "answered": answered, "written": written}
+        if self.decision == "completion":
+            metrics["rl/probe_no_answer_frac"] = 1.0 - len(answered) / n
+        if answered:
+            t1 = time.perf_counter()
+            metrics.update(self._decision_metrics([rows[i] for i in answered], [written[i] for i in answered], raw))
+            timings["forward"] = time.perf_counter() - t1
+        if "counts" in self.probes:
+            if self.decision == "completion":  # the letters the completions state, as evaluation reads them
+                stated = torch.tensor([w for w in written if w is not None], dtype=torch.long)
+            else:
+                stated = torch.as_tensor(raw.get("predicted", np.zeros(0)), dtype=torch.long)
+            metrics.update(letter_counts(stated))
+        if "kl" in self.probes:
+            t2 = time.perf_counter()
+            if completions is None:
+                chosen = self.items[: self.kl_sequences]
+                missing = {it.index for it in chosen} - set(generated)
+                if missing:
+                    generated.update(self._greedy(missing))
+                pairs = [(self._completion_prompt(it), generated[it.index]) for it in chosen]
+            else:
+                pairs = _completion_pairs(completions)
+            kl_seq = self._sequence_kl(pairs)
+            timings["kl_sequence"] = time.perf_counter() - t2
+            metrics.update(kl_metrics(kl_seq, "kl_sequence"))
+            raw["kl_sequence"] = kl_seq.numpy()
+        if rollouts and "margin" in self.probes:
+            t3 = time.perf_counter()
+            metrics.update(self._rollout_metrics(rollouts))
+            timings["rollouts"] = time.perf_counter() - t3
+        if table and "margin" in self.probes and self.hardest_k > 0:
+            t4 = time.perf_counter()
+            raw["hardest"] = self._hardest_table(raw, generated, texts)
+            timings["hardest_table"] = time.perf_counter() - t4
+        timings["total"] = time.perf_counter() - t0
+        self.last_raw, self.last_seconds = raw, timings
+        return metrics
+
+    def _decision_metrics(self, rows, written, raw) -> dict[str, float]:
+        """Every letter and attention probe at the decision positions of `rows` (all answered)."""
+        lens = "logit_lens" in self.probes
+        collected = read_decisions(self.model, rows, self.probes, batch_size=self.batch_size, pad_id=self.pad_id,
+                                   device=self.device, entropy_window=self.entropy_window, lens=lens,
+                                   progress=self.progress)
         letters, gold = collected["letters"], collected["gold"]
         margin, gold_margin, predicted = letter_margins(letters, gold)
+        # the option the policy chose: the letter its completion states, else (direct) the top letter logit
+        chosen = torch.tensor([p if w is None else w for w, p in zip(written, predicted.tolist())])
         metrics: dict[str, float] = {}
-        raw: dict = {"step": step, "letter_logits": letters.numpy(), "gold": gold.numpy(),
-                     "predicted": predicted.numpy()}
+        raw.update(letter_logits=letters.numpy(), gold=gold.numpy(), predicted=predicted.numpy(),
+                   chosen=chosen.numpy(), letter_margin=margin.numpy(), letter_gold_margin=gold_margin.numpy())
+        stated = [(w, p) for w, p in zip(written, predicted.tolist()) if w is not None]
+        if stated:
+            metrics["rl/probe_decision_agreement"] = sum(w == p for w, p in stated) / len(stated)
+        if "margin" in self.probes:
+            metrics.update(margin_metrics(margin, gold_margin))
         if "entropy" in self.probes:
             ent, norm = collected["entropy"], collected["entropy_normalized"]  # [N, L, H, W]
             ent_lh, norm_lh = ent.nanmean(dim=(0, 3)), norm.nanmean(dim=(0, 3))
@@ -222,115 +304,73 @@ class ProbeSuite:
                        decision_entropy=ent[..., -1].mean(0).numpy())
         if "option_mass" in self.probes:
             mass = collected["option_mass"]  # [N, L, H, 5]
-            metrics.update(option_mass_metrics(mass, gold, predicted))
+            metrics.update(option_mass_metrics(mass, gold, chosen))
             raw.update(option_mass=mass.sum(-1).mean(0).numpy(), option_mass_per_option=mass.numpy(),
                        gold_option_mass=pick_option(mass, gold).mean(0).numpy())
-        if "margin" in self.probes:
-            metrics.update(margin_metrics(margin, gold_margin))
-            raw.update(letter_margin=margin.numpy(), letter_gold_margin=gold_margin.numpy())
-        if "counts" in self.probes:
-            metrics.update(letter_counts(predicted))
+            if self.decision == "completion":
+                comp = collected["completion_mass"]  # [N, L, H]
+                metrics.update(completion_mass_metrics(comp))
+                raw["completion_mass"] = comp.mean(0).numpy()
         if "kl" in self.probes:
-            kl_letter = kl_from_logits(letters, collected["reference_letters"])
+            reference = self._reference_letter_logits(rows, any(p in self.probes for p in ATTENTION_PROBES))
+            kl_letter = kl_from_logits(letters, reference)
             metrics.update(kl_metrics(kl_letter, "kl_letter"))
             raw["kl_letter"] = kl_letter.numpy()
-        generated: dict[int, list[int]] = {}
-        if "kl" in self.probes:
-            t1 = time.perf_counter()
-            if completions is None:
-                chosen = self.items[: self.kl_sequences]
-                generated.update(self._greedy({it.index for it in chosen}))
-                pairs = [(self._completion_prompt(it), generated[it.index]) for it in chosen]
-            else:
-                pairs = _completion_pairs(completions)
-            timings["generate"] = time.perf_counter() - t1
-            t2 = time.perf_counter()
-            kl_seq = self._sequence_kl(pairs)
-            timings["kl_sequence"] = time.perf_counter() - t2
-            metrics.update(kl_metrics(kl_seq, "kl_sequence"))
-            raw["kl_sequence"] = kl_seq.numpy()
-        if table and "margin" in self.probes and self.hardest_k > 0:
-            t3 = time.perf_counter()
-            raw["hardest"] = self._hardest_table(gold_margin, margin, predicted, generated)
-            timings["hardest_table"] = time.perf_counter() - t3
-        timings["total"] = time.perf_counter() - t0
-        self.last_raw, self.last_seconds = raw, timings
+        if lens:
+            lens_margin = gold_margins(collected["lens_letters"], gold)  # [N, L]
+            metrics.update(lens_metrics(lens_margin))
+            raw["logit_lens_gold_margin"] = lens_margin.numpy()
         return metrics
 
-    def _probe_batches(self) -> list[dict[str, torch.Tensor]]:
-        """The fixed probe set as right-padded batches on the device: padded ids, lengths, letter ids,
-        gold letters and (for option mass) the span masks. Built on the first run, reused after.
-        Items are batched in order of length, so little compute goes to padding; `_in_probe_order`
-        puts the concatenated results back in probe-set order."""
-        if self._batches is None:
-            self._batches = []
-            order = sorted(range(len(self.items)), key=lambda i: len(self.items[i].ids))
-            self._order = torch.tensor(order)
-            for start in range(0, len(order), self.batch_size):
-                batch = [self.items[i] for i in order[start : start + self.batch_size]]
-                ids, lengths = right_pad([it.ids for it in batch], self.pad_id)
-                entry = {"ids": ids.to(self.device), "lengths": lengths.to(self.device),
-                         "letter_ids": torch.tensor([it.letter_ids for it in batch], device=self.device),
-                         "gold": torch.tensor([it.gold for it in batch])}
-                if "option_mass" in self.probes:
-                    entry["mask"] = span_mask([it.spans for it in batch], ids.shape[1], device=self.device)
-                self._batches.append(entry)
-        return self._batches
-
-    def _forward_probe_set(self) -> dict[str, torch.Tensor]:
-        """One hooked policy forward per probe batch; hooks reduce each layer's pattern at once."""
-        want_attn = [p for p in ATTENTION_PROBES if p in self.probes]
-        n_layers = self.model.cfg.n_layers
-        out: dict[str, list[torch.Tensor]] = {"letters": [], "gold": [], "entropy": [], "entropy_normalized": [],
-                                              "option_mass": []}
-        batches = self._probe_batches()
-        for batch in tqdm(batches, desc="probes", leave=False, disable=not self.progress or len(batches) < 4):
-            ids, lengths = batch["ids"], batch["lengths"]
-            reducer = _PatternReducer(want_attn, n_layers, lengths, self.entropy_window, batch.get("mask"))
-            if want_attn:
-                hooks = [(f"blocks.{layer}.attn.hook_pattern", reducer.hook(layer)) for layer in range(n_layers)]
-                logits = self.model.run_with_hooks(ids, fwd_hooks=hooks, logits_at=lengths - 1)
-            else:
-                logits = self.model(ids, logits_at=lengths - 1)  # [B, vocab]: the decision positions only
-            out["letters"].append(logits.gather(-1, batch["letter_ids"]).float().cpu())
-            del logits
-            out["gold"].append(batch["gold"])
-            for key, value in reducer.stacked().items():
-                out[key].append(value.cpu())  # one device-to-host copy per batch, not one per layer
-        collected = {k: self._in_probe_order(torch.cat(v)) for k, v in out.items() if v}
+    def _rollout_metrics(self, rollouts) -> dict[str, float]:
+        """The letter probes on this step's sampled completions (prompt + sample, cut at its answer
+        marker): rl/rollout_letter_margin_*, rl/rollout_letter_gold_margin_*, rl/rollout_kl_letter_*,
+        rl/rollout_no_answer_frac, rl/rollout_decision_agreement. At most `rollout_letters` samples."""
+        triples = _rollout_triples(rollouts)[: self.rollout_letters]
+        if not triples:
+            return {}
+        letter_ids = self._letter_ids
+        rows, written = [], []
+        for prompt, completion, problem in triples:
+            row = completion_row(prompt, completion, self._marker, letter_ids, LETTERS.index(problem.correct))
+            if row is not None:
+                rows.append(row)
+                written.append(_letter_index(extract_letter(self.tokenizer.decode(completion))))
+        metrics = {"rl/rollout_no_answer_frac": 1.0 - len(rows) / len(triples)}
+        if not rows:
+            return metrics
+        collected = read_decisions(self.model, rows, (), batch_size=self.batch_size, pad_id=self.pad_id,
+                                   device=self.device)
+        margin, gold_margin, predicted = letter_margins(collected["letters"], collected["gold"])
+        named = margin_metrics(margin, gold_margin)
+        metrics.update({k.replace("rl/letter_", "rl/rollout_letter_"): v for k, v in named.items()})
+        stated = [(w, p) for w, p in zip(written, predicted.tolist()) if w is not None]
+        if stated:
+            metrics["rl/rollout_decision_agreement"] = sum(w == p for w, p in stated) / len(stated)
         if self.reference is not None:
-            collected["reference_letters"] = self._reference_letter_logits(bool(want_attn))
-        return collected
+            reference = reference_letters(self.reference, rows, batch_size=self.batch_size, pad_id=self.pad_id,
+                                          hooked=False)
+            metrics.update(kl_metrics(kl_from_logits(collected["letters"], reference), "rollout_kl_letter"))
+        return metrics
 
-    def _reference_letter_logits(self, hooked: bool) -> torch.Tensor:
-        """The frozen reference's letter logits on the probe set [N, 5]: computed once, then reused.
+    def _reference_letter_logits(self, rows, hooked: bool) -> torch.Tensor:
+        """The frozen reference's letter logits [N, 5] at the rows' decision positions.
 
-        The key is every reference tensor's identity and in-place version counter, so loading new
-        weights or editing them in place recomputes (edits through `.data` bypass the counter: the
-        reference must stay frozen, as freeze_reference makes it). `hooked`: use the same explicit
-        attention path as the policy forward, so an unchanged policy gives a letter KL of exactly 0."""
+        Kept per prefix, so a prefix the policy produced before (the direct prompts, an unchanged greedy
+        completion) is not run again. The cache is dropped when any reference tensor is replaced or
+        edited in place (identity and version counter; edits through `.data` bypass the counter: the
+        reference must stay frozen, as freeze_reference makes it). `hooked`: use the explicit attention
+        path the policy's hooked forward used, so an unchanged policy gives a letter KL of exactly 0."""
         tensors = [*self.reference.parameters(), *self.reference.buffers()]
         key = (hooked, tuple((id(t), t._version) for t in tensors))
         if key != self._reference_key:
-            ref_device = _device_of(self.reference)
-            values = []
-            for batch in self._probe_batches():
-                ids, decision = batch["ids"].to(ref_device), batch["lengths"].to(ref_device) - 1
-                if hooked:
-                    logits = self.reference.run_with_hooks(ids, fwd_hooks=[(_is_pattern, _leave_unchanged)],
-                                                           logits_at=decision)
-                else:
-                    logits = self.reference(ids, logits_at=decision)
-                values.append(logits.gather(-1, batch["letter_ids"].to(ref_device)).float().cpu())
-                del logits
-            self._reference_letters, self._reference_key = self._in_probe_order(torch.cat(values)), key
-        return self._reference_letters
-
-    def _in_probe_order(self, batched: torch.Tensor) -> torch.Tensor:
-        """Rows concatenated over _probe_batches (sorted by length) -> rows in probe-set order."""
-        out = torch.empty_like(batched)
-        out[self._order] = batched
-        return out
+            self._reference_cache, self._reference_key = {}, key
+        todo = [row for row in dict.fromkeys(rows) if row not in self._reference_cache]
+        if todo:
+            values = reference_letters(self.reference, todo, batch_size=self.batch_size, pad_id=self.pad_id,
+                                       hooked=hooked)
+            self._reference_cache.update(zip(todo, values))
+        return torch.stack([self._reference_cache[row] for row in rows])
 
     def _sequence_kl(self, pairs) -> torch.Tensor:
         """Exact full-vocab KL(policy || reference) per completion token, teacher forced, mean per pair.
@@ -353,6 +393,8 @@ class ProbeSuite:
     # ---- completions and the hardest-questions table -------------------------------------------------
 
     def _completion_prompt(self, item: ProbeItem) -> list[int]:
+        if item.prompt:
+            return list(item.prompt)
         return list(self.tokenizer.render_for_completion(conversation(item.problem, self.completion_style)))
 
     def _greedy(self, indices) -> dict[int, list[int]]:
@@ -367,19 +409,32 @@ class ProbeSuite:
                                                  stop_tokens=stop)
         return {index: list(gen.completions[0]) for index, gen in zip(indices, gens)}
 
-    def _hardest_table(self, gold_margin, margin, predicted, generated) -> dict:
-        """The hardest_k problems by signed gold margin (most confidently wrong first)."""
-        order = torch.argsort(gold_margin)[: self.hardest_k].tolist()
-        missing = {i for i in order if i not in generated}
-        if missing and self.table_completions:
-            generated.update(self._greedy(missing))
+    def _hardest_table(self, raw, generated, texts) -> dict:
+        """The hardest_k problems at the decision read: completions without an answer first, then by
+        signed gold margin (most confidently wrong first). model_letter is the letter the completion
+        states (completion decision) or the top letter logit (direct decision)."""
+        answered = raw["answered"]
+        gold_margin = dict(zip(answered, raw.get("letter_gold_margin", [])))
+        margin = dict(zip(answered, raw.get("letter_margin", [])))
+        predicted = dict(zip(answered, raw.get("predicted", [])))
+        unanswered = [i for i in range(len(self.items)) if i not in gold_margin]
+        order = (unanswered + sorted(gold_margin, key=lambda i: float(gold_margin[i])))[: self.hardest_k]
+        if self.decision == "direct":
+            missing = {i for i in order if i not in generated}
+            if missing and self.table_completions:
+                generated.update(self._greedy(missing))
+            texts = {i: self.tokenizer.decode(c) for i, c in generated.items()}
         rows = []
         for i in order:
             problem = self.items[i].problem
             options = " ".join(f"{letter}) {text}" for letter, text in zip(LETTERS, problem.options))
-            rows.append([i, problem.question, options, LETTERS[int(predicted[i])], problem.correct,
-                         round(float(gold_margin[i]), 4), round(float(margin[i]), 4),
-                         self.tokenizer.decode(generated[i]) if i in generated else ""])
+            if self.decision == "completion":
+                letter = raw["written"][i]
+            else:
+                letter = int(predicted[i])
+            rows.append([i, problem.question, options, "" if letter is None else LETTERS[letter], problem.correct,
+                         round(float(gold_margin[i]), 4) if i in gold_margin else None,
+                         round(float(margin[i]), 4) if i in margin else None, texts.get(i, "")])
         columns = ["index", "question", "options", "model_letter", "gold_letter", "gold_margin", "margin",
                    "completion"]
         return {"columns": columns, "rows": rows}
@@ -400,9 +455,17 @@ class ProbeSuite:
             for name, figure in self.attention_figures(prompt_indices=figures).items():
                 logger.log_figure(name, figure, step)
 
+    def _figure_prefix(self, index: int) -> tuple[int, ...]:
+        if index in self._last_prefixes:
+            return self._last_prefixes[index]
+        item = self.items[index]
+        return item.prompt if self.decision == "completion" and item.prompt else item.ids
+
     def attention_figures(self, prompt_indices: Sequence[int] = (0,), max_tokens: int = 48) -> dict:
         """Plotly figures: for each chosen probe prompt, a layer×head grid of attention patterns over its
-        last `max_tokens` tokens; and, after a run, layer×head heatmaps of entropy and option mass."""
+        last `max_tokens` tokens up to the decision position of the last run (the completion cut at its
+        answer marker; the prompt alone under the direct decision or when the completion wrote no
+        marker); and, after a run, layer×head heatmaps of entropy, option and completion mass."""
         from probes.figures import matrix_heatmap, pattern_grid
 
         figures = {}
@@ -415,11 +478,11 @@ class ProbeSuite:
                     if not 0 <= index < len(self.items):
                         raise IndexError(f"attention_figures: prompt index {index} outside the probe set "
                                          f"of {len(self.items)}")
-                    ids = torch.tensor([self.items[index].ids], device=self.device)
+                    ids_list = self._figure_prefix(index)
+                    ids = torch.tensor([ids_list], device=self.device)
                     _, cache = model.run_with_cache(ids, names_filter=lambda name: name.endswith("hook_pattern"))
                     patterns = torch.stack([cache[f"blocks.{layer}.attn.hook_pattern"][0]
                                             for layer in range(model.cfg.n_layers)]).float().cpu()
-                    ids_list = self.items[index].ids
                     labels = ([self.tokenizer.token_str(t) for t in ids_list] if self.tokenizer is not None
                               else [str(t) for t in ids_list])
                     figures[f"attn/patterns/prompt{index}"] = pattern_grid(
@@ -427,7 +490,8 @@ class ProbeSuite:
         finally:
             model.train(was_training)
         for key, title in (("entropy", "attention entropy (nats)"), ("option_mass", "attention mass on options"),
-                           ("gold_option_mass", "attention mass on the gold option")):
+                           ("gold_option_mass", "attention mass on the gold option"),
+                           ("completion_mass", "attention mass on the completion's own tokens")):
             if key in self.last_raw:
                 figures[f"attn/{key}_heatmap"] = matrix_heatmap(self.last_raw[key], title)
         return figures

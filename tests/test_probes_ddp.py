@@ -17,7 +17,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str):
     try:
         torch.set_num_threads(1)
         model = tiny_model(seed=6)
-        suite = ProbeSuite(model, None, items(), probes=("entropy", "option_mass", "margin", "counts"),
+        suite = ProbeSuite(model, None, items(), probes=("entropy", "option_mass", "margin", "counts"), decision="direct",
                            table_completions=False)
         metrics = suite.run(0)
         with open(f"{out_dir}/rank{rank}.json", "w") as f:
@@ -33,7 +33,7 @@ def test_probes_run_on_rank_zero_only(tmp_path):
     rank0 = json.loads((tmp_path / "rank0.json").read_text())
     rank1 = json.loads((tmp_path / "rank1.json").read_text())
     assert rank1 == {"metrics": {}, "raw_keys": []}
-    single = ProbeSuite(tiny_model(seed=6), None, items(), probes=("entropy", "option_mass", "margin", "counts"),
+    single = ProbeSuite(tiny_model(seed=6), None, items(), probes=("entropy", "option_mass", "margin", "counts"), decision="direct",
                         table_completions=False).run(0)
     assert rank0["metrics"].keys() == single.keys()
     for k, v in single.items():

@@ -47,7 +47,7 @@ def items(n=5, seed=0):
 
 def suite(model, probes, **kw):
     kw.setdefault("table_completions", False)
-    return ProbeSuite(model, None, items(kw.pop("n", 5)), probes=probes, **kw)
+    return ProbeSuite(model, None, items(kw.pop("n", 5)), probes=probes, decision="direct", **kw)
 
 
 def set_pattern(fn):
@@ -249,10 +249,14 @@ def test_length_sorted_batches_report_in_probe_set_order():
     model = tiny_model(seed=3)
     shuffled = [items(6)[i] for i in (4, 0, 5, 2, 1, 3)]
     shuffled = [ProbeItem(k, it.problem, it.ids, it.spans, it.letter_ids, it.gold) for k, it in enumerate(shuffled)]
-    s = ProbeSuite(model, None, shuffled, probes=("entropy", "option_mass", "margin", "kl", "counts"),
+    s = ProbeSuite(model, None, shuffled, probes=("entropy", "option_mass", "margin", "kl", "counts"), decision="direct",
                    reference_model=freeze_reference(model), batch_size=2, table_completions=False)
-    s.run(0, completions=[(list(shuffled[0].ids), [5, 6])])
-    assert [len(s.items[i].ids) for i in s._order.tolist()] == sorted(len(it.ids) for it in shuffled)
+    widths = []  # the padded width of every policy forward, read at its embedding
+    record = ("hook_embed", lambda x, hook: widths.append(x.shape[1]))
+    with model.hooks(fwd_hooks=[record]):
+        s.run(0, completions=[(list(shuffled[0].ids), [5, 6])])
+    lengths = sorted(len(it.ids) for it in shuffled)
+    assert widths[:3] == [lengths[1], lengths[3], lengths[5]]  # batches of 2 in order of length
     with torch.no_grad():
         want = torch.stack([model(torch.tensor([it.ids]))[0, -1, list(LETTER_IDS)] for it in shuffled])
     torch.testing.assert_close(torch.as_tensor(s.last_raw["letter_logits"]), want, atol=1e-5, rtol=0)

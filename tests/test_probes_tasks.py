@@ -62,10 +62,10 @@ def test_letter_ids_are_the_letters_as_tokenised_after_answer(tokenizer, problem
         assert len(set(item.letter_ids)) == 5
 
 
-def test_full_run_returns_design_metrics_and_greedy_sequence_kl(tokenizer, problems):
+def test_direct_run_returns_design_metrics_and_greedy_sequence_kl(tokenizer, problems):
     model = model_for(tokenizer)
     suite = ProbeSuite(model, tokenizer, problems, reference_model=freeze_reference(model), batch_size=4,
-                       kl_sequences=2, max_new_tokens=6, hardest_k=2)
+                       kl_sequences=2, max_new_tokens=6, hardest_k=2, decision="direct")
     metrics = suite.run(0)
     cfg = model.cfg
     expected = {"attn/entropy_mean", "attn/entropy_normalized_mean", "attn/option_mass_mean",
@@ -76,6 +76,7 @@ def test_full_run_returns_design_metrics_and_greedy_sequence_kl(tokenizer, probl
     expected |= {f"rl/letter_pred_counts/{x}" for x in LETTERS}
     expected |= {f"attn/{kind}/layer{l}/head{h}" for kind in ("entropy", "option_mass")
                  for l in range(cfg.n_layers) for h in range(cfg.n_heads)}
+    expected |= {f"probe/logit_lens_gold_margin/layer{l}" for l in range(cfg.n_layers)}
     assert set(metrics) == expected
     assert all(math.isfinite(v) for v in metrics.values())
     assert sum(metrics[f"rl/letter_pred_counts/{x}"] for x in LETTERS) == len(problems)
@@ -85,7 +86,26 @@ def test_full_run_returns_design_metrics_and_greedy_sequence_kl(tokenizer, probl
     assert len(table["rows"]) == 2 and all(isinstance(row[-1], str) and row[-1] for row in table["rows"])
     figures = suite.attention_figures(prompt_indices=(0,), max_tokens=12)
     assert "attn/patterns/prompt0" in figures and "attn/entropy_heatmap" in figures
-    assert tuple(PROBE_NAMES) == ("entropy", "option_mass", "margin", "kl", "counts")
+    assert tuple(PROBE_NAMES) == ("entropy", "option_mass", "margin", "kl", "counts", "logit_lens")
+
+
+def test_completions_without_an_answer_are_counted_never_scored(tokenizer, problems):
+    """An untrained model never writes "Answer:": every completion is a no-answer, and no letter or
+    attention metric is made up from a position the model never reached."""
+    model = model_for(tokenizer)
+    suite = ProbeSuite(model, tokenizer, problems, reference_model=freeze_reference(model), batch_size=4,
+                       kl_sequences=2, max_new_tokens=6, hardest_k=3)
+    metrics = suite.run(0, table=True)
+    assert metrics["rl/probe_no_answer_frac"] == 1.0
+    assert sum(metrics[f"rl/letter_pred_counts/{x}"] for x in LETTERS) == 0
+    assert not any(k.startswith(("attn/", "probe/", "rl/letter_margin", "rl/kl_letter")) for k in metrics)
+    assert "rl/kl_sequence_mean" in metrics  # sequence KL still runs along the completions
+    rows = suite.last_raw["hardest"]["rows"]
+    assert len(rows) == 3 and all(row[3] == "" and row[5] is None for row in rows)
+    with pytest.raises(ValueError, match="needs the tokenizer"):
+        ProbeSuite(model, None, suite.items, probes=("margin",))
+    with pytest.raises(ValueError, match="decision must be one of"):
+        ProbeSuite(model, tokenizer, problems, probes=("margin",), decision="prompt")
 
 
 def test_greedy_probe_run_between_training_steps_changes_nothing(tokenizer, problems):
@@ -118,7 +138,7 @@ def test_table_completions_only_on_table_steps_and_only_for_the_shown_rows(token
 
     model = model_for(tokenizer, seed=2)
     suite = ProbeSuite(model, tokenizer, problems, reference_model=freeze_reference(model), batch_size=4,
-                       max_new_tokens=5, hardest_k=2, table_every=4)
+                       max_new_tokens=5, hardest_k=2, table_every=4, decision="direct")
     prefills, calls = [], []  # every prompt the Engine prefilled (padding cut off); prefill forwards
 
     def record(module, args, kwargs):

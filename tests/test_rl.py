@@ -130,7 +130,7 @@ def test_bad_config_names_the_option(kwargs, message):
         rl.RLConfig(**kwargs).validate()
 
 
-def test_cli_accepts_both_spellings(capsys):
+def test_cli_accepts_both_spellings(capsys, tmp_path):
     import argparse
 
     from aquainterp.cli import normalize_flag_spelling
@@ -143,7 +143,7 @@ def test_cli_accepts_both_spellings(capsys):
     assert (config.max_steps, config.num_samples, config.top_k) == (3, 4, None)
     assert config.probes == ("kl", "counts") and config.std_normalize
     with pytest.raises(SystemExit):
-        rl.main(["--depth", "2", "--checkpoint", "somewhere"])
+        rl.main(["--depth", "2", "--checkpoint", str(tmp_path)])  # an existing folder: the clash is named
     assert "exactly one of --checkpoint" in capsys.readouterr().err
 
 
@@ -181,7 +181,9 @@ def _metrics(out: Path) -> list[dict]:
 
 
 def test_one_rl_step_on_aqua_dev_rows_end_to_end(tmp_path, shared_data):
-    config = _smoke_config(tmp_path, shared_data, probes=("margin", "kl", "counts"), probe_every=1, probe_batch=3)
+    # an untrained policy never writes "Answer:", so the letter probes read the direct decision here
+    config = _smoke_config(tmp_path, shared_data, probes=("margin", "kl", "counts"), probe_every=1, probe_batch=3,
+                           probe_decision="direct")
     summary = rl.run(config, policy=_policy())
     rows = _metrics(Path(config.out))
     names = set().union(*rows)

@@ -33,17 +33,15 @@ import torch
 import torch.distributed as torch_dist
 from tqdm.auto import tqdm
 
-from aquainterp.checkpoint import CheckpointError
 from aquainterp.engine import Engine
 from aquainterp.kv_cache import completion_logits, completion_targets
 from aquainterp.logger import Logger
 from aquainterp.tasks import LETTERS, MCProblem, conversation, extract_letter
+from probes.suite import DECISIONS, PROBE_NAMES
 from training import common
 from training.common import Dist
 from training.grpo import completion_reward, group_advantages, policy_loss, token_logprobs
 from training.optim import apply_schedule, build_optimizers
-
-PROBE_NAMES = ("entropy", "option_mass", "margin", "kl", "counts")
 
 
 @dataclass
@@ -87,12 +85,15 @@ class RLConfig:
     probes: tuple[str, ...] = ()
     probe_every: int = 10
     probe_batch: int = 32
+    probe_decision: str = "completion"  # where the letter/attention probes read: completion | direct
+    probe_rollouts: int = 64  # at most this many of a probe step's rollouts get the letter probes
     table_every: int = 10
     table_rows: int = 8
     # run management
     out: str = "runs/rl"
     save_every: int = 0  # 0 = only at the end
     resume: bool = False
+    overwrite: bool = False  # replace an earlier run's checkpoints + metrics in --out
     device: str = "auto"
     bf16: str = "auto"  # auto = on with a GPU
     seed: int = 0
@@ -131,6 +132,9 @@ class RLConfig:
         need(self.bf16 in ("auto", "on", "off"), f"--bf16 must be auto, on or off, got {self.bf16!r}")
         need(self.wandb in ("online", "offline", "disabled"), f"--wandb must be online|offline|disabled, "
                                                               f"got {self.wandb!r}")
+        need(self.probe_decision in DECISIONS, f"--probe-decision must be one of {'|'.join(DECISIONS)}, "
+                                               f"got {self.probe_decision!r}")
+        need(self.probe_rollouts >= 0, f"--probe-rollouts must be >= 0, got {self.probe_rollouts}")
         unknown = [p for p in self.probes if p not in PROBE_NAMES]
         need(not unknown, f"--probes: unknown {unknown}; choose from {','.join(PROBE_NAMES)}")
 
@@ -341,7 +345,8 @@ def rollout_metrics(rollouts: list[Rollout], ddp: Dist) -> dict[str, float]:
 
 def run_probes(suite, logger: Logger, step: int, rollouts: list[Rollout] | None,
                figures: tuple[int, ...] = (), table: bool | None = None) -> dict[str, float]:
-    """Probe metrics on the fixed probe set (rank 0), sequence KL along this step's sampled completions.
+    """Probe metrics on the fixed probe set (rank 0), sequence KL along this step's sampled completions,
+    and the letter probes on this step's rollouts (rl/rollout_*; this rank's rollouts).
 
     The probe set's letter counts are renamed rl/probe_letter_pred_counts/*: the design name
     rl/letter_pred_counts/* is taken by the rollout counts, which are logged every step.
@@ -351,7 +356,7 @@ def run_probes(suite, logger: Logger, step: int, rollouts: list[Rollout] | None,
     pairs = None
     if rollouts is not None:
         pairs = [(r.prompt, c) for r in rollouts for c in r.completions if c][: suite.kl_sequences]
-    metrics = suite.run(step, completions=pairs or None, table=table)
+    metrics = suite.run(step, completions=pairs or None, table=table, rollouts=rollouts)
     metrics = {k.replace("rl/letter_pred_counts/", "rl/probe_letter_pred_counts/"): v for k, v in metrics.items()}
     if metrics:
         logger.log(metrics, step=step)
@@ -440,6 +445,7 @@ def run(config: RLConfig, policy: tuple | None = None) -> dict:
     (model, tokenizer) starts from an in-memory model instead of --checkpoint/--depth (the demo hands
     over its freshly trained SFT model this way); RL updates that model in place."""
     config.validate(policy_given=policy is not None)
+    common.claim_run_dir(config, config.out, "--out")  # before anything is touched
     ddp = common.setup_distributed(config.device)
     try:
         return _run(config, ddp, policy)
@@ -494,7 +500,9 @@ def _run(config: RLConfig, ddp: Dist, policy: tuple | None = None) -> dict:
         from probes.suite import ProbeSuite
 
         suite = ProbeSuite(model, tokenizer, held_out[: config.probe_batch], probes=config.probes,
-                           reference_model=reference, batch_size=config.device_batch_size)
+                           reference_model=reference, batch_size=config.device_batch_size,
+                           decision=config.probe_decision, rollout_letters=config.probe_rollouts,
+                           max_new_tokens=config.max_new_tokens, progress=config.progress)
 
     if before is None:
         before = evaluate_policy(model, tokenizer, held_out, config)
@@ -545,49 +553,70 @@ def _run(config: RLConfig, ddp: Dist, policy: tuple | None = None) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from aquainterp.cliargs import (
+        SEED,
+        Number,
+        count_int,
+        data_source,
+        device_name,
+        existing_path,
+        positive_int,
+    )
+
+    _path_str = lambda text: str(existing_path("dir")(text))
+    _path_str.__name__ = "path"
+    lr = Number(float, 0.0, 1e3, lo_open=True)
     d = RLConfig()
     a = parser.add_argument
     a("--task", choices=("synthetic", "aqua"), default=d.task, help="problem source")
-    a("--data", default=None, help="AQuA: local JSON Lines file or hub id (default deepmind/aqua_rat)")
-    a("--checkpoint", default=None, help="SFT checkpoint folder to start from")
-    a("--step", type=int, default=None, help="step of --checkpoint (default: latest)")
-    a("--depth", type=int, default=None, help="start from a fresh random model of this depth (smoke runs)")
-    a("--difficulty", type=int, default=None, help="synthetic difficulty 1..3 (default: mixed)")
+    a("--data", type=data_source, default=None, help="AQuA: local JSON Lines file or hub id (default deepmind/aqua_rat)")
+    a("--checkpoint", type=_path_str, default=None, help="SFT checkpoint folder to start from")
+    a("--step", type=count_int(), default=None, help="step of --checkpoint (default: latest)")
+    a("--depth", type=positive_int(1024), default=None, help="start from a fresh random model of this depth (smoke runs)")
+    a("--difficulty", type=int, default=None, choices=(1, 2, 3), help="synthetic difficulty 1..3 (default: mixed)")
     a("--skip-bad-rows", action="store_true", help="AQuA: skip malformed rows (counted) instead of failing")
-    a("--eval-examples", type=int, default=d.eval_examples, help="held-out problems for eval")
-    a("--max-steps", type=int, default=d.max_steps)
-    a("--examples-per-step", type=int, default=d.examples_per_step, help="prompts per step, all ranks")
-    a("--num-samples", type=int, default=d.num_samples, help="completions per prompt (group size)")
-    a("--max-new-tokens", type=int, default=d.max_new_tokens)
-    a("--temperature", type=float, default=d.temperature)
-    a("--rollout-prompts", type=int, default=d.rollout_prompts,
+    a("--eval-examples", type=positive_int(1 << 24), default=d.eval_examples, help="held-out problems for eval")
+    a("--max-steps", type=positive_int(1 << 30), default=d.max_steps)
+    a("--examples-per-step", type=positive_int(1 << 24), default=d.examples_per_step, help="prompts per step, all ranks")
+    a("--num-samples", type=positive_int(1 << 16), default=d.num_samples, help="completions per prompt (group size)")
+    a("--max-new-tokens", type=positive_int(1 << 20), default=d.max_new_tokens)
+    a("--temperature", type=Number(float, 0.0, 100.0, lo_open=True), default=d.temperature)
+    a("--rollout-prompts", type=positive_int(1 << 20), default=d.rollout_prompts,
       help="prompts decoded together when sampling rollouts (KV cache rows = this x --num-samples)")
-    a("--top-k", type=int, default=d.top_k, help="0 = no top-k")
-    a("--format-reward", type=float, default=d.format_reward, help="bonus for a finished, parseable answer")
+    a("--top-k", type=count_int(what='0 = no top-k'), default=d.top_k, help="0 = no top-k")
+    a("--format-reward", type=Number(float, -1e6, 1e6), default=d.format_reward, help="bonus for a finished, parseable answer")
     a("--std-normalize", action="store_true", help="divide advantages by the group std")
-    a("--kl-coef", type=float, default=d.kl_coef, help="KL penalty to the frozen pre-RL policy (0 = off)")
-    a("--ppo-epochs", type=int, default=d.ppo_epochs, help="optimizer steps per batch of rollouts")
-    a("--clip-eps", type=float, default=d.clip_eps, help="PPO ratio clip (0 = off)")
-    a("--device-batch-size", type=int, default=d.device_batch_size, help="sequences per forward/backward")
-    a("--matrix-lr", type=float, default=d.matrix_lr)
-    a("--embedding-lr", type=float, default=d.embedding_lr)
-    a("--unembedding-lr", type=float, default=d.unembedding_lr)
-    a("--weight-decay", type=float, default=d.weight_decay)
-    a("--init-lr-frac", type=float, default=d.init_lr_frac, help="fraction of the base learning rates")
-    a("--eval-every", type=int, default=d.eval_every, help="0 = only before and after")
-    a("--pass-k", type=int, default=d.pass_k, help="k of rl/pass@k (recorded in the run config)")
-    a("--eval-temperature", type=float, default=d.eval_temperature)
+    a("--kl-coef", type=Number(float, 0.0, 1e6), default=d.kl_coef, help="KL penalty to the frozen pre-RL policy (0 = off)")
+    a("--ppo-epochs", type=positive_int(1 << 16), default=d.ppo_epochs, help="optimizer steps per batch of rollouts")
+    a("--clip-eps", type=Number(float, 0.0, 1.0, hi_open=True), default=d.clip_eps, help="PPO ratio clip (0 = off)")
+    a("--device-batch-size", type=positive_int(1 << 20), default=d.device_batch_size, help="sequences per forward/backward")
+    a("--matrix-lr", type=lr, default=d.matrix_lr)
+    a("--embedding-lr", type=lr, default=d.embedding_lr)
+    a("--unembedding-lr", type=lr, default=d.unembedding_lr)
+    a("--weight-decay", type=Number(float, 0.0, 10.0), default=d.weight_decay)
+    a("--init-lr-frac", type=Number(float, 0.0, 1.0, lo_open=True), default=d.init_lr_frac, help="fraction of the base learning rates")
+    a("--eval-every", type=count_int(), default=d.eval_every, help="0 = only before and after")
+    a("--pass-k", type=positive_int(1 << 16), default=d.pass_k, help="k of rl/pass@k (recorded in the run config)")
+    a("--eval-temperature", type=Number(float, 0.0, 100.0), default=d.eval_temperature)
     a("--probes", default="", help=f"comma list of {','.join(PROBE_NAMES)} ('' or none = off)")
-    a("--probe-every", type=int, default=d.probe_every)
-    a("--probe-batch", type=int, default=d.probe_batch)
-    a("--table-every", type=int, default=d.table_every, help="0 = no sample tables")
-    a("--table-rows", type=int, default=d.table_rows)
+    a("--probe-every", type=count_int(), default=d.probe_every, help="run the probes every N steps (0 = only at the end)")
+    a("--probe-batch", type=positive_int(1 << 20), default=d.probe_batch, help="held-out problems in the fixed probe set")
+    a("--probe-decision", choices=DECISIONS, default=d.probe_decision,
+      help="where the letter and attention probes read: 'completion' = the answer step of the policy's own "
+           "greedy completion (prompt + completion up to 'Answer:'), 'direct' = right after 'Answer:' in a "
+           "prompt without rationale (for models trained to answer in one token)")
+    a("--probe-rollouts", type=int, default=d.probe_rollouts,
+      help="on probe steps, the letter probes also read this many of the step's sampled completions "
+           "(rl/rollout_*; 0 = none)")
+    a("--table-every", type=count_int(), default=d.table_every, help="0 = no sample tables")
+    a("--table-rows", type=positive_int(1 << 20), default=d.table_rows)
     a("--out", default=d.out, help="run folder: metrics.jsonl, checkpoints/, summary.json")
-    a("--save-every", type=int, default=d.save_every, help="0 = only at the end")
+    a("--save-every", type=count_int(), default=d.save_every, help="0 = only at the end")
     a("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    a("--device", default=d.device, help="auto | cpu | cuda | mps")
+    a("--overwrite", action="store_true", help="replace the checkpoints and metrics of an earlier run in --out")
+    a("--device", type=device_name, default=d.device, help="auto | cpu | cuda | mps")
     a("--bf16", choices=("auto", "on", "off"), default=d.bf16, help="bf16 autocast (auto = on with a GPU)")
-    a("--seed", type=int, default=d.seed)
+    a("--seed", type=SEED, default=d.seed)
     a("--wandb", choices=("online", "offline", "disabled"), default=d.wandb)
     a("--run-name", default=None)
     a("--no-progress", action="store_true", help="no progress bar")
@@ -606,16 +635,20 @@ def config_from_args(args: argparse.Namespace) -> RLConfig:
 
 def main(argv: list[str] | None = None) -> int:
     from aquainterp.cli import normalize_flag_spelling
+    from aquainterp.cliargs import OneLineParser, pop_debug
 
-    parser = argparse.ArgumentParser(prog="python -m training.rl", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="python -m training.rl", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
-    args = parser.parse_args(normalize_flag_spelling(list(sys.argv[1:] if argv is None else argv)))
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    argv, debug = pop_debug(list(sys.argv[1:] if argv is None else argv))
+    args = parser.parse_args(normalize_flag_spelling(argv))
+    config = config_from_args(args)
     try:
-        summary = run(config_from_args(args))
+        config.validate()  # combinations of flags: one line, exit 2, before anything runs
     except ValueError as e:
         parser.error(str(e))
-    except (CheckpointError, common.NonFiniteLossError) as e:  # one line, as the other stages' run_cli
-        sys.exit(f"{parser.prog}: error: {e}")
+    # runtime failures (a corrupt checkpoint, a non-finite loss, ...): one line, exit 1 (common.run_cli)
+    summary = common.run_cli(run, config, parser.prog, debug)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=1))
     return 0

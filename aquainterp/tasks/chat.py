@@ -105,20 +105,44 @@ def decision_prompt(tokenizer, problem: MCProblem) -> tuple[list[int], list[int]
     return ids + answer_ids, letters
 
 
-def option_spans(tokenizer, problem: MCProblem) -> tuple[list[int], list[tuple[int, int]]]:
-    """Decision prompt ids and, for A..E, the [start, end) token span of the line "X) text" in them.
+def answer_step(completion: list[int], marker: list[int]) -> int | None:
+    """How many tokens of `completion` to keep so that its next token is the stated letter: the end of
+    the LAST answer marker in it (the marker ids are `letter_token_ids(tokenizer)[0]`, "Answer:" plus
+    any token shared by all five letters), or None when the completion never writes the marker.
+
+    The last one, because extract_letter also reads the last answer statement. Matched on token ids:
+    a completion that spells the marker with other tokens has no answer step here (it is counted, not
+    guessed), although extract_letter may still read a letter from its text."""
+    if not marker:
+        raise ValueError("answer_step: the answer marker has no tokens")
+    n = len(marker)
+    for start in range(len(completion) - n, -1, -1):
+        if completion[start : start + n] == marker:
+            return start + n
+    return None
+
+
+def option_spans(tokenizer, problem: MCProblem, style: str = "direct") -> tuple[list[int], list[tuple[int, int]]]:
+    """Prompt ids and, for A..E, the [start, end) token span of the line "X) text" in them.
+
+    style "direct": the ids are the decision prompt (decision_prompt). Any other style: the ids are the
+    generation prompt of that style (the conversation rendered up to the assistant's turn), the
+    prompt a reasoning completion continues.
 
     Spans come from the tokenizer's character offsets of the user message: a span holds every token
     that overlaps the line's characters. Guarantee: decoding ids[start:end] gives the option line
     with at most whitespace (the surrounding newlines) added at either end; this holds for
     tokenizers whose pre-split never glues a non-space character across a newline (GPT-4 style).
     """
-    ids, _ = decision_prompt(tokenizer, problem)
-    user = user_message(problem, "direct")
+    if style == "direct":
+        ids, _ = decision_prompt(tokenizer, problem)
+    else:
+        ids = list(tokenizer.render_for_completion(conversation(problem, style)))
+    user = user_message(problem, style)
     user_ids, offsets = tokenizer.encode_with_offsets(user)
     start_token = tokenizer.encode_special("<|user_start|>")
     if start_token not in ids:
-        raise ValueError("option_spans: no <|user_start|> token in the rendered decision prompt")
+        raise ValueError("option_spans: no <|user_start|> token in the rendered prompt")
     base = ids.index(start_token) + 1
     if ids[base : base + len(user_ids)] != user_ids:
         raise ValueError("option_spans: the user message is not tokenized the same inside the rendered "
