@@ -221,11 +221,14 @@ def _id_tokenizer(vocab_size: int):
 
 
 def add_arguments(parser) -> None:
+    from aquainterp.cliargs import count_int, existing_path
+
     parser.add_argument(
-        "checkpoint", help="checkpoint folder written by save_checkpoint (holds step_XXXXXX/)"
+        "checkpoint", type=existing_path("dir"),
+        help="checkpoint folder written by save_checkpoint (holds step_XXXXXX/)",
     )
     parser.add_argument("out_dir", help="where to write the HF NanoChatForCausalLM directory")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    parser.add_argument("--step", type=count_int(), default=None, help="checkpoint step (default: the latest)")
     parser.add_argument("--no-tokenizer", action="store_true", help="export the weights only")
     parser.add_argument(
         "--check", action="store_true", help="reload with transformers and compare logits on random tokens"
@@ -234,7 +237,9 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from aquainterp.checkpoint import load_model
+    from aquainterp.rundir import check_output
 
+    check_output(args.out_dir, [args.checkpoint], "out_dir")  # never into (or over) the checkpoint folder
     model, tokenizer, _ = load_model(args.checkpoint, step=args.step)
     out = export_hf(model, None if args.no_tokenizer else tokenizer, args.out_dir)
     print(

@@ -16,6 +16,7 @@ import importlib
 import sys
 
 from aquainterp import __version__
+from aquainterp.cliargs import OneLineParser, guarded, pop_debug
 
 # name -> (module that implements it, one-line help). Only commands that exist are listed here.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -40,7 +41,7 @@ def normalize_flag_spelling(argv: list[str]) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="aquainterp",
         description="Train nanochat's GPT on AQuA-style multiple-choice math and look inside it: "
         "probes, W&B dashboards, activation patching.",
@@ -52,19 +53,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def subcommand_parser(name: str) -> tuple[argparse.ArgumentParser, object]:
+    """(parser, module) of one subcommand, as `main` builds them."""
+    module = importlib.import_module(COMMANDS[name][0])
+    sub = OneLineParser(prog=f"aquainterp {name}", description=COMMANDS[name][1])
+    module.add_arguments(sub)
+    return sub, module
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = normalize_flag_spelling(list(sys.argv[1:] if argv is None else argv))
+    """Arguments are checked before anything runs; errors end as one line on stderr: exit 2 for usage,
+    1 for runtime failures, a traceback only with --debug (aquainterp.cliargs)."""
+    argv, debug = pop_debug(list(sys.argv[1:] if argv is None else argv))
+    argv = normalize_flag_spelling(argv)
     parser = build_parser()
     if not argv or argv[0] not in COMMANDS:
         args = parser.parse_args(argv)  # handles --help/--version/unknown commands
         parser.print_help()
         return 0 if args.command is None and not argv else 2
     name = argv[0]
-    module = importlib.import_module(COMMANDS[name][0])
-    sub = argparse.ArgumentParser(prog=f"aquainterp {name}", description=COMMANDS[name][1])
-    module.add_arguments(sub)
-    code = module.run(sub.parse_args(argv[1:]))
-    return int(code or 0)
+    prog = f"aquainterp {name}"
+    sub, module = subcommand_parser(name)
+    try:
+        args = sub.parse_args(argv[1:])
+    except SystemExit as e:  # usage errors (one line already printed) and --help: a status, as below
+        return e.code if isinstance(e.code, int) else 2
+    return guarded(prog, lambda: module.run(args), debug)
 
 
 if __name__ == "__main__":

@@ -232,26 +232,39 @@ def load_problems(task: str, data: str | None = None, n: int | None = None, seed
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="checkpoint folder written by save_checkpoint")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    from aquainterp.cliargs import (
+        SEED,
+        count_int,
+        data_source,
+        device_name,
+        existing_path,
+        number,
+        positive_int,
+    )
+
+    parser.add_argument("--checkpoint", type=existing_path("dir"), required=True,
+                        help="checkpoint folder written by save_checkpoint")
+    parser.add_argument("--step", type=count_int(), default=None, help="checkpoint step (default: latest)")
     parser.add_argument("--task", choices=("synthetic", "aqua"), default="synthetic")
-    parser.add_argument("--data", default=None, help="AQuA JSON Lines file or hub id (task aqua)")
+    parser.add_argument("--data", type=data_source, default=None,
+                        help="AQuA JSON Lines file, or hub id owner/name (task aqua)")
     parser.add_argument("--split", default=None, help="synthetic: eval|train (eval); aqua hub: split (validation)")
-    parser.add_argument("--num-problems", "--n", dest="n", type=int, default=None,
+    parser.add_argument("--num-problems", "--n", dest="n", type=positive_int(), default=None,
                         help="evaluate the first N problems (synthetic: 500); under torchrun spell it "
                              "--num-problems, since torchrun's own parser rejects --n as ambiguous")
     parser.add_argument("--mode", choices=MODES, default="categorical")
-    parser.add_argument("--num-samples", type=int, default=1, help="generative: samples per problem")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--temperature", type=float, default=None, help="default 0 for 1 sample, else 1.0")
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-samples", type=positive_int(100_000), default=1, help="generative: samples per problem")
+    parser.add_argument("--max-new-tokens", type=positive_int(1 << 20), default=256)
+    parser.add_argument("--temperature", type=number(float, 0.0, 100.0), default=None,
+                        help="default 0 for 1 sample, else 1.0")
+    parser.add_argument("--top-k", type=positive_int(), default=None)
+    parser.add_argument("--seed", type=SEED, default=0)
     parser.add_argument("--difficulty", type=int, default=None, choices=(1, 2, 3))
-    parser.add_argument("--batch-size", type=int, default=16,
+    parser.add_argument("--batch-size", type=positive_int(1 << 20), default=16,
                         help="problems per batch: categorical, prompts per forward; generative, problems "
                              "decoded together (each with --num-samples rows)")
     parser.add_argument("--skip-bad-rows", action="store_true", help="skip and count malformed AQuA rows")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", type=device_name, default="cpu")
     parser.add_argument("--json", default=None, help="also write the result as JSON to this path")
 
 
@@ -259,6 +272,10 @@ def run(args) -> int:
     """Under torchrun (WORLD_SIZE > 1) the ranks share the problems; rank 0 prints and writes JSON."""
     import os
 
+    from aquainterp.rundir import check_can_create
+
+    if args.json:  # a bad --json path fails now, not after the evaluation
+        check_can_create(args.json, "--json", folder=False)
     device = args.device
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return _run_on(args, device)

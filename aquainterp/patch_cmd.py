@@ -25,21 +25,31 @@ TASKS = ("synthetic", "aqua")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from aquainterp.cliargs import (
+        SEED,
+        count_int,
+        data_source,
+        device_name,
+        existing_path,
+        number,
+        positive_int,
+    )
+
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", type=Path, help="checkpoint folder written by aquainterp.checkpoint")
-    source.add_argument("--hf-dir", type=Path, help="HF NanoChatForCausalLM directory (imported via the bridge)")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    parser.add_argument("--tokenizer", type=Path, default=None,
+    source.add_argument("--checkpoint", type=existing_path("dir"), help="checkpoint folder written by aquainterp.checkpoint")
+    source.add_argument("--hf-dir", type=existing_path("dir"), help="HF NanoChatForCausalLM directory (imported via the bridge)")
+    parser.add_argument("--step", type=count_int(), default=None, help="checkpoint step (default: the latest)")
+    parser.add_argument("--tokenizer", type=existing_path("dir"), default=None,
                         help="tokenizer folder, when the checkpoint or HF dir carries none")
     parser.add_argument("--task", choices=TASKS, default="synthetic")
-    parser.add_argument("--data", default=None,
+    parser.add_argument("--data", type=data_source, default=None,
                         help="AQuA JSON Lines file or hub id (task aqua; default deepmind/aqua_rat)")
     parser.add_argument("--split", default=None, help="synthetic: train|eval (default eval); aqua hub split")
     parser.add_argument("--difficulty", type=int, default=None, choices=(1, 2, 3),
                         help="synthetic problems of one difficulty (default: the task's mix), e.g. the demo's 1")
-    parser.add_argument("--n-pairs", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=32, help="patched sequences per forward")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--n-pairs", type=positive_int(100_000), default=8)
+    parser.add_argument("--batch-size", type=positive_int(1 << 20), default=32, help="patched sequences per forward")
+    parser.add_argument("--device", type=device_name, default="cpu")
     parser.add_argument("--corruption", choices=CORRUPTIONS, default="permute")
     parser.add_argument("--style", choices=STYLES, default="direct",
                         help="decision right after the question (direct), after the worked rationale (reasoning) "
@@ -48,8 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sweeps", default=",".join(SWEEPS), help=f"comma list from {','.join(SWEEPS)}")
     parser.add_argument("--align", choices=ALIGNMENTS, default="end",
                         help="position axis counts from the prompt start, or back from the decision token")
-    parser.add_argument("--noise-scale", type=float, default=3.0, help="noise std in embedding stds")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--noise-scale", type=number(float, 0.0, 1e3, lo_open=True), default=3.0, help="noise std in embedding stds")
+    parser.add_argument("--seed", type=SEED, default=0)
     parser.add_argument("--skip-unalignable", action="store_true",
                         help="drop problems with no same-length corruption instead of stopping")
     parser.add_argument("--out", type=Path, required=True)
@@ -238,6 +248,11 @@ def run(args: argparse.Namespace) -> int:
         torch.device(args.device)
     except RuntimeError as e:
         return fail(f"--device {args.device!r}: {e}")
+    # where the results go is checked before any sweep runs: a folder (or a new path), never an input
+    from aquainterp.rundir import check_can_create, check_output
+
+    check_can_create(args.out, "--out")
+    check_output(args.out, [args.checkpoint, args.hf_dir, args.tokenizer, args.data], "--out")
     try:
         model, tokenizer, described = load(args)
         pairs, skipped = build_pairs(args, tokenizer, problems(args))

@@ -25,6 +25,8 @@ DEFAULT_BASE_URL = "https://api.wandb.ai"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from aquainterp.cliargs import existing_path, positive_int
+
     sub = parser.add_subparsers(dest="action", metavar="<action>", required=True)
     sub.add_parser("list", help="list the shipped templates")
 
@@ -35,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", help="output file (a folder for --template all); default stdout")
 
     p = sub.add_parser("load", help="read a W&B workspace JSON back into our template JSON")
-    p.add_argument("workspace", help="workspace JSON written by export (or W&B's view model)")
+    p.add_argument("workspace", type=existing_path("file"), help="workspace JSON written by export (or W&B's view model)")
     p.add_argument("-o", "--output", help="template JSON to write; default stdout")
 
     p = sub.add_parser("push", help="save the template as a W&B workspace (needs network and a login)")
@@ -44,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--project", required=True)
 
     p = sub.add_parser("html", help="self-contained plotly HTML report of a run")
-    p.add_argument("--run", required=True, help="run directory (metrics.jsonl and/or wandb/)")
+    p.add_argument("--run", type=existing_path("dir"), required=True, help="run directory (metrics.jsonl and/or wandb/)")
     p.add_argument("--template", default="all", help="template name, or 'all' (default)")
     p.add_argument("-o", "--output", required=True, help="HTML file to write")
     p.add_argument("--source", choices=("auto", "jsonl", "wandb"), default="auto",
@@ -53,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser("sample", help="record a synthetic RL run through the Logger (for trying reports)")
     p.add_argument("--run", required=True, help="run directory to write")
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=positive_int(1_000_000), default=30)
     p.add_argument("--mode", choices=("disabled", "offline"), default="disabled",
                    help="also write an offline W&B run (offline) or only metrics.jsonl (disabled)")
 
@@ -139,6 +141,8 @@ def _run(args: argparse.Namespace) -> int:
             model = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
         template = template_from_model(model, str(path))
         _write(json.dumps(template.to_dict(), indent=2) + "\n", args.output)
         return 0

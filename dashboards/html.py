@@ -22,6 +22,7 @@ import plotly.io as pio
 import plotly.offline
 
 from aquainterp.logger import METRICS_FILE, read_metrics
+from aquainterp.rundir import inside
 from dashboards.template import Panel, Template
 from dashboards.wandb_run import history_as_metrics
 
@@ -184,8 +185,12 @@ def image_figure(panel: Panel, data: RunData) -> go.Figure:
     if not entries:
         return _empty(panel, f"no figure logged for {_what(panel)}")
     step, obj = max(entries, key=lambda e: e[0])
-    path = Path(obj["path"])
-    if not path.is_absolute() and data.base_dir is not None:
+    path = Path(str(obj.get("path", "")))
+    if data.base_dir is None:
+        return _empty(panel, "figure files are read only from a run directory")
+    if not inside(data.base_dir, path):  # a shared report must not embed files from outside the run
+        return _empty(panel, f"figure path {str(path)!r} points outside the run directory; not embedded")
+    if not path.is_absolute():
         path = data.base_dir / path
     if not path.is_file():
         return _empty(panel, f"figure file {path} is missing")
@@ -240,8 +245,22 @@ def render_html(templates: list[Template], data: RunData, title: str | None = No
             + "\n".join(body) + "</body></html>\n")
 
 
+def check_report_output(run_dir: str | Path, out: str | Path) -> None:
+    """The report never replaces what it reads: not metrics.jsonl, not the W&B run, not a folder, not a
+    non-HTML file of the run (a logged figure, say)."""
+    from aquainterp.rundir import RunDirError, check_output, inside
+
+    run_dir, out = Path(run_dir), Path(out)
+    check_output(out, [run_dir / METRICS_FILE, run_dir / "wandb"], "-o")
+    if out.is_dir():
+        raise RunDirError(f"-o {out} is a folder; give the HTML file to write")
+    if out.exists() and inside(run_dir, out) and out.suffix.lower() not in (".html", ".htm"):
+        raise RunDirError(f"-o {out} is a file of the run {run_dir}; refusing to overwrite it with HTML")
+
+
 def write_html(templates: list[Template], run_dir: str | Path, out: str | Path, source: str = "auto") -> Path:
     """Load the run, render the templates, write the page; returns its path."""
+    check_report_output(run_dir, out)
     data = RunData.load(run_dir, source)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

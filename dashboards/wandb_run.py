@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from aquainterp.logger import find_wandb_file, iter_wandb_records
+from aquainterp.rundir import contained_path
 
 
 def _item_value(item):
@@ -72,10 +73,12 @@ def history_as_metrics(path: str | Path) -> list[dict]:
                     metrics[key] = {"_type": "histogram", "bins": value.get("bins"),
                                     "counts": value.get("values")}
                 elif kind == "table-file":
-                    table = json.loads((files / value["path"]).read_text(encoding="utf-8"))
+                    # a path from the run's own history: it may only name a file of this run
+                    table_path = contained_path(files, str(value.get("path", "")), f"{key}: table file")
+                    table = json.loads(table_path.read_text(encoding="utf-8"))
                     metrics[key] = {"_type": "table", "columns": table["columns"], "rows": table["data"]}
-                elif kind == "plotly-file":
-                    metrics[key] = {"_type": "plotly", "path": str(files / value["path"])}
+                elif kind == "plotly-file":  # html.image_figure checks that it stays inside the run
+                    metrics[key] = {"_type": "plotly", "path": str(files / str(value.get("path", "")))}
                 continue
             if isinstance(value, bool | int | float) or value is None:
                 metrics[key] = value

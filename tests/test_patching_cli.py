@@ -111,7 +111,7 @@ def test_bad_flags_and_unpairable_data(saved, tmp_path, capsys, shared_data):
     code, _, err = run_cli(["--checkpoint", ckpt, "--sweeps", "resid_pre,bogus", "--out", tmp_path], capsys)
     assert_clean_error(code, err, "--sweeps", "bogus")
     code, _, err = run_cli(["--checkpoint", ckpt, "--n-pairs", "0", "--out", tmp_path], capsys)
-    assert_clean_error(code, err, "--n-pairs must be at least 1")
+    assert_clean_error(code, err, "--n-pairs", "must be an integer >= 1")
     aqua = shared_data / "aqua_rat" / "dev.json"
     code, _, err = run_cli(["--checkpoint", ckpt, "--task", "aqua", "--data", aqua, "--corruption", "numbers",
                             "--out", tmp_path], capsys)

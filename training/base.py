@@ -21,6 +21,7 @@ from training.common import (
     Dist,
     all_reduce_sum,
     autocast,
+    claim_run_dir,
     clean_stale_temp,
     open_logger,
     parse_config,
@@ -65,6 +66,7 @@ class BaseConfig:
     compile: str = "auto"
     seed: int = 42
     resume: bool = False
+    overwrite: bool = False  # replace an earlier run's checkpoints + metrics in run_dir
     skip_nonfinite: bool = False
     wandb: str = "disabled"
     run_name: str | None = None
@@ -130,6 +132,7 @@ def run(config: BaseConfig) -> dict:
     """Train (or resume) a base model; returns the final metrics (train/loss, val/bpb, ...)."""
     from aquainterp.tokenizer import Tokenizer
 
+    claim_run_dir(config)  # refuses an earlier run's run_dir before anything is touched
     dist = setup_distributed(config.device)
     try:
         seed_everything(config.seed)

@@ -152,14 +152,34 @@ def check_finite(loss: float, step: int, skip: bool, ckpt_dir: Path, grads_ok: b
                              "Lower the learning rate or resume from it with --resume (--skip-nonfinite skips such steps).")
 
 
-def run_cli(run, config, prog: str):
-    """Run a stage from its command line. The failures a user must act on (a corrupt, mismatched or
-    unwritable checkpoint, e.g. a full disk; a non-finite loss) end with one line on stderr and exit
-    status 1 instead of a traceback; anything else is a bug and keeps its traceback."""
-    try:
-        return run(config)
-    except (CheckpointError, NonFiniteLossError) as e:
-        sys.exit(f"{prog}: error: {e}")
+def run_cli(run, config, prog: str, debug: bool | None = None):
+    """Run a stage from its command line (aquainterp.cliargs.guarded): a usage error (a run dir holding
+    an earlier run, a missing data file) ends with one line on stderr and exit status 2, a runtime
+    failure (a corrupt, mismatched or unwritable checkpoint, e.g. a full disk; a non-finite loss) with
+    one line and exit status 1; the traceback only with --debug."""
+    from aquainterp.cliargs import guarded, pop_debug
+
+    if debug is None:
+        debug = pop_debug(sys.argv[1:])[1]
+    result = {}
+
+    def body() -> int:
+        result["value"] = run(config)
+        return 0
+
+    code = guarded(prog, body, debug)
+    if code:
+        sys.exit(code)
+    return result.get("value")
+
+
+def claim_run_dir(config, run_dir: str | None = None, flag: str = "--run-dir") -> None:
+    """aquainterp.rundir.claim_run_dir for a stage's config (--resume / --overwrite); every rank checks,
+    rank 0 deletes with --overwrite."""
+    from aquainterp.rundir import claim_run_dir as claim
+
+    claim(run_dir or config.run_dir, resume=config.resume, overwrite=config.overwrite, flag=flag,
+          is_main=int(os.environ.get("RANK", "0")) == 0)
 
 
 def config_dict(config) -> dict:
@@ -263,23 +283,88 @@ FLAG_CHOICES = {"wandb": ("online", "offline", "disabled"), "bf16": ("auto", "on
                 "compile": ("auto", "on", "off"), "device": ("auto", "cpu", "cuda", "mps")}
 
 
+def flag_types() -> dict:
+    """Each stage flag's parser: numbers with their range, paths that must exist, devices that must be
+    present. Checked while parsing, so a typo (`--max-steps -5`, `--matrix-lr nan`, a missing
+    `--init-from`) is one line and exit 2 before anything starts. Fields not listed get the parser's
+    sanity range (aquainterp.cliargs.OneLineParser)."""
+    from aquainterp.cliargs import (
+        SEED,
+        Number,
+        count_int,
+        data_source,
+        device_name,
+        existing_path,
+        positive_int,
+    )
+
+    lr = Number(float, 0.0, 1e3, lo_open=True)
+    fraction = Number(float, 0.0, 1.0)
+    return {
+        # sizes
+        "depth": positive_int(1024), "aspect_ratio": positive_int(1 << 16), "head_dim": Number(int, 2, 1 << 16),
+        "seq_len": Number(int, 2, 1 << 20), "device_batch_size": positive_int(1 << 20),
+        "total_batch_tokens": positive_int(), "examples_per_step": positive_int(1 << 24),
+        "vocab_size": Number(int, 260, 1 << 24), "max_chars": positive_int(), "doc_cap": positive_int(),
+        # how long (the -1 defaults mean "auto" and are not flags one can type)
+        "max_steps": positive_int(1 << 30, "omit for the automatic step count"),
+        "num_epochs": positive_int(1 << 20), "target_param_data_ratio": Number(float, 0.0, 1e6, lo_open=True),
+        "aqua_limit": positive_int(what="omit for all rows"), "gsm8k_limit": positive_int(what="omit for all rows"),
+        # optimizer
+        "matrix_lr": lr, "embedding_lr": lr, "unembedding_lr": lr, "weight_decay": Number(float, 0.0, 10.0),
+        "warmup_ratio": fraction, "warmdown_ratio": fraction, "final_lr_frac": fraction,
+        "init_lr_frac": Number(float, 0.0, 1.0, lo_open=True),
+        # cadence and sizes of evaluation (0 = off where it says so)
+        "eval_every": count_int(what="0 = only at the end"), "save_every": count_int(what="0 = only at the end"),
+        "val_docs": positive_int(1 << 24), "eval_docs": count_int(1 << 24), "eval_synthetic": count_int(1 << 24),
+        "synthetic": count_int(1 << 30), "synthetic_difficulty": Number(int, 0, 3, what="0 = the task's mix"),
+        "seed": SEED, "synthetic_seed": SEED,
+        # paths and devices
+        "init_from": _as_str(existing_path("dir")), "tokenizer_dir": _as_str(existing_path("dir")),
+        "aqua": data_source, "gsm8k": data_source, "eval_aqua": data_source, "val_data": _text_source,
+        "data": _text_source, "device": device_name,
+    }
+
+
+def _as_str(parse):
+    """A path type whose value stays a str (configs are stored as JSON in every checkpoint)."""
+    wrapped = lambda text: str(parse(text))
+    wrapped.__name__ = "path"
+    return wrapped
+
+
+def _text_source(text: str) -> str:
+    """--data of base/tok_train: synthetic[:SEED[:DIFFICULTY]], hf:NAME[:CONFIG] or a local path."""
+    if text == "synthetic" or text.startswith(("synthetic:", "hf:")) or Path(text).exists():
+        return text
+    raise argparse.ArgumentTypeError(f"{text}: no such file or folder (and not synthetic[:SEED[:DIFFICULTY]] "
+                                     "or hf:NAME[:CONFIG])")
+
+
 def add_arguments(parser: argparse.ArgumentParser, defaults) -> None:
     """One flag per config field, kebab-case (snake_case accepted by normalize_flag_spelling)."""
+    types = flag_types()
     for name, value in vars(defaults).items():
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
             parser.add_argument(flag, action="store_true", help="(default: off)")
         else:
-            kind = type(value) if value is not None else str
+            kind = types.get(name, type(value) if value is not None else str)
+            shown = "auto" if name == "max_steps" and value == -1 else \
+                "all" if name.endswith("_limit") and value == -1 else value
             parser.add_argument(flag, type=kind, default=value, choices=FLAG_CHOICES.get(name),
-                                help=f"(default: {value})")
+                                help=f"(default: {shown})")
 
 
 def parse_config(cls, argv: list[str] | None, description: str, prog: str | None = None):
-    """Flags -> config dataclass; `prog` is how the usage line names the command."""
+    """Flags -> config dataclass; `prog` is how the usage line names the command. Errors: one line, exit 2."""
     from aquainterp.cli import normalize_flag_spelling
+    from aquainterp.cliargs import OneLineParser, pop_debug
 
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser = OneLineParser(prog=prog, description=description)
     add_arguments(parser, cls())
-    args = parser.parse_args(normalize_flag_spelling(list(sys.argv[1:] if argv is None else argv)))
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    argv = pop_debug(list(sys.argv[1:] if argv is None else argv))[0]
+    args = parser.parse_args(normalize_flag_spelling(argv))
+    del args.debug
     return cls(**vars(args))

@@ -22,11 +22,12 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from aquainterp.rundir import RunDirError, foreign, remove_owned, write_marker
 
 # Settings per budget. "full" is what the README's demo runs (≤ 10 min on 2 CPU cores); "small" is the
 # same pipeline shrunk so a test can run it end to end in a couple of minutes.
@@ -81,9 +82,10 @@ class Stage:
         return record["result"] if record.get("key") == self.key else None
 
     def start(self) -> None:
-        if self.dir.exists():
-            shutil.rmtree(self.dir)  # a stage is redone from scratch, never half-reused
+        # a stage is redone from scratch, never half-reused; only a folder the demo made may go
+        remove_owned(self.dir, DEMO_OWNER, legacy=_demo_legacy)
         self.dir.mkdir(parents=True)
+        write_marker(self.dir, DEMO_OWNER, self.name)
 
     def finish(self, result: dict, seconds: float) -> dict:
         result = {**result, "seconds": round(seconds, 1)}
@@ -91,6 +93,38 @@ class Stage:
         tmp.write_text(json.dumps({"key": self.key, "result": result}, indent=1))
         os.replace(tmp, self.marker)
         return result
+
+
+DEMO_OWNER = "aquainterp demo"
+STAGE_NAMES = ("tokenizer", "base", "sft", "rl", "dashboards", "patching")
+
+
+def _demo_legacy(path: Path) -> bool:
+    """A stage folder the demo finished before ownership markers existed: its stage.json has the
+    demo's {key, result} record."""
+    try:
+        record = json.loads((path / "stage.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and set(record) == {"key", "result"}
+
+
+def refuse_foreign_outputs(root: Path) -> None:
+    """RunDirError naming every folder (or file) the demo would reuse, delete or overwrite under `root`
+    that it did not create: `--out runs` must not touch `runs/base` of a `training.base` run."""
+    bad = foreign([root / name for name in STAGE_NAMES], DEMO_OWNER, legacy=_demo_legacy)
+    summary = root / "summary.json"
+    if summary.exists():
+        try:
+            ours = "wall_seconds" in json.loads(summary.read_text()) and root.is_dir()
+        except (OSError, ValueError, TypeError):
+            ours = False
+        if not ours:
+            bad.append(summary)
+    if bad:
+        raise RunDirError(f"--out {root}: {', '.join(str(p) for p in bad)} "
+                          f"{'was' if len(bad) == 1 else 'were'} not created by aquainterp demo; refusing to "
+                          "touch them (with or without --fresh). Move them away or choose another --out")
 
 
 def run_stage(stage: Stage, fresh: bool, body) -> dict:
@@ -118,6 +152,7 @@ def run_demo(config: DemoConfig) -> dict:
     os.environ.setdefault("WANDB_SILENT", "true")
     b = BUDGETS[config.budget]
     root = Path(config.out)
+    refuse_foreign_outputs(root)  # before anything is written or deleted, --fresh included
     root.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     common = {"seed": config.seed, "device": config.device}
@@ -325,14 +360,16 @@ def _last_probe_metrics(path: Path) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from aquainterp.cliargs import SEED, device_name
+
     parser.description = __doc__.split("\n\n")[0]
     d = DemoConfig()
     parser.add_argument("--out", default=d.out, help=f"where every stage writes (default {d.out})")
     parser.add_argument("--budget", choices=sorted(BUDGETS), default=d.budget,
                         help="full: the README demo (≤ 10 min on 2 cores); small: same code, tiny step counts")
-    parser.add_argument("--seed", type=int, default=d.seed, help="one seed for every stage (default 0)")
+    parser.add_argument("--seed", type=SEED, default=d.seed, help="one seed for every stage (default 0)")
     parser.add_argument("--fresh", action="store_true", help="redo every stage instead of reusing cached ones")
-    parser.add_argument("--device", default=d.device, help="cpu (default), cuda or auto")
+    parser.add_argument("--device", type=device_name, default=d.device, help="cpu (default), cuda or auto")
     parser.add_argument("--wandb", choices=("offline", "disabled", "online"), default=d.wandb,
                         help="W&B mode for the RL stage (default offline: no network)")
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from training.common import (
+    claim_run_dir,
     clean_stale_temp,
     init_from,
     open_logger,
@@ -60,6 +61,7 @@ class MidConfig:
     compile: str = "auto"
     seed: int = 42
     resume: bool = False
+    overwrite: bool = False  # replace an earlier run's checkpoints + metrics in run_dir
     skip_nonfinite: bool = False
     wandb: str = "disabled"
     run_name: str | None = None
@@ -94,6 +96,7 @@ def finetune_setup(config, dist):
 
 
 def run(config: MidConfig) -> dict:
+    claim_run_dir(config)  # refuses an earlier run's run_dir before anything is touched
     dist = setup_distributed(config.device)
     try:
         seed_everything(config.seed)

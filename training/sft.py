@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from training.common import (
+    claim_run_dir,
     open_logger,
     parse_config,
     resolve_flag,
@@ -60,6 +61,7 @@ class SFTConfig:
     compile: str = "auto"
     seed: int = 42
     resume: bool = False
+    overwrite: bool = False  # replace an earlier run's checkpoints + metrics in run_dir
     skip_nonfinite: bool = False
     wandb: str = "disabled"
     run_name: str | None = None
@@ -92,6 +94,7 @@ def make_evaluator(config, model, tokenizer):
 
 
 def run(config: SFTConfig) -> dict:
+    claim_run_dir(config)  # refuses an earlier run's run_dir before anything is touched
     dist = setup_distributed(config.device)
     try:
         seed_everything(config.seed)

@@ -91,7 +91,10 @@ def run(config: TokTrainConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run(parse_config(TokTrainConfig, argv, __doc__.split("\n")[0], prog="python -m training.tok_train"))
+    from training.common import run_cli
+
+    run_cli(run, parse_config(TokTrainConfig, argv, __doc__.split("\n")[0], prog="python -m training.tok_train"),
+            "python -m training.tok_train")
 
 
 if __name__ == "__main__":
