@@ -391,7 +391,8 @@ def load_optimizers(optimizers: list, ckpt: Checkpoint) -> None:
 
 
 def load_model(directory, step: int | None = None, device="cpu"):
-    """(GPT, Tokenizer or None, meta) from a checkpoint folder written by save_checkpoint."""
+    """(GPT, Tokenizer or None, meta) from a checkpoint folder written by save_checkpoint; the tokenizer is
+    also attached to the model (model.tokenizer, model.to_tokens ...)."""
     from aquainterp.model import GPT, GPTConfig
 
     ckpt = load_checkpoint(directory, step, device)
@@ -414,4 +415,8 @@ def load_model(directory, step: int | None = None, device="cpu"):
         if expected is not None and tokenizer.fingerprint() != expected:
             raise CheckpointError(f"{ckpt.path / TOKENIZER_DIR}: fingerprint {tokenizer.fingerprint()[:12]} "
                                   f"differs from meta's {expected[:12]}")
+        try:  # model.to_tokens / to_str_tokens / string input, as on a TransformerLens model
+            model.set_tokenizer(tokenizer)
+        except ValueError as e:
+            raise CheckpointError(f"{ckpt.path / TOKENIZER_DIR}: {e}") from e
     return model, tokenizer, ckpt.meta

@@ -24,7 +24,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformer_lens import ActivationCache, HookedRootModule
 from transformer_lens.config import TransformerLensConfig
+from transformer_lens.FactoredMatrix import FactoredMatrix
 from transformer_lens.hook_points import HookPoint
+
+from aquainterp.lens import GPTCache, LensMixin, SoftcapOutput, Unembed, lens_config
 
 if TYPE_CHECKING:
     from aquainterp.kv_cache import KVCache
@@ -282,33 +285,77 @@ class CausalSelfAttention(nn.Module):
         self.hook_attn_scores = HookPoint()  # [batch, head, query_pos, key_pos], scaled, masked with -inf
         self.hook_pattern = HookPoint()  # [batch, head, query_pos, key_pos]
         self.hook_z = HookPoint()  # [batch, pos, head, d_head]
+        self.hook_result = HookPoint()  # cfg.use_attn_result only: [batch, pos, head, d_model], z_h @ W_O[h]
+        self.lens_cfg = None  # GPT's TL cfg (the opt-in hook switches), set by GPT
 
-    # TransformerLens weight views (ActivationCache.stack_head_results reads W_O; probes may read the rest).
+    # TransformerLens weight views, TL's shapes: grouped kv heads repeated per query head (as TL's
+    # GroupedQueryAttention; _W_K/_W_V are the kv heads themselves), zero biases (nanochat has none).
     @property
     def W_Q(self) -> torch.Tensor:  # [head, d_model, d_head]
         return self.c_q.weight.view(self.n_head, self.head_dim, -1).transpose(1, 2)
 
     @property
-    def W_K(self) -> torch.Tensor:  # [kv_head, d_model, d_head]
+    def _W_K(self) -> torch.Tensor:  # [kv_head, d_model, d_head]
         return self.c_k.weight.view(self.n_kv_head, self.head_dim, -1).transpose(1, 2)
 
     @property
-    def W_V(self) -> torch.Tensor:  # [kv_head, d_model, d_head]
+    def _W_V(self) -> torch.Tensor:  # [kv_head, d_model, d_head]
         return self.c_v.weight.view(self.n_kv_head, self.head_dim, -1).transpose(1, 2)
+
+    @property
+    def W_K(self) -> torch.Tensor:  # [head, d_model, d_head]
+        return self._W_K.repeat_interleave(self.n_head // self.n_kv_head, dim=0)
+
+    @property
+    def W_V(self) -> torch.Tensor:  # [head, d_model, d_head]
+        return self._W_V.repeat_interleave(self.n_head // self.n_kv_head, dim=0)
 
     @property
     def W_O(self) -> torch.Tensor:  # [head, d_head, d_model]
         return self.c_proj.weight.T.reshape(self.n_head, self.head_dim, -1)
+
+    @property
+    def b_Q(self) -> torch.Tensor:  # [head, d_head] zeros
+        return self.c_q.weight.new_zeros(self.n_head, self.head_dim)
+
+    b_K = b_V = b_Q
+
+    @property
+    def b_O(self) -> torch.Tensor:  # [d_model] zeros
+        return self.c_proj.weight.new_zeros(self.c_proj.weight.shape[0])
+
+    @property
+    def QK(self) -> FactoredMatrix:  # [head, d_model, d_model]: W_Q W_Kᵀ (before rotary and QK-norm)
+        return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
+
+    @property
+    def OV(self) -> FactoredMatrix:  # [head, d_model, d_model]: W_V W_O
+        return FactoredMatrix(self.W_V, self.W_O)
+
+    def _per_head_qkv(self, q_in, k_in, v_in):
+        """q, k, v [B, T, heads, d_head] from per-head normed inputs [B, T, heads, d_model] (TL's split
+        qkv input: q_in has n_head copies, k_in and v_in n_kv_head)."""
+        if self.ve_gate is not None:
+            raise ValueError(f"blocks.{self.layer_idx}: split q/k/v inputs (use_split_qkv_input, use_attn_in) are "
+                             "not supported on a value-embedding layer (its gate reads the shared block input)")
+        return (torch.einsum("bthm,hmd->bthd", q_in, self.W_Q),
+                torch.einsum("bthm,hmd->bthd", k_in, self._W_K),
+                torch.einsum("bthm,hmd->bthd", v_in, self._W_V))
 
     def needs_explicit_attention(self) -> bool:
         """True when a hook reads or writes scores/pattern, which the fused kernel never materialises."""
         return _active(self.hook_attn_scores) or _active(self.hook_pattern)
 
     def forward(self, x, cos, sin, kv_cache: KVCache | None = None, ve: torch.Tensor | None = None):
-        B, T, _ = x.shape
-        q = self.hook_q(self.c_q(x).view(B, T, self.n_head, self.head_dim))
-        k = self.hook_k(self.c_k(x).view(B, T, self.n_kv_head, self.head_dim))
-        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if isinstance(x, tuple):  # per-head inputs (cfg.use_split_qkv_input / use_attn_in), see Block
+            q, k, v = self._per_head_qkv(*x)
+            B, T = q.shape[:2]
+        else:
+            B, T, _ = x.shape
+            q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+            k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+            v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        q, k = self.hook_q(q), self.hook_k(k)
         if self.ve_gate is not None:
             if ve is None:
                 raise ValueError(f"layer {self.layer_idx} has value embeddings: attention needs ve=")
@@ -343,6 +390,8 @@ class CausalSelfAttention(nn.Module):
                 enable_gqa=self.n_head != self.n_kv_head,
             )
         z = self.hook_z(y.transpose(1, 2))  # [B, T, H, D]
+        if self.lens_cfg is not None and self.lens_cfg.use_attn_result:
+            return self.hook_result(torch.einsum("bthd,hdm->bthm", z, self.W_O)).sum(-2)
         return self.c_proj(z.reshape(B, T, -1))
 
     def _explicit_attention(self, q, k, v, mask, causal):
@@ -377,6 +426,14 @@ class MLP(nn.Module):
     def W_out(self) -> torch.Tensor:  # [d_mlp, d_model]
         return self.c_proj.weight.T
 
+    @property
+    def b_in(self) -> torch.Tensor:  # [d_mlp] zeros (no biases)
+        return self.c_fc.weight.new_zeros(self.c_fc.weight.shape[0])
+
+    @property
+    def b_out(self) -> torch.Tensor:  # [d_model] zeros
+        return self.c_proj.weight.new_zeros(self.c_proj.weight.shape[0])
+
     def forward(self, x):
         h = self.hook_pre(self.c_fc(x))
         h = self.hook_post(F.relu(h).square())
@@ -395,15 +452,42 @@ class Block(nn.Module):
         self.hook_resid_mid = HookPoint()
         self.hook_mlp_out = HookPoint()
         self.hook_resid_post = HookPoint()
+        # Opt-in TL hooks, fired only when GPT.cfg switches them on (TL's set_use_* methods):
+        self.hook_q_input = HookPoint()  # use_split_qkv_input: [batch, pos, head, d_model] copies of resid_pre
+        self.hook_k_input = HookPoint()  # ... [batch, pos, kv_head, d_model]
+        self.hook_v_input = HookPoint()  # ... [batch, pos, kv_head, d_model]
+        self.hook_attn_in = HookPoint()  # use_attn_in: [batch, pos, head, d_model], feeds q, k and v
+        self.hook_mlp_in = HookPoint()  # use_hook_mlp_in: [batch, pos, d_model], what ln2 reads
+        self.lens_cfg = None  # GPT's TL cfg, set by GPT
 
     def forward(self, x, cos, sin, kv_cache=None, ve=None):
         x = self.hook_resid_pre(x)
-        x = self.hook_resid_mid(x + self.hook_attn_out(self.attn(self.ln1(x), cos, sin, kv_cache, ve)))
-        x = self.hook_resid_post(x + self.hook_mlp_out(self.mlp(self.ln2(x))))
+        cfg = self.lens_cfg
+        split = cfg is not None and (cfg.use_split_qkv_input or cfg.use_attn_in)
+        attn_in = self._split_attn_input(x, cfg) if split else self.ln1(x)
+        x = self.hook_resid_mid(x + self.hook_attn_out(self.attn(attn_in, cos, sin, kv_cache, ve)))
+        mlp_in = self.hook_mlp_in(x) if cfg is not None and cfg.use_hook_mlp_in else x
+        x = self.hook_resid_post(x + self.hook_mlp_out(self.mlp(self.ln2(mlp_in))))
         return x
 
+    def _split_attn_input(self, x, cfg):
+        """TL's split inputs: each head reads its own copy of resid_pre, normed by ln1 (so a hook can
+        change one head's q, k or v input alone; ln1's hooks then fire per input, [batch, pos, head, ...])."""
+        H, Hkv = self.attn.n_head, self.attn.n_kv_head
 
-class GPT(HookedRootModule):
+        def copies(n):
+            return x.unsqueeze(2).expand(-1, -1, n, -1).clone()
+
+        if cfg.use_split_qkv_input:
+            q_in, k_in, v_in = self.hook_q_input(copies(H)), self.hook_k_input(copies(Hkv)), self.hook_v_input(copies(Hkv))
+        else:
+            if H != Hkv:
+                raise ValueError("use_attn_in needs n_kv_head == n_head; use use_split_qkv_input on a GQA model")
+            q_in = k_in = v_in = self.hook_attn_in(copies(H))
+        return self.ln1(q_in), self.ln1(k_in), self.ln1(v_in)
+
+
+class GPT(LensMixin, HookedRootModule):
     """nanochat GPT. Parameter names (checkpoint keys): wte, blocks.{l}.attn.c_q|c_k|c_v|c_proj,
     blocks.{l}.mlp.c_fc|c_proj, lm_head; 2026-07 adds resid_lambdas, x0_lambdas, smear_gate,
     smear_lambda, backout_lambda, value_embeds.{l} and blocks.{l}.attn.ve_gate (nanochat's own names)."""
@@ -415,7 +499,9 @@ class GPT(HookedRootModule):
         self.config = config
         padded = config.padded_vocab_size  # rows past vocab_size are never read: logits are cropped
         self.wte = nn.Embedding(padded, config.n_embd)
-        self.hook_embed = HookPoint()  # raw token embedding; blocks.0.hook_resid_pre is its RMSNorm
+        self.hook_tokens = HookPoint()  # cfg.use_hook_tokens only: the [batch, pos] ids being embedded
+        self.hook_embed_raw = HookPoint()  # raw token embedding W_E[ids], before the embedding RMSNorm
+        self.hook_embed = HookPoint()  # its RMSNorm: what enters the residual stream (= blocks.0.hook_resid_pre)
         self.blocks = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
         self.ln_final = RMSNormPre(config.norm_eps)
         self.lm_head = nn.Linear(config.n_embd, padded, bias=False)
@@ -458,6 +544,13 @@ class GPT(HookedRootModule):
             act_fn="relu2",
             dtype=self.wte.weight.dtype,
         )
+        # TransformerLens surface (aquainterp/lens.py): the cfg fields TL reads, its unembed module, and
+        # the soft-cap as the output transform TL's logit lens applies after W_U.
+        self.cfg = lens_config(self.cfg, config, SOFTCAP)
+        for block in self.blocks:
+            block.lens_cfg = block.attn.lens_cfg = self.cfg
+        self.unembed = Unembed(self.lm_head, config.vocab_size)
+        self.adapter = SoftcapOutput(SOFTCAP)
         self.setup()
 
     def _apply(self, fn, *args, **kwargs):
@@ -533,13 +626,27 @@ class GPT(HookedRootModule):
         self._reset_rotary()
 
     def forward(self, idx, targets=None, kv_cache: KVCache | None = None, loss_reduction: str = "mean",
-                logits_at: torch.Tensor | None = None):
+                logits_at: torch.Tensor | None = None, *, return_type: str | None = "logits",
+                loss_per_token: bool = False, prepend_bos: bool | None = None, padding_side: str | None = None):
         """Logits [B, T, vocab] (fp32, soft-capped) or, with targets, nanochat's cross-entropy
         (targets == -1 ignored; loss_reduction='none' gives a flat [B*T] tensor, as nanochat).
 
         logits_at: [B] one position per row; returns only those positions' logits, [B, vocab]. For
         callers that read one position (a prompt's last token, the letter decision): at a 65k vocabulary
-        the unembedding of every position costs more than all the blocks of a small model."""
+        the unembedding of every position costs more than all the blocks of a small model.
+
+        TransformerLens's call style works too: idx may be a string or a list of strings (tokenized by
+        the attached tokenizer as to_tokens does, with prepend_bos/padding_side; left padding is masked
+        and each row keeps its own positions), and return_type is "logits" | "loss" (next-token
+        cross-entropy, TL's lm_cross_entropy_loss, padding excluded; [B, T-1] with loss_per_token) |
+        "both" (logits, loss) | None, as HookedTransformer.forward; model(tokens, "loss") is accepted."""
+        if isinstance(targets, str):  # TL's positional return_type
+            targets, return_type = None, targets
+        pad_mask = None
+        if isinstance(idx, (str, list, tuple)):
+            idx, pad_mask, kv_cache = self._text_input(idx, prepend_bos, padding_side, kv_cache)
+        if return_type != "logits":
+            self._check_return_type(return_type, targets, logits_at)
         if not isinstance(idx, torch.Tensor) or idx.ndim != 2 or idx.dtype not in (torch.long, torch.int32):
             got = (
                 f"{idx.dtype} tensor of shape {tuple(idx.shape)}"
@@ -570,13 +677,17 @@ class GPT(HookedRootModule):
             cos, sin = self.cos[0, positions], self.sin[0, positions]
         else:
             cos, sin = self.cos[:, T0 : T0 + T], self.sin[:, T0 : T0 + T]
-        x = norm(self.hook_embed(self.wte(idx)), self.config.norm_eps)
+        if self.cfg.use_hook_tokens:
+            idx = self.hook_tokens(idx)
+        x = self.hook_embed(norm(self.hook_embed_raw(self.wte(idx)), self.config.norm_eps))
         if self.config.is_2026:
             x = self._trunk_2026(idx, x, cos, sin, kv_cache, T0)
         else:
             for block in self.blocks:
                 x = block(x, cos, sin, kv_cache)
         x = self.ln_final(x)
+        if return_type is None:  # TL: run for the hooks only, no unembedding
+            return None
         if logits_at is not None:
             x = x[torch.arange(B, device=x.device), logits_at.to(x.device)]  # [B, d_model]
         # Soft-cap in fp32, in place where autograd allows: each [B, T, vocab] temporary costs as much as
@@ -589,7 +700,7 @@ class GPT(HookedRootModule):
             logits = self.lm_head(x).float().div_(SOFTCAP).tanh_()
         logits = logits * SOFTCAP if logits.requires_grad else logits.mul_(SOFTCAP)
         if targets is None:
-            return logits
+            return logits if return_type == "logits" else self._lens_output(logits, idx, return_type, loss_per_token, pad_mask)
         return F.cross_entropy(
             logits.view(-1, logits.size(-1)),
             targets.reshape(-1).long(),
@@ -638,7 +749,7 @@ class GPT(HookedRootModule):
     def run_with_cache(self, *model_args, **kwargs) -> tuple[torch.Tensor, ActivationCache]:
         """HookedRootModule.run_with_cache, with the dict wrapped as an ActivationCache."""
         out, cache_dict = super().run_with_cache(*model_args, **kwargs)
-        return out, ActivationCache(cache_dict, self, has_batch_dim=not kwargs.get("remove_batch_dim", False))
+        return out, GPTCache(cache_dict, self, has_batch_dim=not kwargs.get("remove_batch_dim", False))
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -347,6 +347,9 @@ class Patcher:
         # its patches run the model's own forward from the first token (the reference path, exact).
         self.reuse_prefix = reuse_prefix and isinstance(model, GPT) and not model.config.is_2026
         self.device = next(model.parameters()).device
+        # Noise goes on the raw token embedding (before the embedding RMSNorm renormalises it): our GPT's
+        # hook_embed_raw; a TransformerBridge's hook_embed is that raw embedding.
+        self._embed_hook = "hook_embed_raw" if isinstance(model, GPT) else "hook_embed"
         self.n_layers, self.n_heads = model.cfg.n_layers, model.cfg.n_heads
         self.lengths = torch.tensor([len(p.clean_ids) for p in self.pairs], device=self.device)
         self.n_pos = int(self.lengths.max())
@@ -412,7 +415,7 @@ class Patcher:
         clean prompts' token embeddings (ROME's recipe); fixed once so every run sees the same noise."""
         seen = {}
         save = lambda act, hook: seen.__setitem__("embed", act)
-        self.model.run_with_hooks(self.tokens["clean"], fwd_hooks=[("hook_embed", save)])
+        self.model.run_with_hooks(self.tokens["clean"], fwd_hooks=[(self._embed_hook, save)])
         std = float(seen["embed"].float().std())
         generator = torch.Generator().manual_seed(seed)
         noise = torch.zeros(len(self.pairs), self.n_pos, self.model.cfg.d_model)
@@ -427,7 +430,7 @@ class Patcher:
         if self.noise is None:
             return []
         noise = self.noise[pair_index]
-        return [("hook_embed", lambda act, hook: act + noise[:, : act.shape[1]])]
+        return [(self._embed_hook, lambda act, hook: act + noise[:, : act.shape[1]])]
 
     @torch.no_grad()
     def _logits(self, run: str, pair_index: torch.Tensor, patch_hooks: list) -> torch.Tensor:

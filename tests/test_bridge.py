@@ -46,10 +46,15 @@ def compare_everything(model: GPT, directory, with_bridge: bool):
         torch.testing.assert_close(bridge(x), ours, atol=1e-4, rtol=0)
         _, bridge_cache = bridge.run_with_cache(x)
     shared = [k for k in cache.keys() if k in bridge_cache.cache_dict]
-    # Only rot_q/rot_k are ours alone (the bridge delegates rotary+QK-norm to HF's attention).
+    # Only rot_q/rot_k are ours alone (the bridge delegates rotary+QK-norm to HF's attention), and
+    # hook_embed_raw: the bridge's hook_embed is the raw embedding, ours is its RMSNorm (what enters the
+    # residual stream, so TL's decompositions sum); both are checked against the bridge's.
     assert sorted(set(cache.keys()) - set(shared)) == sorted(
-        f"blocks.{l}.attn.hook_rot_{qk}" for l in range(model.config.n_layer) for qk in "qk"
+        [f"blocks.{l}.attn.hook_rot_{qk}" for l in range(model.config.n_layer) for qk in "qk"] + ["hook_embed_raw"]
     )
+    torch.testing.assert_close(cache["hook_embed_raw"], bridge_cache["hook_embed"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(cache["hook_embed"], bridge_cache["blocks.0.hook_resid_pre"], atol=1e-5, rtol=0)
+    shared.remove("hook_embed")
     for name in shared:
         if name.endswith("hook_attn_scores"):
             # With attention delegated to HF (NanoChat's QK-norm comes after rotary) TL 4.3's bridge fires

@@ -199,6 +199,7 @@ def test_run_with_cache_gives_every_hook_with_tl_names_and_shapes():
     logits, cache = model.run_with_cache(idx)
     assert isinstance(cache, ActivationCache)
     expected = {
+        "hook_embed_raw": (2, 12, 64),
         "hook_embed": (2, 12, 64),
         "ln_final.hook_scale": (2, 12, 1),
         "ln_final.hook_normalized": (2, 12, 64),
@@ -211,7 +212,9 @@ def test_run_with_cache_gives_every_hook_with_tl_names_and_shapes():
     torch.testing.assert_close(pattern.sum(-1), torch.ones(2, 4, 12))
     assert (pattern.triu(1) == 0).all()
     assert cache.stack_activation("resid_post").shape == (2, 2, 12, 64)
-    torch.testing.assert_close(cache["resid_pre", 0], F.rms_norm(cache["hook_embed"], (64,)))
+    # hook_embed is what enters the residual stream: the RMSNorm of the raw embedding (hook_embed_raw).
+    torch.testing.assert_close(cache["hook_embed"], F.rms_norm(cache["hook_embed_raw"], (64,)))
+    assert torch.equal(cache["resid_pre", 0], cache["hook_embed"])
     # Values are the real activations: hook_q is the c_q projection of ln1's output.
     q = cache["normalized", 0, "ln1"] @ model.blocks[0].attn.c_q.weight.T
     torch.testing.assert_close(cache["q", 0], q.view(2, 12, 4, 16))
@@ -235,11 +238,11 @@ def test_tl_weight_views_reproduce_hooked_activations():
     attn, mlp = model.blocks[0].attn, model.blocks[0].mlp
     h = cache["normalized", 0, "ln1"]
     torch.testing.assert_close(torch.einsum("bpm,hmd->bphd", h, attn.W_Q), cache["q", 0])
-    torch.testing.assert_close(torch.einsum("bpm,hmd->bphd", h, attn.W_K), cache["k", 0])
-    torch.testing.assert_close(torch.einsum("bpm,hmd->bphd", h, attn.W_V), cache["v", 0])
+    torch.testing.assert_close(torch.einsum("bpm,hmd->bphd", h, attn._W_K), cache["k", 0])
+    torch.testing.assert_close(torch.einsum("bpm,hmd->bphd", h, attn._W_V), cache["v", 0])
     torch.testing.assert_close(cache["normalized", 0, "ln2"] @ mlp.W_in, cache["pre", 0])
     torch.testing.assert_close(cache["post", 0] @ mlp.W_out, cache["mlp_out", 0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(model.W_E[tokens()], cache["embed"])
+    torch.testing.assert_close(model.W_E[tokens()], cache["embed_raw"])
     logits = 15 * torch.tanh(cache["ln_final.hook_normalized"] @ model.W_U / 15)
     torch.testing.assert_close(logits, model(tokens()), atol=1e-5, rtol=1e-5)
     # Per-head results (from hook_z and W_O) sum to the attention output.
