@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import re
-import warnings
 from pathlib import Path
 
 import torch
@@ -54,15 +53,15 @@ def hf_config_dict(
         "model_type": "nanochat",
         "vocab_size": config.vocab_size,
         "hidden_size": config.n_embd,
-        "intermediate_size": 4 * config.n_embd,
+        "intermediate_size": config.d_mlp,
         "num_hidden_layers": config.n_layer,
         "num_attention_heads": config.n_head,
         "num_key_value_heads": config.n_kv_head,
         "head_dim": config.head_dim,
         "max_position_embeddings": config.sequence_len,
         "hidden_act": "relu2",
-        "rms_norm_eps": NANOCHAT_EPS,
-        "rope_parameters": {"rope_type": "default", "rope_theta": ROPE_BASE},
+        "rms_norm_eps": NANOCHAT_EPS if config.norm_eps is None else config.norm_eps,
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_base},
         "final_logit_softcapping": SOFTCAP,
         "attention_bias": False,
         "attention_dropout": 0.0,
@@ -74,13 +73,27 @@ def hf_config_dict(
     }
 
 
+def hf_unsupported(config: GPTConfig) -> list[str]:
+    """The features of `config` that HF NanoChatForCausalLM (and so TransformerBridge) cannot compute."""
+    if not config.is_2026:
+        return []
+    return [f"sliding windows (window_pattern {config.window_pattern!r})", "q/k x1.2 after QK-norm",
+            "resid_lambdas/x0_lambdas", "value embeddings (value_embeds, ve_gate)", "smear", "backout"]
+
+
 def export_hf(model: GPT, tokenizer, out_dir) -> Path:
     """Write `model` (+ `tokenizer`, if given) as an HF NanoChatForCausalLM directory; returns it.
 
     Files: config.json, model.safetensors (fp32), and with a tokenizer its tokenizer.json (from
-    Tokenizer.save) plus a tokenizer_config.json so AutoTokenizer can load it."""
+    Tokenizer.save) plus a tokenizer_config.json so AutoTokenizer can load it. Vocabulary padding rows
+    are left out (they are never read). A nanochat-2026-07 model is refused: HF's NanoChat has none of
+    its additions. bf16 rotary tables (nanochat 2c4473d) export as HF's fp32 ones, the exact math."""
     if not isinstance(model, GPT):
         raise TypeError(f"export_hf: model must be an aquainterp GPT, got {type(model).__name__}")
+    missing = hf_unsupported(model.config)
+    if missing:
+        raise ValueError(f"export_hf: HF NanoChatForCausalLM cannot represent this {model.config.architecture} "
+                         f"model; it lacks {', '.join(missing)} (export --format nanochat keeps them)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     bos = eos = None
@@ -103,8 +116,10 @@ def export_hf(model: GPT, tokenizer, out_dir) -> Path:
         }
         (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
     (out / "config.json").write_text(json.dumps(hf_config_dict(model.config, bos, eos), indent=2) + "\n")
+    vocab = model.config.vocab_size
     tensors = {
-        _rename(k, to_hf=True): v.detach().to("cpu", torch.float32).contiguous()
+        _rename(k, to_hf=True): v.detach()[:vocab if k in ("wte.weight", "lm_head.weight") else None]
+        .to("cpu", torch.float32).contiguous()
         for k, v in model.state_dict().items()
     }
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
@@ -112,7 +127,8 @@ def export_hf(model: GPT, tokenizer, out_dir) -> Path:
 
 
 def _config_from_hf(cfg: dict, where: Path) -> GPTConfig:
-    """GPTConfig from an HF config.json, refusing anything our model cannot compute."""
+    """GPTConfig from an HF config.json (any intermediate_size, rope_theta and rms_norm_eps), refusing
+    anything our model cannot compute."""
 
     def need(key, expected, default=None):
         value = cfg.get(key, default)
@@ -124,45 +140,82 @@ def _config_from_hf(cfg: dict, where: Path) -> GPTConfig:
     need("final_logit_softcapping", SOFTCAP, SOFTCAP)
     need("attention_bias", False, False)
     need("tie_word_embeddings", False, False)
-    rope = cfg.get("rope_parameters") or {
-        "rope_type": "default",
-        "rope_theta": cfg.get("rope_theta", ROPE_BASE),
-    }
-    need("rope_parameters", {"rope_type": "default", "rope_theta": ROPE_BASE}, rope)
-    hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
-    need("intermediate_size", 4 * hidden)
-    if cfg.get("head_dim") not in (None, hidden // heads):
-        raise ValueError(
-            f"{where}: head_dim = {cfg['head_dim']}, aquainterp's GPT needs hidden_size/heads = {hidden // heads}"
+    rope = cfg.get("rope_parameters") or {"rope_type": "default", "rope_theta": cfg.get("rope_theta", ROPE_BASE)}
+    if not isinstance(rope, dict) or rope.get("rope_type", "default") != "default" or \
+            set(rope) - {"rope_type", "rope_theta", "partial_rotary_factor"} or \
+            rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(f"{where}: rope_parameters = {rope!r}; aquainterp's GPT computes the default rotary "
+                         "embedding only (any rope_theta)")
+    try:
+        hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+        if cfg.get("head_dim") not in (None, hidden // heads):
+            raise ValueError(f"{where}: head_dim = {cfg['head_dim']}, aquainterp's GPT needs hidden_size/heads = "
+                             f"{hidden // heads}")
+        intermediate = cfg.get("intermediate_size", 8192)  # HF NanoChatConfig's default
+        eps = cfg.get("rms_norm_eps", 1e-6)  # HF NanoChatConfig's default
+        return GPTConfig(
+            sequence_len=cfg.get("max_position_embeddings", 2048),
+            vocab_size=cfg["vocab_size"],
+            n_layer=cfg["num_hidden_layers"],
+            n_head=heads,
+            n_kv_head=cfg.get("num_key_value_heads") or heads,
+            n_embd=hidden,
+            rope_base=rope.get("rope_theta", ROPE_BASE),
+            mlp_hidden=None if intermediate == 4 * hidden else intermediate,
+            norm_eps=None if eps == NANOCHAT_EPS else eps,
         )
-    eps = cfg.get("rms_norm_eps", 1e-6)
-    if eps != NANOCHAT_EPS:
-        warnings.warn(
-            f"{where}: rms_norm_eps = {eps}; aquainterp's GPT uses torch's default ({NANOCHAT_EPS:.3g}) as nanochat "
-            "does, so logits will differ slightly from HF's",
-            stacklevel=3,
-        )
-    return GPTConfig(
-        sequence_len=cfg.get("max_position_embeddings", 2048),
-        vocab_size=cfg["vocab_size"],
-        n_layer=cfg["num_hidden_layers"],
-        n_head=heads,
-        n_kv_head=cfg.get("num_key_value_heads") or heads,
-        n_embd=hidden,
-    )
+    except KeyError as e:
+        raise ValueError(f"{where}: config.json lacks {e.args[0]!r}") from None
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        if str(e).startswith(str(where)):
+            raise
+        raise ValueError(f"{where}: {e}") from None
+
+
+def _hf_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """model.safetensors, or the shards named by model.safetensors.index.json (HF's sharded layout)."""
+    single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
+    if single.is_file():
+        files = [single]
+    elif index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"import_hf: {index} is not a safetensors index (no weight_map: {e})") from None
+        if any(Path(s).name != s for s in shards):
+            raise ValueError(f"import_hf: {index} names shard files outside {directory}")
+        files = [directory / s for s in shards]
+        absent = [f.name for f in files if not f.is_file()]
+        if absent:
+            raise FileNotFoundError(f"import_hf: shards {absent} named in {index.name} are missing from {directory}")
+    else:
+        raise FileNotFoundError(f"import_hf: {directory} has neither model.safetensors nor "
+                                "model.safetensors.index.json (expected a NanoChatForCausalLM dir)")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        part = load_file(str(f))
+        twice = sorted(set(part) & set(state))
+        if twice:
+            raise ValueError(f"import_hf: tensors {twice[:3]} appear in more than one shard ({f.name})")
+        state.update(part)
+    if index.is_file() and not single.is_file():
+        listed = set(weight_map)
+        if listed != set(state):
+            raise ValueError(f"import_hf: {index.name} and its shards disagree on tensors "
+                             f"{sorted(listed ^ set(state))[:5]}")
+    return state
 
 
 def import_hf(directory) -> GPT:
-    """Read an HF NanoChatForCausalLM directory (config.json + model.safetensors) into our GPT."""
+    """Read an HF NanoChatForCausalLM directory (config.json + model.safetensors, or sharded
+    model-0000X-of-0000N.safetensors + model.safetensors.index.json) into our GPT."""
     directory = Path(directory)
-    config_path, weights_path = directory / "config.json", directory / "model.safetensors"
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"import_hf: {path} not found (expected an exported NanoChatForCausalLM dir)"
-            )
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"import_hf: {config_path} not found (expected an exported NanoChatForCausalLM dir)")
     config = _config_from_hf(json.loads(config_path.read_text()), config_path)
-    hf_state = load_file(str(weights_path))
+    hf_state = _hf_weights(directory)
     unknown = []
     state = {}
     for name, tensor in hf_state.items():
@@ -171,9 +224,11 @@ def import_hf(directory) -> GPT:
         except KeyError:
             unknown.append(name)
     if unknown:
-        raise ValueError(f"import_hf: {weights_path} has tensors NanoChat does not define: {sorted(unknown)}")
+        where = directory / "model.safetensors" if (directory / "model.safetensors").is_file() else directory
+        raise ValueError(f"import_hf: {where} has tensors NanoChat does not define: {sorted(unknown)}")
     model = GPT(config)
-    model.load_state_dict_checked(state, source=str(weights_path))
+    single = directory / "model.safetensors"
+    model.load_state_dict_checked(state, source=str(single if single.is_file() else directory))
     return model.eval()
 
 

@@ -148,7 +148,7 @@ def test_import_errors_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match=r"config.json: hidden_act = 'gelu', aquainterp's GPT needs 'relu2'"):
         import_hf(out)
     (out / "config.json").write_text(
-        json.dumps({**config, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}})
+        json.dumps({**config, "rope_parameters": {"rope_type": "linear", "rope_theta": 5e5, "factor": 2.0}})
     )
     with pytest.raises(ValueError, match="rope_parameters"):
         import_hf(out)
@@ -156,17 +156,21 @@ def test_import_errors_name_the_problem(tmp_path):
         import_hf(tmp_path / "nowhere")
 
 
-def test_import_warns_about_hf_default_eps(tmp_path):
+def test_import_keeps_hf_default_eps(tmp_path):
+    """A config with HF's default eps (1e-6) imports with that eps: our logits equal HF's on that directory."""
+    from transformers import NanoChatForCausalLM
+
     model = random_gpt(
         GPTConfig(sequence_len=32, vocab_size=VOCAB, n_layer=1, n_head=2, n_kv_head=2, n_embd=64)
     )
     out = export_hf(model, None, tmp_path / "hf")
     config = json.loads((out / "config.json").read_text())
     (out / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-6}))
-    with pytest.warns(UserWarning, match="rms_norm_eps = 1e-06"):
-        back = import_hf(out)
-    with torch.no_grad():  # still the same model up to the eps difference
-        torch.testing.assert_close(back(ids()), model(ids()), atol=1e-3, rtol=0)
+    back = import_hf(out)
+    assert back.config.norm_eps == 1e-6
+    hf = NanoChatForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids()), hf(ids()).logits, atol=1e-4, rtol=0)
 
 
 @pytest.mark.filterwarnings("ignore:train_from_iterator")  # a small corpus runs out of merges: fine here
