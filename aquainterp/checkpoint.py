@@ -393,6 +393,11 @@ def load_optimizers(optimizers: list, ckpt: Checkpoint) -> None:
 def load_model(directory, step: int | None = None, device="cpu"):
     """(GPT, Tokenizer or None, meta) from a checkpoint folder written by save_checkpoint; the tokenizer is
     also attached to the model (model.tokenizer, model.to_tokens ...)."""
+    from aquainterp.ckpt_guard import preflight
+
+    chosen = step if step is not None else latest_step(directory)
+    if chosen is not None and (step_dir(directory, chosen) / META_FILE).is_file():
+        preflight(step_dir(directory, chosen))  # model_config vs bounds and the weights' header: allocates nothing
     from aquainterp.model import GPT, GPTConfig
 
     ckpt = load_checkpoint(directory, step, device)

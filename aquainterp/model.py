@@ -521,9 +521,11 @@ class GPT(LensMixin, HookedRootModule):
             self.hook_smear = HookPoint()  # [batch, pos, d_model]: what smear added (0 at a row's first token)
             self.hook_x0 = HookPoint()  # [batch, pos, d_model]: x0, the embedding every block blends back in
             self.hook_backout = HookPoint()  # [batch, pos, d_model]: what backout subtracts before ln_final
-        # Rotary tables for 10× the training length (as nanochat), not saved in checkpoints.
+        # Rotary tables for up to 10× the training length (as nanochat), not saved in checkpoints, built
+        # lazily: the first sequence_len positions now, more only when a forward reaches them
+        # (_ensure_rotary), so a config's sequence_len costs no memory it does not use.
         self.rotary_len = config.sequence_len * 10
-        cos, sin = rotary_tables(self.rotary_len, config.head_dim, config.rope_base, dtype=self._rotary_dtype)
+        cos, sin = rotary_tables(config.sequence_len, config.head_dim, config.rope_base, dtype=self._rotary_dtype)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
         self.cfg = TransformerLensConfig(
@@ -594,10 +596,20 @@ class GPT(LensMixin, HookedRootModule):
         self._reset_rotary()
 
     def _reset_rotary(self):
-        cos, sin = rotary_tables(self.rotary_len, self.config.head_dim, self.config.rope_base,
+        cos, sin = rotary_tables(self.cos.size(1), self.config.head_dim, self.config.rope_base,
                                  device=self.cos.device, dtype=self._rotary_dtype)
         self.cos.copy_(cos)
         self.sin.copy_(sin)
+
+    def _ensure_rotary(self, n: int) -> None:
+        """Grow the cos/sin tables to cover positions 0..n-1 (at most rotary_len; doubling, so a long
+        generation rebuilds them O(log) times). Values per position do not depend on the table length."""
+        have = self.cos.size(1)
+        if n <= have:
+            return
+        size = min(self.rotary_len, max(n, 2 * have))
+        self.cos, self.sin = rotary_tables(size, self.config.head_dim, self.config.rope_base,
+                                           device=self.cos.device, dtype=self.cos.dtype)
 
     def _init_weights_2026(self):
         """nanochat 92d63d4's init_weights: wte N(0, 0.8), lm_head N(0, 0.001); q/k/v and value embeddings
@@ -661,6 +673,7 @@ class GPT(LensMixin, HookedRootModule):
                 f"GPT.forward: positions {T0}..{T0 + T - 1} exceed the rotary table of {self.rotary_len} "
                 f"(10 × sequence_len {self.config.sequence_len})"
             )
+        self._ensure_rotary(T0 + T)
         if logits_at is not None:
             if targets is not None:
                 raise ValueError("GPT.forward: logits_at returns logits; it cannot be combined with targets")

@@ -505,6 +505,7 @@ class Patcher:
         cache.k[layer:, :, :, :start] = cached["k"][layer:, pair_index, :, :start]
         cache.v[layer:, :, :, :start] = cached["v"][layer:, pair_index, :, :start]
         cache.pos = start  # the blocks below insert positions start..T-1 behind the cached ones
+        model._ensure_rotary(self.n_pos)  # rotary tables grow lazily (GPT._ensure_rotary)
         cos, sin = model.cos[:, start: self.n_pos], model.sin[:, start: self.n_pos]
         at = self.decision_pos[pair_index] - start
         last = model.blocks[last_layer]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import warnings
 from collections.abc import Iterable, Sequence
 from functools import cache
@@ -22,6 +23,26 @@ from pathlib import Path
 from tqdm import tqdm
 
 from aquainterp import _rustbpe
+
+
+def token_ids(ids) -> list[int]:
+    """`ids` as a list of Python ints; TypeError naming the position of anything that is not an integer
+    (a float, a bool, a string; a float or bool tensor/array)."""
+    dtype = getattr(ids, "dtype", None)
+    if dtype is not None and hasattr(ids, "tolist"):  # numpy array or torch tensor: check the dtype once
+        kind = getattr(dtype, "kind", None)  # numpy
+        if kind is None:
+            kind = "b" if str(dtype) == "torch.bool" else "f" if getattr(dtype, "is_floating_point", False) \
+                or getattr(dtype, "is_complex", False) else "i"
+        if kind not in "iu":
+            raise TypeError(f"token ids must be integers, got an array of {dtype}")
+        ids = ids.tolist()
+    out = []
+    for pos, i in enumerate(ids):
+        if isinstance(i, bool) or not isinstance(i, numbers.Integral):
+            raise TypeError(f"token id at position {pos} is {i!r} ({type(i).__name__}), not an integer")
+        out.append(int(i))
+    return out
 
 SPECIAL_TOKENS = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>",
                   "<|assistant_end|>", "<|python_start|>", "<|python_end|>",
@@ -262,8 +283,9 @@ class Tokenizer:
         return ids, offsets
 
     def decode(self, ids: Sequence[int]) -> str:
-        """Text of `ids` (special tokens as their names); invalid UTF-8 becomes U+FFFD."""
-        ids = [int(i) for i in ids]
+        """Text of `ids` (special tokens as their names); invalid UTF-8 becomes U+FFFD. Ids must be
+        integers (int, numpy or torch integer types): 1.5, True or "7" are refused, not truncated."""
+        ids = token_ids(ids)
         try:
             return self._bpe.decode(ids)
         except OverflowError:  # beyond 64 bits: Rust cannot even take it; name it like the Rust range error

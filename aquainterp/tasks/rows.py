@@ -31,11 +31,16 @@ def is_local(source: str | Path) -> bool:
 def local_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
     """(path:line, parsed object) per non-blank line; unparsable lines come back as RowError values."""
     path = Path(path)
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:  # named by file:line like any other bad row
+                yield where, RowError(where, "not UTF-8", f"byte {raw[e.start]:#04x} at column {e.start + 1}")
+                continue
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 yield where, json.loads(line)
             except json.JSONDecodeError as e:
@@ -43,7 +48,17 @@ def local_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
 
 
 def hub_rows(source: str, config: str | None, split: str) -> Iterator[tuple[str, Any]]:
-    """(source:split:index, row dict) from `datasets.load_dataset(source, config, split=split)`."""
+    """(source:split:index, row dict) from `datasets.load_dataset(source, config, split=split)`.
+
+    `source` is a Hub id (`owner/name` or `hf:owner/name`) or a local dataset folder in the Hub's layout;
+    a mistyped local path is a FileNotFoundError at once, never 30 s of Hub retries."""
+    from aquainterp.cliargs import resolve_data_source
+    from aquainterp.rundir import UsageError
+
+    try:
+        _kind, source = resolve_data_source(source)
+    except UsageError as e:
+        raise FileNotFoundError(str(e)) from None
     import datasets  # imported here: loading local files should not pay for it
 
     dataset = datasets.load_dataset(source, config, split=split)
