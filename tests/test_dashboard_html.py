@@ -1,7 +1,9 @@
 """Offline HTML dashboards: figures hold the logged numbers; the page renders every panel in headless
-Chromium with no console errors (Debian `chromium`, installed by .ci/run). The screenshot is kept under
-the test's tmp dir and copied to artifacts/dashboards/ for the demo and for people to look at."""
+Chromium with no console errors (Debian `chromium`, installed by scripts/test through scripts/ensure-chromium).
+The screenshot is kept under the test's tmp dir and copied to artifacts/dashboards/ for the demo and for
+people to look at."""
 
+import os
 import shutil
 from pathlib import Path
 
@@ -41,8 +43,9 @@ def sample_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def chromium():
     path = find_chromium()
-    if path is None:
-        pytest.fail("headless Chromium is required for the dashboard browser test: apt-get install -y chromium")
+    if path is None:  # scripts/test says why it could not install one (scripts/ensure-chromium)
+        pytest.fail(os.environ.get("AQUAINTERP_CHROMIUM_MISSING") or "headless Chromium is required for the "
+                    "dashboard browser test: run scripts/ensure-chromium (or apt-get install -y chromium)")
     return path
 
 
