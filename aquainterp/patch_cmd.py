@@ -22,6 +22,7 @@ import torch
 from aquainterp.patching import ALIGNMENTS, CORRUPTIONS, DIRECTIONS, STYLES, SWEEPS, Patcher, SweepResult
 
 TASKS = ("synthetic", "aqua")
+DECISIONS = ("completion", "prompt")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,33 +42,56 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--step", type=count_int(), default=None, help="checkpoint step (default: the latest)")
     parser.add_argument("--tokenizer", type=existing_path("dir"), default=None,
                         help="tokenizer folder, when the checkpoint or HF dir carries none")
-    parser.add_argument("--task", choices=TASKS, default="synthetic")
+    parser.add_argument("--task", choices=TASKS, default="synthetic", help="problems to pair up")
     parser.add_argument("--data", type=data_source, default=None,
                         help="AQuA JSON Lines file or hub id (task aqua; default deepmind/aqua_rat)")
     parser.add_argument("--split", default=None, help="synthetic: train|eval (default eval); aqua hub split")
     parser.add_argument("--difficulty", type=int, default=None, choices=(1, 2, 3),
                         help="synthetic problems of one difficulty (default: the task's mix), e.g. the demo's 1")
-    parser.add_argument("--n-pairs", type=positive_int(100_000), default=8)
+    parser.add_argument("--n-pairs", type=positive_int(100_000), default=8, help="clean/corrupted pairs to patch")
     parser.add_argument("--batch-size", type=positive_int(1 << 20), default=32, help="patched sequences per forward")
-    parser.add_argument("--device", type=device_name, default="cpu")
-    parser.add_argument("--corruption", choices=CORRUPTIONS, default="permute")
-    parser.add_argument("--style", choices=STYLES, default="direct",
-                        help="decision right after the question (direct), after the worked rationale (reasoning) "
-                             "or after the rationale and the option checks (checked; corruption noise)")
-    parser.add_argument("--direction", choices=(*DIRECTIONS, "both"), default="denoise")
+    parser.add_argument("--device", type=device_name, default="cpu", help="torch device (cpu, cuda, cuda:1, mps)")
+    parser.add_argument("--decision", choices=DECISIONS, default="completion",
+                        help="completion (default): the problem + the model's own greedy completion, teacher-forced "
+                             "and cut right after its answer marker ('Answer:'), where a reasoning model picks its "
+                             "letter; the corrupted run has the corrupted problem and the SAME completion; problems "
+                             "whose completion writes no marker are skipped and counted. prompt: a fixed prompt cut "
+                             "at 'Answer:' (see --style), for models trained to answer in one token")
+    parser.add_argument("--max-new-tokens", type=positive_int(4096), default=128,
+                        help="--decision completion: longest greedy completion, in tokens")
+    parser.add_argument("--corruption", choices=CORRUPTIONS, default=None,
+                        help="permute: the gold option swaps places with another; numbers: one question number "
+                             "changes so another option is right (--decision prompt, style direct); noise: Gaussian "
+                             "noise on the problem's token embeddings (--decision completion: question and options). "
+                             "Default: noise for --decision completion (a model that checks the options in its "
+                             "completion follows its own checks, so permuting the prompt's options hardly moves it), "
+                             "permute for --decision prompt")
+    parser.add_argument("--style", choices=STYLES, default=None,
+                        help="--decision prompt only: decision right after the question (direct, default), after the "
+                             "worked rationale (reasoning) or after the rationale and the option checks (checked; "
+                             "corruption noise)")
+    parser.add_argument("--direction", choices=(*DIRECTIONS, "both"), default="denoise",
+                        help="denoise: clean activation into the corrupted run (what restores the answer); noise: "
+                             "corrupted activation into the clean run (what breaks it); both")
     parser.add_argument("--sweeps", default=",".join(SWEEPS), help=f"comma list from {','.join(SWEEPS)}")
     parser.add_argument("--align", choices=ALIGNMENTS, default="end",
                         help="position axis counts from the prompt start, or back from the decision token")
     parser.add_argument("--noise-scale", type=number(float, 0.0, 1e3, lo_open=True), default=3.0, help="noise std in embedding stds")
-    parser.add_argument("--seed", type=SEED, default=0)
+    parser.add_argument("--seed", type=SEED, default=0, help="problems, corruption order and noise")
     parser.add_argument("--skip-unalignable", action="store_true",
                         help="drop problems with no same-length corruption instead of stopping")
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True,
+                        help="new or empty folder for patching.safetensors, summary.json and patching.html")
 
 
-def fail(message: str) -> int:
+class LoadFailure(ValueError):
+    """The checkpoint, HF directory or tokenizer could not be loaded: a runtime failure (exit 1)."""
+
+
+def fail(message: str, code: int = 2) -> int:
+    """One line on stderr; 2 for a usage error, 1 for a runtime failure (a file that cannot be loaded)."""
     print(f"aquainterp patch: error: {message}", file=sys.stderr)
-    return 2
+    return code
 
 
 def load(args):
@@ -79,7 +103,7 @@ def load(args):
         try:
             model, tokenizer, meta = load_model(args.checkpoint, args.step, device=args.device)
         except Exception as e:  # the CLI boundary: a bad checkpoint is a message, not a traceback
-            raise ValueError(f"cannot load {where}: {e}") from e
+            raise LoadFailure(f"cannot load {where}: {e}") from e
         described = {"checkpoint": str(args.checkpoint), "step": meta.get("step", args.step)}
     else:
         from aquainterp.bridge import import_hf
@@ -88,7 +112,7 @@ def load(args):
         try:
             model = import_hf(args.hf_dir).to(args.device)
         except Exception as e:
-            raise ValueError(f"cannot load {where}: {e}") from e
+            raise LoadFailure(f"cannot load {where}: {e}") from e
         tokenizer = None
         if (args.hf_dir / "tokenizer.json").is_file() and args.tokenizer is None:
             args.tokenizer = args.hf_dir
@@ -99,7 +123,7 @@ def load(args):
         try:
             tokenizer = Tokenizer.load(args.tokenizer)
         except Exception as e:
-            raise ValueError(f"cannot load tokenizer {args.tokenizer}: {e}") from e
+            raise LoadFailure(f"cannot load tokenizer {args.tokenizer}: {e}") from e
     if tokenizer is None:
         raise ValueError(f"{where} carries no tokenizer; pass --tokenizer DIR")
     if tokenizer.vocab_size > model.config.vocab_size:
@@ -122,21 +146,53 @@ def problems(args):
     return load_aqua(source, split=args.split or "validation")
 
 
-def build_pairs(args, tokenizer, pool):
+def resolve_decision(args) -> None:
+    """Fill --corruption/--style defaults for the chosen --decision; ValueError for combinations that
+    cannot work."""
+    if args.decision == "completion":
+        if args.style is not None:
+            raise ValueError("--style sets where a fixed prompt is cut (--decision prompt); --decision completion "
+                             "cuts the model's own completion at its answer marker")
+        args.corruption = args.corruption or "noise"
+        if args.corruption == "numbers":
+            raise ValueError("--corruption numbers changes the question, so the model's own completion would no "
+                             "longer fit it; use noise or permute with --decision completion")
+    else:
+        args.style = args.style or "direct"
+        args.corruption = args.corruption or "permute"
+
+
+def build_pairs(args, tokenizer, pool, model=None):
+    """(pairs, skipped sources, no-marker sources, completions by source) for --decision."""
+    from functools import partial
+
+    from aquainterp.completion_pairs import completion_pairs, greedy_completions
     from aquainterp.patching import make_pairs
 
-    pairs, skipped = [], []
+    pairs, skipped, no_marker, completions = [], [], [], {}
     for start in range(0, len(pool), args.n_pairs):
-        got, dropped = make_pairs(tokenizer, pool[start: start + args.n_pairs], args.corruption,
-                                  seed=args.seed + start, skip_unalignable=args.skip_unalignable,
-                                  style=args.style)
-        pairs += got
-        skipped += dropped
+        chunk = pool[start: start + args.n_pairs]
+        if args.decision == "completion":
+            generate = partial(greedy_completions, model, tokenizer, max_new_tokens=args.max_new_tokens,
+                               batch_size=args.batch_size, progress=True)
+            got = completion_pairs(tokenizer, chunk, args.corruption, generate, seed=args.seed + start,
+                                   skip_unalignable=args.skip_unalignable)
+            pairs += got.pairs
+            skipped += got.unalignable
+            no_marker += got.no_marker
+            completions.update(got.completions)
+        else:
+            got, dropped = make_pairs(tokenizer, chunk, args.corruption, seed=args.seed + start,
+                                      skip_unalignable=args.skip_unalignable, style=args.style)
+            pairs += got
+            skipped += dropped
         if len(pairs) >= args.n_pairs:
             break
     if not pairs:
-        raise ValueError(f"no {args.corruption} pairs could be built from {len(pool)} {args.task} problems")
-    return pairs[: args.n_pairs], skipped
+        why = (f"; {len(no_marker)} of the model's completions never wrote the answer marker"
+               if no_marker else "")
+        raise ValueError(f"no {args.corruption} pairs could be built from {len(pool)} {args.task} problems{why}")
+    return pairs[: args.n_pairs], skipped, no_marker, completions
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -254,20 +310,25 @@ def run(args: argparse.Namespace) -> int:
     check_can_create(args.out, "--out")
     check_output(args.out, [args.checkpoint, args.hf_dir, args.tokenizer, args.data], "--out")
     try:
+        resolve_decision(args)
         model, tokenizer, described = load(args)
-        pairs, skipped = build_pairs(args, tokenizer, problems(args))
+        pairs, skipped, no_marker, completions = build_pairs(args, tokenizer, problems(args), model)
         patcher = Patcher(model, pairs, batch_size=args.batch_size, align=args.align,
                           noise_scale=args.noise_scale, seed=args.seed)
     except (ValueError, FileNotFoundError) as e:
-        return fail(str(e))
+        return fail(str(e), 1 if isinstance(e, (LoadFailure, FileNotFoundError)) else 2)
     directions = DIRECTIONS if args.direction == "both" else (args.direction,)
     results = [patcher.sweep(name, d) for d in directions for name in names]
-    settings = {**described, "task": args.task, "data": args.data, "corruption": args.corruption,
-                "style": args.style, "n_pairs": len(pairs), "skipped": skipped, "align": args.align, "seed": args.seed,
+    settings = {**described, "task": args.task, "data": args.data, "decision": args.decision,
+                "corruption": args.corruption, "style": args.style, "n_pairs": len(pairs), "skipped": skipped,
+                "no_marker": no_marker, "align": args.align, "seed": args.seed,
                 "noise_scale": args.noise_scale if args.corruption == "noise" else None,
                 "directions": list(directions), "sweeps": names}
     summary = write_report(args.out, patcher, results, tokenizer, settings)
-    print(f"{len(pairs)} pairs ({len(skipped)} skipped); clean logit diff {summary['clean_logit_diff_mean']:.3f}, "
+    if no_marker:
+        print(f"{len(no_marker)} problems skipped: their completion never wrote the answer marker "
+              f"({', '.join(no_marker[:5])}{', ...' if len(no_marker) > 5 else ''})")
+    print(f"{len(pairs)} pairs ({len(skipped) + len(no_marker)} skipped); clean logit diff {summary['clean_logit_diff_mean']:.3f}, "
           f"corrupted {summary['corrupted_logit_diff_mean']:.3f}")
     for key, s in summary["sweeps"].items():
         best = s["top_cells"][0]

@@ -105,6 +105,8 @@ class PatchPair:
     corrupted_letter_id: int | None
     letter_ids: tuple[int, ...]
     noise_span: tuple[int, int] | None = None
+    completion_start: int | None = None  # first token of the model's own completion (completion decision)
+    stated_letter_id: int | None = None  # the token the completion writes after its marker (None: not a letter)
 
     def __post_init__(self):
         if len(self.clean_ids) != len(self.corrupted_ids):

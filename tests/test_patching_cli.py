@@ -13,7 +13,8 @@ from aquainterp.bridge import export_hf
 from aquainterp.checkpoint import save_checkpoint
 from aquainterp.cli import main
 
-FAST = ["--task", "synthetic", "--n-pairs", "2", "--batch-size", "64", "--sweeps", "resid_pre,z"]
+# a random model writes no "Answer:" of its own, so these runs patch the fixed-prompt decision
+FAST = ["--task", "synthetic", "--n-pairs", "2", "--batch-size", "64", "--sweeps", "resid_pre,z", "--decision", "prompt"]
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +69,8 @@ def test_hf_directory_gives_the_same_tensors(saved, tmp_path, capsys):
             torch.testing.assert_close(a.get_tensor(key), b.get_tensor(key), atol=1e-6, rtol=0)
 
 
-def assert_clean_error(code, err, *needles):
-    assert code == 2
+def assert_clean_error(code, err, *needles, status=2):
+    assert code == status  # 2: usage error, 1: runtime failure (a file that cannot be loaded)
     assert "Traceback" not in err and err.startswith("aquainterp patch: error: ")
     for needle in needles:
         assert needle in err, err
@@ -87,7 +88,7 @@ def test_missing_truncated_and_mismatched_checkpoints(saved, tmp_path, capsys):
     weights = cut / "step_000003" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     code, _, err = run_cli(["--checkpoint", cut, *FAST, "--out", tmp_path / "o"], capsys)
-    assert_clean_error(code, err, "model.safetensors", "truncated")
+    assert_clean_error(code, err, "model.safetensors", "truncated", status=1)
 
     other = tmp_path / "other"
     shutil.copytree(ckpt, other)
@@ -96,13 +97,13 @@ def test_missing_truncated_and_mismatched_checkpoints(saved, tmp_path, capsys):
     meta["model_config"]["n_embd"] = 128
     meta_path.write_text(json.dumps(meta))
     code, _, err = run_cli(["--checkpoint", other, *FAST, "--out", tmp_path / "o"], capsys)
-    assert_clean_error(code, err, "cannot load checkpoint", "shape")
+    assert_clean_error(code, err, "cannot load checkpoint", "shape", status=1)
 
     bad_hf = tmp_path / "bad_hf"
     shutil.copytree(hf, bad_hf)
     (bad_hf / "model.safetensors").write_bytes((hf / "model.safetensors").read_bytes()[:500])
     code, _, err = run_cli(["--hf-dir", bad_hf, *FAST, "--out", tmp_path / "o"], capsys)
-    assert_clean_error(code, err, "cannot load HF directory", "bad_hf")
+    assert_clean_error(code, err, "cannot load HF directory", "bad_hf", status=1)
     assert not (tmp_path / "o").exists()
 
 
@@ -114,8 +115,23 @@ def test_bad_flags_and_unpairable_data(saved, tmp_path, capsys, shared_data):
     assert_clean_error(code, err, "--n-pairs", "must be an integer >= 1")
     aqua = shared_data / "aqua_rat" / "dev.json"
     code, _, err = run_cli(["--checkpoint", ckpt, "--task", "aqua", "--data", aqua, "--corruption", "numbers",
-                            "--out", tmp_path], capsys)
+                            "--decision", "prompt", "--out", tmp_path], capsys)
     assert_clean_error(code, err, "dev.json:1", "numbers")
     code, _, err = run_cli(["--checkpoint", ckpt, "--task", "aqua", "--data", tmp_path / "none.json",
                             "--out", tmp_path], capsys)
     assert_clean_error(code, err, "none.json")
+
+
+def test_completion_decision_counts_completions_without_a_marker(saved, tmp_path, capsys):
+    """The default decision is the model's own completion; a random model never writes "Answer:", so every
+    problem is skipped, counted, and the command says so instead of patching anything."""
+    ckpt, _ = saved
+    args = ["--checkpoint", ckpt, "--n-pairs", "2", "--max-new-tokens", "4", "--sweeps", "z"]
+    code, _, err = run_cli([*args, "--out", tmp_path / "o"], capsys)
+    assert "greedy completions: 100%" in err  # the progress bar of the generation, then the error line
+    assert_clean_error(code, err.rsplit("\r", 1)[-1].split("\n", 1)[1], "no noise pairs", "8 of the model's completions never wrote the answer marker")
+    code, _, err = run_cli([*args, "--style", "checked", "--out", tmp_path / "o"], capsys)
+    assert_clean_error(code, err, "--style", "--decision prompt")
+    code, _, err = run_cli([*args, "--corruption", "numbers", "--out", tmp_path / "o"], capsys)
+    assert_clean_error(code, err, "numbers changes the question")
+    assert not (tmp_path / "o").exists()

@@ -257,17 +257,18 @@ def run_demo(config: DemoConfig) -> dict:
     # 6. activation patching -----------------------------------------------------------------------
     from aquainterp import patch_cmd
 
-    # the "checked" answers (the model checks each option, then answers) are where it decides, so patch
-    # there: noise on the question and options, the decision token after "<gold option> yes\nAnswer:"
-    patch_settings = {"pairs": b["patch_pairs"], "style": "checked", "corruption": "noise"}
+    # patch where the model decides: its own greedy completion (rationale, option checks), cut after its
+    # "Answer:"; noise on the question and options
+    patch_settings = {"pairs": b["patch_pairs"], "decision": "completion", "corruption": "noise"}
     patch_stage = Stage(root, "patching", {**common, **patch_settings}, rl_stage.key)
 
     def patching():
-        say(f"6/6 patching: {b['patch_pairs']} noise-corrupted 'checked' prompts on the final RL checkpoint")
+        say(f"6/6 patching: {b['patch_pairs']} noise-corrupted problems at the answer step of the final RL "
+            "checkpoint's own completions")
         code = cli(patch_cmd.add_arguments, patch_cmd.run,
                    ["--checkpoint", str(rl_stage.dir / "checkpoints"), "--task", "synthetic",
                     "--difficulty", str(b["difficulty"]), "--n-pairs", str(b["patch_pairs"]),
-                    "--style", "checked", "--corruption", "noise", "--device", config.device,
+                    "--decision", "completion", "--corruption", "noise", "--device", config.device,
                     "--seed", str(config.seed), "--out", str(patch_stage.dir)])
         if code:
             raise RuntimeError(f"aquainterp patch failed with exit code {code}")
