@@ -122,7 +122,7 @@ def check_shapes(config_dict: dict, shapes: dict[str, tuple[int, ...]], where: s
                               f"{' ...' if len(extra) > 4 else ''}")
     for k, shape in expected.items():
         if shapes[k] != shape:
-            raise CheckpointError(f"{where}: model_config does not match {weights.name}: {k} would be "
+            raise CheckpointError(f"{where}: model_config does not match {weights.name}: {k} shape would be "
                                   f"{list(shape)} but the file holds {list(shapes[k])} "
                                   f"({_config_hint(config_dict)})")
 

@@ -201,6 +201,7 @@ def record(fault: str, survived: bool, data_lost: int = 0) -> None:
 
 
 def pytest_terminal_summary(terminalreporter):
+    _print_case_table(terminalreporter)
     if not _TALLY:
         return
     tr = terminalreporter
@@ -208,3 +209,58 @@ def pytest_terminal_summary(terminalreporter):
     tr.write_line(f"{'fault':58s} {'tried':>5s} {'survived':>8s} {'data lost':>9s}")
     for fault, (tried, survived, lost) in _TALLY.items():
         tr.write_line(f"{fault:58s} {tried:5d} {survived:8d} {lost:9d}")
+
+
+# ------------------------------------------------------------------------------------------------
+# The user-error table (issue 19): each case a hostile or careless user tries, the command, what must
+# happen and what did. Tests record a row and assert it; the session prints every row.
+
+_CASES: list[tuple[str, str, str, str, bool]] = []
+
+
+def record_case(case: str, command: str, expected: str, outcome: str, holds: bool) -> None:
+    _CASES.append((case, command, expected, outcome, bool(holds)))
+    assert holds, f"{case}: {command}: expected {expected}, got {outcome}"
+
+
+def call_cli(main, argv: list[str], capsys) -> tuple[int, str, str]:
+    """Run a command's main(argv) in this process: (exit status, stdout, stderr)."""
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    out, err = capsys.readouterr()
+    return int(code or 0), out, err
+
+
+def one_line_error(code: int, err: str, want_code: int) -> tuple[bool, str]:
+    """(holds, outcome text) for 'exit want_code with exactly one stderr line and no traceback'."""
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    holds = code == want_code and len(lines) == 1 and "Traceback" not in err
+    shown = lines[0] if lines else "(no message)"
+    return holds, f"exit {code}, {len(lines)} line(s): {shown[:110]}"
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file under root with its size and sha256 prefix (for 'nothing was touched')."""
+    import hashlib
+
+    out = {}
+    for p in sorted(Path(root).rglob("*")):
+        if p.is_file() and not p.is_symlink():
+            out[str(p.relative_to(root))] = f"{p.stat().st_size}:{hashlib.sha256(p.read_bytes()).hexdigest()[:16]}"
+        elif p.is_dir():
+            out[str(p.relative_to(root)) + "/"] = "dir"
+    return out
+
+
+def _print_case_table(tr) -> None:
+    if not _CASES:
+        return
+    tr.section("reliability: user errors and data safety (issue 19)")
+    tr.write_line(f"{'case':44s} {'command':48s} {'expected':28s} {'holds':5s} outcome")
+    for case, command, expected, outcome, holds in _CASES:
+        tr.write_line(f"{case[:44]:44s} {command[:48]:48s} {expected[:28]:28s} {'yes' if holds else 'NO':5s} "
+                      f"{outcome[:120]}")
+    tr.write_line(f"{sum(c[4] for c in _CASES)}/{len(_CASES)} cases hold")
