@@ -280,9 +280,12 @@ def add_arguments(parser) -> None:
 
     parser.add_argument(
         "checkpoint", type=existing_path("dir"),
-        help="checkpoint folder written by save_checkpoint (holds step_XXXXXX/)",
+        help="checkpoint folder written by save_checkpoint (holds step_XXXXXX/), or a nanochat checkpoint folder",
     )
-    parser.add_argument("out_dir", help="where to write the HF NanoChatForCausalLM directory")
+    parser.add_argument("out_dir", help="where to write the HF NanoChatForCausalLM directory (or nanochat layout)")
+    parser.add_argument("--format", choices=("hf", "nanochat"), default="hf",
+                        help="hf: NanoChatForCausalLM dir (nanochat-2025-10 models only); nanochat: "
+                             "base_checkpoints/<tag>/model_<step>.pt + meta_<step>.json + tokenizer/tokenizer.pkl")
     parser.add_argument("--step", type=count_int(), default=None, help="checkpoint step (default: the latest)")
     parser.add_argument("--no-tokenizer", action="store_true", help="export the weights only")
     parser.add_argument(
@@ -290,12 +293,33 @@ def add_arguments(parser) -> None:
     )
 
 
+def _export_nanochat(args, model, tokenizer, meta) -> int:
+    from aquainterp.nanochat_import import save_nanochat
+    from aquainterp.rundir import UsageError
+
+    if args.check:
+        raise UsageError("--check compares with transformers; it applies to --format hf only")
+    out = Path(args.out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"out_dir {out} exists and is not an empty folder; export --format nanochat writes a new one")
+    step = int(meta.get("step") or 0)
+    # nanochat's own meta fields (val_bpb, user_config, ...) travel along when the model came from nanochat
+    source = meta.get("nanochat_meta") or (meta if "nanochat_checkpoint" in meta else {})
+    extra = {k: v for k, v in source.items() if k not in ("step", "model_config", "nanochat_checkpoint")}
+    folder = save_nanochat(model, out, step, None if args.no_tokenizer else tokenizer, meta_extra=extra)
+    print(f"wrote {folder} (nanochat layout, {model.config.architecture}, {model.num_params():,} parameters"
+          f"{', tokenizer in ' + str(out / 'tokenizer') if tokenizer is not None and not args.no_tokenizer else ''})")
+    return 0
+
+
 def run(args) -> int:
     from aquainterp.checkpoint import load_model
     from aquainterp.rundir import check_output
 
     check_output(args.out_dir, [args.checkpoint], "out_dir")  # never into (or over) the checkpoint folder
-    model, tokenizer, _ = load_model(args.checkpoint, step=args.step)
+    model, tokenizer, meta = load_model(args.checkpoint, step=args.step)
+    if args.format == "nanochat":
+        return _export_nanochat(args, model, tokenizer, meta)
     out = export_hf(model, None if args.no_tokenizer else tokenizer, args.out_dir)
     print(
         f"wrote {out} ({model.num_params():,} parameters{', with tokenizer' if tokenizer and not args.no_tokenizer else ''})"

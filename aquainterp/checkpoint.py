@@ -399,7 +399,10 @@ def load_model(directory, step: int | None = None, device="cpu"):
     if chosen is not None and (step_dir(directory, chosen) / META_FILE).is_file():
         preflight(step_dir(directory, chosen))  # model_config vs bounds and the weights' header: allocates nothing
     from aquainterp.model import GPT, GPTConfig
+    from aquainterp.nanochat_import import is_nanochat_dir, load_nanochat
 
+    if is_nanochat_dir(directory):  # nanochat's own layout: model_<step>.pt + meta_<step>.json (+ tokenizer.pkl)
+        return load_nanochat(directory, step, device)
     ckpt = load_checkpoint(directory, step, device)
     if "model_config" not in ckpt.meta:
         raise CheckpointError(f"{ckpt.path / META_FILE}: no 'model_config'; cannot rebuild the model")

@@ -24,7 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("aquainterp.info", "print versions, devices and the Rust core this install runs on"),
     "eval": ("aquainterp.evaluate", "multiple-choice accuracy of a checkpoint: categorical, generative, pass@k, confusion"),
     "patch": ("aquainterp.patch_cmd", "activation patching of a checkpoint: tensors, JSON, HTML heatmaps"),
-    "export": ("aquainterp.bridge", "write a checkpoint as an HF NanoChatForCausalLM directory for transformers / TransformerBridge"),
+    "export": ("aquainterp.bridge", "write a checkpoint as an HF NanoChatForCausalLM directory (or --format nanochat: nanochat's own layout)"),
+    "import-nanochat": ("aquainterp.nanochat_import", "convert a nanochat checkpoint (model_<step>.pt + meta + tokenizer.pkl) to an aquainterp checkpoint"),
     "dashboard": ("dashboards.cli", "dashboard templates: W&B workspace push/export/load, offline HTML report"),
 }
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from aquainterp.checkpoint import CheckpointError
 from aquainterp.model import ARCH_2025_10, ARCH_2026_07, GPT, GPTConfig
 
 MODEL_RE = re.compile(r"^model_(\d+)\.pt$")
@@ -35,7 +36,7 @@ NANOCHAT_CONFIG_KEYS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv
 TOKENIZER_DIRNAME = "tokenizer"
 
 
-class NanochatCheckpointError(RuntimeError):
+class NanochatCheckpointError(CheckpointError):
     """A nanochat checkpoint folder we cannot open: missing files, truncated .pt, meta vs tensors."""
 
 
@@ -110,6 +111,11 @@ def config_from_nanochat(model_config: dict, state: dict[str, torch.Tensor], whe
         raise NanochatCheckpointError(f"{where}: meta says window_pattern {pattern!r} but the tensors are the "
                                       f"{ARCH_2025_10} architecture (no resid_lambdas/smear/value embeddings)")
     kwargs = {k: model_config[k] for k in NANOCHAT_CONFIG_KEYS}
+    from aquainterp.ckpt_guard import LIMITS
+
+    for k, v in kwargs.items():  # before any shape is derived from them
+        if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= LIMITS.get(k, 1 << 30):
+            raise NanochatCheckpointError(f"{where}: model_config {k} = {v!r} is not an int in [1, {LIMITS.get(k, 1 << 30)}]")
     wte = state.get("wte.weight")
     if wte is None or wte.ndim != 2:
         raise NanochatCheckpointError(f"{where}: no 2-D transformer.wte.weight tensor")
@@ -220,12 +226,17 @@ def load_nanochat(directory: str | Path, step: int | None = None, device="cpu"):
     tokenizer = None
     tok_dir = find_tokenizer_dir(folder)
     if tok_dir is not None:
-        from aquainterp.nanochat_tokenizer import load_nanochat_tokenizer
+        from aquainterp.nanochat_tokenizer import NanochatTokenizerError, load_nanochat_tokenizer
 
-        tokenizer = load_nanochat_tokenizer(tok_dir)
+        try:
+            tokenizer = load_nanochat_tokenizer(tok_dir)
+        except NanochatTokenizerError as e:
+            raise NanochatCheckpointError(str(e)) from e
         if tokenizer.vocab_size != config.vocab_size:
             raise NanochatCheckpointError(f"{tok_dir / 'tokenizer.pkl'}: {tokenizer.vocab_size} tokens, the model's "
                                           f"vocab_size is {config.vocab_size}")
+        if hasattr(model, "set_tokenizer"):  # to_tokens / string input, as load_model does
+            model.set_tokenizer(tokenizer)
     meta = dict(meta)
     meta.setdefault("nanochat_checkpoint", str(folder))
     return model, tokenizer, meta
@@ -253,3 +264,37 @@ def save_nanochat(model: GPT, out: str | Path, step: int, tokenizer=None, tag: s
 
         write_tokenizer_pkl(tokenizer, Path(out) / TOKENIZER_DIRNAME)
     return folder
+
+
+# ---------------------------------------------------------------- `aquainterp import-nanochat`
+
+
+def add_arguments(parser) -> None:
+    from aquainterp.cliargs import count_int, existing_path
+
+    parser.add_argument("checkpoint", type=existing_path("dir"),
+                        help="nanochat checkpoint folder (base_checkpoints/<tag>/ with model_<step>.pt and "
+                             "meta_<step>.json), or a nanochat base folder holding exactly one")
+    parser.add_argument("out_dir", help="new (or empty) folder for the aquainterp checkpoint (step_XXXXXX/)")
+    parser.add_argument("--step", type=count_int(), default=None, help="checkpoint step (default: the latest)")
+
+
+def run(args) -> int:
+    from aquainterp.checkpoint import save_checkpoint
+    from aquainterp.rundir import UsageError, check_output
+
+    check_output(args.out_dir, [args.checkpoint], "out_dir")
+    out = Path(args.out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"out_dir {out} exists and is not an empty folder; import-nanochat writes a new one")
+    if not is_nanochat_dir(args.checkpoint):
+        raise UsageError(f"{args.checkpoint}: no nanochat checkpoint (model_<step>.pt) here")
+    model, tokenizer, meta = load_nanochat(args.checkpoint, args.step)
+    step = int(meta.get("step", args.step or 0))
+    path = save_checkpoint(out, step, model, None, {"imported_from": str(meta["nanochat_checkpoint"]),
+                                                    "nanochat_meta": {k: v for k, v in meta.items()
+                                                                      if k != "nanochat_checkpoint"}},
+                           tokenizer=tokenizer)
+    print(f"wrote {path} ({model.config.architecture}, {model.num_params():,} parameters"
+          f"{', with tokenizer' if tokenizer is not None else ', no tokenizer found'})")
+    return 0
