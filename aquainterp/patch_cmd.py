@@ -23,6 +23,7 @@ from aquainterp.patching import ALIGNMENTS, CORRUPTIONS, DIRECTIONS, STYLES, SWE
 
 TASKS = ("synthetic", "aqua")
 DECISIONS = ("completion", "prompt")
+METHODS = ("exact", "attribution")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -74,6 +75,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="denoise: clean activation into the corrupted run (what restores the answer); noise: "
                              "corrupted activation into the clean run (what breaks it); both")
     parser.add_argument("--sweeps", default=",".join(SWEEPS), help=f"comma list from {','.join(SWEEPS)}")
+    parser.add_argument("--method", choices=METHODS, default="exact",
+                        help="exact: one patched forward per cell and pair (batched); attribution: the gradient "
+                             "estimate of every cell at once (one clean forward, one corrupted forward + backward; "
+                             "exact only where the metric is linear in the activation, see README)")
     parser.add_argument("--align", choices=ALIGNMENTS, default="end",
                         help="position axis counts from the prompt start, or back from the decision token")
     parser.add_argument("--noise-scale", type=number(float, 0.0, 1e3, lo_open=True), default=3.0, help="noise std in embedding stds")
@@ -318,8 +323,13 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as e:
         return fail(str(e), 1 if isinstance(e, (LoadFailure, FileNotFoundError)) else 2)
     directions = DIRECTIONS if args.direction == "both" else (args.direction,)
-    results = [patcher.sweep(name, d) for d in directions for name in names]
-    settings = {**described, "task": args.task, "data": args.data, "decision": args.decision,
+    if args.method == "attribution":
+        from aquainterp.attribution import attribution_sweeps
+
+        results = [r for d in directions for r in attribution_sweeps(patcher, names, d)]
+    else:
+        results = [patcher.sweep(name, d) for d in directions for name in names]
+    settings = {**described, "task": args.task, "data": args.data, "decision": args.decision, "method": args.method,
                 "corruption": args.corruption, "style": args.style, "n_pairs": len(pairs), "skipped": skipped,
                 "no_marker": no_marker, "align": args.align, "seed": args.seed,
                 "noise_scale": args.noise_scale if args.corruption == "noise" else None,

@@ -135,3 +135,21 @@ def test_completion_decision_counts_completions_without_a_marker(saved, tmp_path
     code, _, err = run_cli([*args, "--corruption", "numbers", "--out", tmp_path / "o"], capsys)
     assert_clean_error(code, err, "numbers changes the question")
     assert not (tmp_path / "o").exists()
+
+
+def test_attribution_method_writes_the_same_outputs(saved, tmp_path, capsys):
+    from aquainterp.attribution import attribution_sweeps
+    from aquainterp.checkpoint import load_model
+    from aquainterp.patching import Patcher, make_pairs
+    from aquainterp.tasks.synthetic import SyntheticTask
+
+    ckpt, _ = saved
+    code, _, err = run_cli(["--checkpoint", ckpt, *FAST, "--method", "attribution", "--out", tmp_path], capsys)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["method"] == "attribution" and summary["decision"] == "prompt"
+    model, tok, _ = load_model(ckpt)
+    pairs, _ = make_pairs(tok, SyntheticTask(seed=0, split="eval").problems(8)[:2], "permute", seed=0)
+    (expect,) = attribution_sweeps(Patcher(model, pairs, align="end", progress=False), ["z"])
+    with safe_open(str(tmp_path / "patching.safetensors"), "pt") as f:
+        torch.testing.assert_close(f.get_tensor("denoise/z/normalized"), expect.normalized, atol=1e-6, rtol=0)
