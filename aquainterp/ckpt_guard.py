@@ -50,16 +50,16 @@ def safetensors_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise CheckpointError(f"{path}: {size} bytes, too short for a safetensors header")
+            raise CheckpointError(f"{path}: not a safetensors file ({size} bytes, too short for a header)")
         (n,) = struct.unpack("<Q", head)
         if n > min(MAX_HEADER_BYTES, size - 8):
-            raise CheckpointError(f"{path}: header length {n} exceeds the file ({size} bytes)")
+            raise CheckpointError(f"{path}: not a safetensors file (header length {n} exceeds the file, {size} bytes)")
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path}: safetensors header is not valid JSON ({e})") from None
+            raise CheckpointError(f"{path}: not a safetensors file (header is not valid JSON: {e})") from None
     if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: safetensors header is not a JSON object")
+        raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object)")
     data = size - 8 - n
     shapes, spans = {}, []
     for name, info in header.items():

@@ -59,12 +59,13 @@ def test_checkpoint_config_that_does_not_fit_the_model(tmp_path, tokenizer_dir, 
     with pytest.raises(CheckpointError, match=r"step_000004: '[\w.]+' has shape \(\d+, 64\), the model expects "
                                               r"\(\d+, 128\) \(wrong model config\?\)"):
         run_stage(base_config(run_dir, tokenizer_dir, aspect_ratio=128, head_dim=32, max_steps=6, resume=True))
-    # meta.json's model config edited: load_model builds that model and the weights do not fit it
+    # meta.json's model config edited: load_model compares it with the weights' header before building it
     meta_path = ckpt_copy / "step_000004" / "meta.json"
     meta = json.loads(meta_path.read_text())
     meta["model_config"]["n_embd"] *= 2
     meta_path.write_text(json.dumps(meta))
-    with pytest.raises(CheckpointError, match=r"step_000004/model.safetensors: .* has shape .* the model expects"):
+    with pytest.raises(CheckpointError, match=r"step_000004/meta.json: model_config does not match model.safetensors: "
+                                              r".* shape would be \[\d+, 128\] but the file holds \[\d+, 64\]"):
         load_model(ckpt_copy)
     record("checkpoint config does not match the model", True, 0)
 
@@ -159,7 +160,8 @@ def test_pickle_bomb_in_place_of_a_checkpoint_never_runs(tmp_path, tokenizer_dir
     meta = json.loads((step / "meta.json").read_text())
     meta["files"]["model.safetensors"]["bytes"] = len(bomb)
     (step / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(CheckpointError, match=r"model.safetensors: (cannot read safetensors|corrupt: sha256)"):
+    with pytest.raises(CheckpointError, match=r"model.safetensors: (cannot read safetensors|not a safetensors file|"
+                                              r"corrupt: sha256)"):
         load_model(ckpt_copy)
     with pytest.raises(CheckpointError, match=r"model.safetensors: cannot read safetensors"):
         load_checkpoint(ckpt_copy, verify_hash=False)
