@@ -242,8 +242,13 @@ def add_arguments(parser) -> None:
         positive_int,
     )
 
-    parser.add_argument("--checkpoint", type=existing_path("dir"), required=True,
-                        help="checkpoint folder written by save_checkpoint")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=existing_path("dir"),
+                        help="checkpoint folder written by save_checkpoint, or a nanochat checkpoint folder")
+    source.add_argument("--hf-dir", type=existing_path("dir"),
+                        help="HF NanoChatForCausalLM directory (single or sharded safetensors)")
+    parser.add_argument("--tokenizer", type=existing_path("dir"), default=None,
+                        help="tokenizer folder (tokenizer.json) for --hf-dir; default: the HF directory itself")
     parser.add_argument("--step", type=count_int(), default=None, help="checkpoint step (default: latest)")
     parser.add_argument("--task", choices=("synthetic", "aqua"), default="synthetic")
     parser.add_argument("--data", type=data_source, default=None,
@@ -293,7 +298,17 @@ def _run_on(args, device: str) -> int:
     from aquainterp.checkpoint import load_model
 
     rank = dist.get_rank() if dist.is_initialized() else 0
-    model, tokenizer, _meta = load_model(args.checkpoint, args.step, device=device)
+    if getattr(args, "hf_dir", None) is not None:
+        from aquainterp.bridge import import_hf
+        from aquainterp.tokenizer import Tokenizer
+
+        model = import_hf(args.hf_dir).to(device)
+        tok_dir = args.tokenizer or args.hf_dir
+        if not (tok_dir / "tokenizer.json").is_file():
+            raise SystemExit(f"aquainterp eval: no tokenizer.json in {tok_dir}; pass --tokenizer DIR")
+        tokenizer = Tokenizer.load(tok_dir)
+    else:
+        model, tokenizer, _meta = load_model(args.checkpoint, args.step, device=device)
     if tokenizer is None:
         raise SystemExit(f"aquainterp eval: checkpoint {args.checkpoint} has no tokenizer folder")
     problems = load_problems(args.task, args.data, args.n, args.seed, args.split, args.difficulty,

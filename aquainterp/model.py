@@ -601,6 +601,14 @@ class GPT(LensMixin, HookedRootModule):
         self.cos.copy_(cos)
         self.sin.copy_(sin)
 
+    def set_rotary_dtype(self, rotary_dtype: str) -> None:
+        """Store the cos/sin tables as 'float32' (exact; what HF NanoChat computes) or 'bfloat16' (what
+        nanochat 2c4473d keeps, GPTConfig.rotary_dtype)."""
+        GPTConfig(**{**self.config.to_dict(), "rotary_dtype": rotary_dtype})  # validates
+        self.config.rotary_dtype = rotary_dtype
+        self.cos, self.sin = self.cos.to(self._rotary_dtype), self.sin.to(self._rotary_dtype)
+        self._reset_rotary()
+
     def _ensure_rotary(self, n: int) -> None:
         """Grow the cos/sin tables to cover positions 0..n-1 (at most rotary_len; doubling, so a long
         generation rebuilds them O(log) times). Values per position do not depend on the table length."""

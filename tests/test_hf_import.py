@@ -87,3 +87,28 @@ def test_export_refuses_2026_features_naming_them(tmp_path):
     for feature in ("sliding windows", "x1.2", "resid_lambdas/x0_lambdas", "value embeddings", "smear", "backout"):
         assert feature in message
     assert not (tmp_path / "hf" / "model.safetensors").exists()
+
+
+def test_eval_hf_dir_equals_eval_checkpoint(tmp_path, capsys):
+    """`eval --hf-dir` on an export gives the same predictions as `eval --checkpoint` on its source."""
+    from pathlib import Path
+
+    from aquainterp.checkpoint import save_checkpoint
+    from aquainterp.cli import main
+    from aquainterp.nanochat_tokenizer import load_nanochat_tokenizer
+
+    fixtures = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "nanochat"
+    tokenizer = load_nanochat_tokenizer(fixtures / "nanochat-head-d4" / "tokenizer")
+    torch.manual_seed(4)
+    model = GPT(GPTConfig(sequence_len=256, vocab_size=tokenizer.vocab_size, n_layer=2, n_head=2, n_kv_head=2,
+                          n_embd=64))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    save_checkpoint(tmp_path / "ckpt", 5, model, None, {}, tokenizer=tokenizer)
+    assert main(["export", str(tmp_path / "ckpt"), str(tmp_path / "hf")]) == 0
+    for source, out in (("--checkpoint", "ckpt"), ("--hf-dir", "hf")):
+        assert main(["eval", source, str(tmp_path / out), "--n", "12", "--json", str(tmp_path / f"{out}.json")]) == 0
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("ckpt", "hf"))
+    assert a == b and a["metrics"]
+    assert main(["eval", "--hf-dir", str(tmp_path / "hf"), "--checkpoint", str(tmp_path / "ckpt")]) == 2

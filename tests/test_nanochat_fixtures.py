@@ -84,9 +84,7 @@ def test_bf16_rotary_option_is_what_makes_2026_01_match():
     path = fixture("nanochat-2026-01-d2")
     model, _, _ = load_nanochat(path)
     ref = load_file(str(path / "reference.safetensors"))
-    model.config.rotary_dtype = "float32"
-    model.cos, model.sin = model.cos.float(), model.sin.float()
-    model._reset_rotary()
+    model.set_rotary_dtype("float32")
     with torch.no_grad():
         err = (model(ref["input_ids"]) - ref["logits"]).abs().max().item()
     assert err > 1e-3
