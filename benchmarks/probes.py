@@ -3,6 +3,11 @@ probes at the default cadence vs probes off, measured side by side in one run.
 
     .venv/bin/python benchmarks/probes.py                 # depth 4, CPU, a small RL step
     .venv/bin/python benchmarks/probes.py --examples-per-step 16 --num-samples 16 --max-new-tokens 256
+    .venv/bin/python benchmarks/probes.py --checkpoint runs/demo/rl/checkpoints --difficulty 1  # a trained model
+
+A fresh random model never writes "Answer:", so under the default decision (the answer step of the
+policy's own completion) its probe runs decode the probe set but skip the letter forward; pass a trained
+--checkpoint (the demo's) to time what a real run pays.
 
 The RL step is training/rl.py's own loop body (rollouts with the Engine, run_probes on the due steps,
 train_on_rollouts). Both arms replay the same steps with the same sampling seeds and the learning rate
@@ -64,7 +69,11 @@ def timed(fn, repeats: int) -> tuple[float, float]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--depth", type=int, default=4, help="fresh random model of this depth (without --checkpoint)")
+    parser.add_argument("--checkpoint", default=None, help="time a trained model instead (an RL or SFT checkpoint dir)")
+    parser.add_argument("--difficulty", type=int, default=None, help="synthetic task difficulty (default: mixed)")
+    parser.add_argument("--decision", choices=("completion", "direct"), default=rl.RLConfig().probe_decision,
+                        help="where the letter and attention probes read (rl.py's --probe-decision)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per probe (median reported)")
     parser.add_argument("--probe-problems", type=int, default=rl.RLConfig().probe_batch)
@@ -87,19 +96,21 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
-    config = rl.RLConfig(depth=args.depth, examples_per_step=args.examples_per_step, num_samples=args.num_samples,
+    config = rl.RLConfig(depth=None if args.checkpoint else args.depth, checkpoint=args.checkpoint,
+                         difficulty=args.difficulty, probe_decision=args.decision, examples_per_step=args.examples_per_step, num_samples=args.num_samples,
                          max_new_tokens=args.max_new_tokens, probes=PROBE_NAMES, probe_every=args.probe_every,
                          probe_batch=args.probe_problems, eval_examples=args.probe_problems,
                          max_steps=args.blocks * args.probe_every * 2, progress=False)
     train, held_out = rl.load_problems(config)
-    model, tokenizer = rl.build_fresh(config, train, device)
-    with torch.no_grad():  # a fresh model has a zero lm_head (uniform logits); give it some preference
-        model.lm_head.weight.normal_(0, 0.02)
+    model, tokenizer, _ = rl.start_model(config, train, device)
+    if args.checkpoint is None:
+        with torch.no_grad():  # a fresh model has a zero lm_head (uniform logits); give it some preference
+            model.lm_head.weight.normal_(0, 0.02)
     reference = freeze_reference(model, device)
     probe_set = held_out[: args.probe_problems]
     engine = rl.Engine(model)
     stop = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.bos_token_id}
-    print(f"model: depth {args.depth}, {model.num_params() / 1e6:.2f}M params, vocab {tokenizer.vocab_size}, "
+    print(f"model: {args.checkpoint or 'fresh'}, depth {model.config.n_layer}, {model.num_params() / 1e6:.2f}M params, vocab {tokenizer.vocab_size}, "
           f"device {device}, torch threads {torch.get_num_threads()}; probe set {len(probe_set)} problems, "
           f"batch {config.device_batch_size}")
 
@@ -113,15 +124,15 @@ def main(argv=None) -> int:
     def make(probes, **kw):
         return ProbeSuite(model, tokenizer, items, probes=probes, reference_model=reference,
                           batch_size=config.device_batch_size, max_new_tokens=args.max_new_tokens,
-                          progress=False, **kw)
+                          decision=args.decision, progress=False, **kw)
 
     # (label, suite factory, step, completions, fresh suite per call); step 0 is a table step, 10 is not
     cases = [(name, lambda n=name: make((n,), hardest_k=0), 10, pairs, False) for name in PROBE_NAMES]
     cases += [("margin + hardest table (greedy completions)", lambda: make(("margin",)), 0, pairs, False),
               ("kl with greedy completions (no rollouts given)", lambda: make(("kl",)), 10, None, False),
-              ("all five, RL loop, probe step without table", lambda: make(PROBE_NAMES), 10, pairs, False),
-              ("all five, RL loop, table step", lambda: make(PROBE_NAMES), 0, pairs, False),
-              ("all five, a suite's first run (reference letters)", lambda: make(PROBE_NAMES), 10, pairs, True)]
+              ("all, RL loop, probe step without table", lambda: make(PROBE_NAMES), 10, pairs, False),
+              ("all, RL loop, table step", lambda: make(PROBE_NAMES), 0, pairs, False),
+              ("all, a suite's first run (reference letters)", lambda: make(PROBE_NAMES), 10, pairs, True)]
     for label, factory, probe_step, completions, fresh in cases:
         kl_pairs = completions[:8] if completions else None  # kl_sequences, as rl.run_probes cuts them
         held = [factory()]
@@ -129,7 +140,7 @@ def main(argv=None) -> int:
         def once(st=probe_step, c=kl_pairs, fresh=fresh, factory=factory, held=held):
             if fresh:
                 held[0] = factory()
-            held[0].run(st, completions=c)
+            held[0].run(st, completions=c, rollouts=rollouts)
 
         cpu, wall = timed(once, args.repeats)
         parts = ", ".join(f"{k} {v * 1e3:.0f}" for k, v in held[0].last_seconds.items() if k != "total")
@@ -141,7 +152,8 @@ def main(argv=None) -> int:
     pad_id = tokenizer.encode_special("<|assistant_end|>")
     # constructed as training/rl.py constructs it
     suite = ProbeSuite(model, tokenizer, probe_set, probes=PROBE_NAMES, reference_model=reference,
-                       batch_size=config.device_batch_size, progress=False)
+                       batch_size=config.device_batch_size, decision=config.probe_decision,
+                       rollout_letters=config.probe_rollouts, max_new_tokens=config.max_new_tokens, progress=False)
     with tempfile.TemporaryDirectory() as tmp:
         logger = Logger(tmp, mode="disabled")
 

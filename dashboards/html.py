@@ -23,6 +23,7 @@ import plotly.offline
 
 from aquainterp.logger import METRICS_FILE, read_metrics
 from aquainterp.rundir import inside
+from dashboards.safe_regex import safe_compile
 from dashboards.template import Panel, Template
 from dashboards.wandb_run import history_as_metrics
 
@@ -116,7 +117,9 @@ def bar_figure(panel: Panel, data: RunData) -> go.Figure:
 
 
 def heatmap_figure(panel: Panel, data: RunData) -> go.Figure:
-    pattern = re.compile(panel.regex)
+    pattern = safe_compile(panel.regex)  # validated template syntax; over-long names never match
+    if len(pattern.groupindex) == 1:
+        return _rows_by_step_heatmap(panel, pattern, data)
     row_name, col_name = sorted(pattern.groupindex, key=pattern.groupindex.get)
     cells: dict[int, dict[tuple[str, str], float]] = defaultdict(dict)
     rows, cols = set(), set()
@@ -144,6 +147,26 @@ def heatmap_figure(panel: Panel, data: RunData) -> go.Figure:
     fig = go.Figure(data=[trace(steps[-1])], frames=[go.Frame(data=[trace(s)], name=str(s)) for s in steps])
     fig.update_yaxes(autorange="reversed")
     return _slider(fig, steps, panel.x)
+
+
+def _rows_by_step_heatmap(panel: Panel, pattern: re.Pattern, data: RunData) -> go.Figure:
+    """One named group: its values are the rows, the logged steps the columns (e.g. layer x step)."""
+    (row_name,) = pattern.groupindex
+    cells: dict[str, dict[int, float]] = defaultdict(dict)
+    for name, points in data.scalars.items():
+        m = pattern.fullmatch(name)
+        if m:
+            cells[m.group(row_name)].update(dict(points))
+    if not cells:
+        return _empty(panel, f"nothing logged for {_what(panel)}")
+    rows = sorted(cells, key=_sort_key)
+    steps = sorted({s for row in cells.values() for s in row})
+    z = [[cells[r].get(s) for s in steps] for r in rows]
+    fig = go.Figure(go.Heatmap(z=z, x=steps, y=[f"{row_name} {r}" for r in rows], colorscale="RdBu",
+                               zmid=0, hoverongaps=False, colorbar={"title": {"text": "value"}}))
+    fig.update_yaxes(autorange="reversed")
+    fig.update_xaxes(title_text=panel.x, type="category")
+    return fig
 
 
 def histogram_figure(panel: Panel, data: RunData) -> go.Figure:

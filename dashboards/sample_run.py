@@ -59,10 +59,17 @@ def record_sample_run(run_dir: str | Path, steps: int = 30, n_layers: int = 4, n
         probe_preds = rng.choice(5, size=32, p=_letter_probs(progress / 2))
         probes.update({f"rl/probe_letter_pred_counts/{L}": int((probe_preds == i).sum())
                        for i, L in enumerate(LETTERS)})
+        probes.update({"rl/letter_gold_margin_mean": float(margins.mean() + 0.5),
+                       "rl/rollout_letter_gold_margin_mean": float(margins.mean() + 0.3),
+                       "rl/probe_decision_agreement": float(0.9 + 0.1 * progress),
+                       "rl/probe_no_answer_frac": float(0.2 * (1 - progress)),
+                       "attn/completion_mass_mean": float(0.5 + 0.2 * progress)})
         for layer in range(n_layers):
+            probes[f"probe/logit_lens_gold_margin/layer{layer}"] = float((layer + 1) / n_layers * margins.mean())
             for head in range(n_heads):
                 probes[f"attn/entropy/layer{layer}/head{head}"] = float(entropy[layer, head])
                 probes[f"attn/option_mass/layer{layer}/head{head}"] = float(mass[layer, head])
+                probes[f"attn/completion_mass/layer{layer}/head{head}"] = float(1 - mass[layer, head])
         logger.log(probes, step=step)
         logger.log_histogram("rl/letter_margin", margins, step=step)
         logger.log_histogram("rl/letter_gold_margin", margins + rng.normal(0.5, 0.5, size=margins.shape), step=step)

@@ -12,7 +12,8 @@ by dashboards/workspace.py, a self-contained HTML page by dashboards/html.py):
 Panel kinds and what they read:
     line       scalar series over x: `metrics` (names) or `regex` (every matching name)
     bar        latest value of each of `metrics` (e.g. predicted-letter counts A..E)
-    heatmap    scalars named by a `regex` with exactly two named groups (rows, columns), one grid per step
+    heatmap    scalars named by a `regex` with two named groups (rows, columns): one grid per step; or with
+               one named group (rows): a rows x steps grid (e.g. the logit lens, layer x step)
     histogram  one metric logged with Logger.log_histogram
     table      one metric logged with Logger.log_table
     image      one metric logged with Logger.log_figure
@@ -143,9 +144,10 @@ def _parse_panel(d, where: str) -> Panel:
     if bool(metrics) == (regex is not None):
         _fail(where, "give exactly one of 'metrics' (a list of names) or 'regex'")
     if kind == "heatmap":
-        if regex is None or len(compiled.groupindex) != 2 or compiled.groups != 2:
-            _fail(where, "a heatmap needs a 'regex' with exactly two named groups, rows then columns, "
-                  r"e.g. attn/entropy/layer(?P<layer>\d+)/head(?P<head>\d+)")
+        if regex is None or len(compiled.groupindex) not in (1, 2) or compiled.groups != len(compiled.groupindex):
+            _fail(where, "a heatmap needs a 'regex' with one or two named groups and no other groups: rows then "
+                  r"columns, e.g. attn/entropy/layer(?P<layer>\d+)/head(?P<head>\d+), or rows against steps, "
+                  r"e.g. probe/logit_lens_gold_margin/layer(?P<layer>\d+)")
     if kind == "bar" and regex is not None:
         _fail(where, "a bar panel takes an explicit 'metrics' list (W&B bar plots have no regex)")
     if kind in SINGLE_METRIC_KINDS and len(metrics) != 1:

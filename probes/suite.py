@@ -238,7 +238,8 @@ class ProbeSuite:
         answered = [i for i, row in enumerate(rows) if row is not None]
         self._last_prefixes = {i: rows[i].ids for i in answered}
         metrics: dict[str, float] = {}
-        raw: dict = {"step": step, "decision": self.decision, "answered": answered, "written": written}
+        raw: dict = {"step": step, "decision": self.decision, "answered": answered, "written": written,
+                     "decision_ids": [rows[i].ids for i in answered]}
         if self.decision == "completion":
             metrics["rl/probe_no_answer_frac"] = 1.0 - len(answered) / n
         if answered:

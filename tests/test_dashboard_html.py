@@ -21,7 +21,8 @@ ARTIFACTS = REPO / "artifacts" / "dashboards"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # What the slider's first step does (method "animate", args [["<step>"], ...]), run in the page.
 SLIDER_JS = """(async () => {
-  const gd = document.querySelector("[data-kind='heatmap'] .js-plotly-plot");
+  // the first layer x head heatmap (a slider over steps); a layer x step heatmap has none
+  const gd = [...document.querySelectorAll("[data-kind='heatmap'] .js-plotly-plot")].find(p => p.layout.sliders);
   const before = gd.data[0].z.map(r => Array.from(r));
   const step = gd.layout.sliders[0].steps[0];
   await Plotly.animate(gd, step.args[0], step.args[1]);
@@ -96,10 +97,10 @@ def test_html_report_renders_every_panel_in_chromium(sample_run, chromium, tmp_p
     out = write_html(templates, sample_run, tmp_path / "report.html")
     text = out.read_text()
     assert "https://" not in text.split("<body>")[1][:2000]  # nothing fetched from the network
-    assert text.count("class='aq-panel'") == panel_count(templates) == 26
+    assert text.count("class='aq-panel'") == panel_count(templates) == 32
     report = inspect_page(out, tmp_path / "report.png", evaluate=SLIDER_JS)
     assert report.console_errors == []
-    assert report.panels == report.rendered == report.plots == 26
+    assert report.panels == report.rendered == report.plots == 32
     # the heatmap's slider step (Plotly.animate to a frame) really shows that step's grid
     heat = panel_figure(get_template("attention").panels[1], RunData.load(sample_run))
     first, last = ([list(r) for r in z] for z in (heat.frames[0].data[0].z, heat.data[0].z))
@@ -144,3 +145,18 @@ def test_cli_html_from_the_offline_wandb_run(tmp_path, chromium, capsys, monkeyp
     assert "W&amp;B offline run" in out.read_text() and shot.read_bytes().startswith(PNG_MAGIC)
     assert main(["dashboard", "html", "--run", str(tmp_path / "missing"), "-o", str(out)]) == 2
     assert f"run directory {tmp_path / 'missing'} does not exist" in capsys.readouterr().err
+
+
+def test_layer_by_step_heatmap_puts_each_logged_value_in_its_row_and_step(sample_run):
+    panel = [p for p in get_template("answer_confidence").panels if p.kind == "heatmap"][0]
+    fig = panel_figure(panel, RunData.load(sample_run))
+    logged = {}
+    for row in read_metrics(sample_run):
+        for key, value in row.items():
+            if key.startswith("probe/logit_lens_gold_margin/layer"):
+                logged[(int(key.rsplit("layer", 1)[1]), row["step"])] = value
+    steps = sorted({s for _, s in logged})
+    assert list(fig.data[0].x) == steps and list(fig.data[0].y) == [f"layer {i}" for i in range(4)]
+    for (layer, step), value in logged.items():
+        assert fig.data[0].z[layer][steps.index(step)] == pytest.approx(value)
+    assert not fig.frames  # one grid, no slider

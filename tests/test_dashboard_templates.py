@@ -33,10 +33,15 @@ def test_shipped_templates_cover_the_issue():
     assert {"rl/acc", "rl/mean_reward", "rl/pass@k", "rl/avg_completion_len"} <= names(by_name["rl_overview"])
     assert {"rl/kl_letter_mean", "rl/kl_sequence_mean"} <= names(by_name["kl_telemetry"])
     kinds = {p.kind for p in by_name["answer_confidence"].panels}
-    assert kinds == {"line", "histogram", "table"}
+    assert kinds == {"line", "histogram", "table", "heatmap"}
+    assert {"rl/letter_gold_margin_mean", "rl/rollout_letter_gold_margin_mean", "rl/probe_no_answer_frac",
+            "rl/probe_decision_agreement"} <= names(by_name["answer_confidence"])
+    lens = [p for p in by_name["answer_confidence"].panels if p.kind == "heatmap"]
+    assert [p.regex for p in lens] == [r"probe/logit_lens_gold_margin/layer(?P<layer>\d+)"]  # layer x step
     heat = [p for p in by_name["attention"].panels if p.kind == "heatmap"]
     assert {p.regex for p in heat} == {r"attn/entropy/layer(?P<layer>\d+)/head(?P<head>\d+)",
-                                       r"attn/option_mass/layer(?P<layer>\d+)/head(?P<head>\d+)"}
+                                       r"attn/option_mass/layer(?P<layer>\d+)/head(?P<head>\d+)",
+                                       r"attn/completion_mass/layer(?P<layer>\d+)/head(?P<head>\d+)"}
     bar = [p for p in by_name["mode_collapse"].panels if p.kind == "bar"][0]
     assert bar.metrics == [f"rl/letter_pred_counts/{L}" for L in "ABCDE"]
     assert {p.kind for t in by_name.values() for p in t.panels} == set(KINDS)  # every kind is shipped
@@ -45,7 +50,7 @@ def test_shipped_templates_cover_the_issue():
 def test_rl_panels_plot_against_the_rl_step():
     for t in all_templates():
         for p in t.panels:
-            if p.x is not None and any(m.startswith(("rl/", "attn/")) for m in p.metrics + [p.regex or ""]):
+            if p.x is not None and any(m.startswith(("rl/", "attn/", "probe/")) for m in p.metrics + [p.regex or ""]):
                 assert p.x == "rl/step", (t.name, p.title)
 
 
@@ -84,7 +89,9 @@ PANEL = ("sections", 0, "panels", 0)
     ([(PANEL + ("metrics",), KeyError), (PANEL + ("regex",), "rl/(")], "'regex' 'rl/(' does not compile"),
     ([(PANEL + ("x",), KeyError)], "a line panel needs 'x'"),
     ([(PANEL + ("x",), "rl/steps")], "'x' must be 'Step' or '<family>/step'"),
-    ([(PANEL + ("kind",), "heatmap")], "a heatmap needs a 'regex' with exactly two named groups"),
+    ([(PANEL + ("kind",), "heatmap")], "a heatmap needs a 'regex' with one or two named groups"),
+    ([(PANEL + ("kind",), "heatmap"), (PANEL + ("metrics",), KeyError), (PANEL + ("regex",), r"a/(?P<l>\d+)/(\d+)")],
+     "a heatmap needs a 'regex' with one or two named groups and no other groups"),
     ([(PANEL + ("kind",), "table")], "a table panel has no x-axis"),
     ([(PANEL + ("kind",), "histogram"), (PANEL + ("metrics",), ["a/b", "a/c"])],
      "a histogram panel shows exactly one metric"),

@@ -55,18 +55,19 @@ def test_round_trip_is_lossless(name):
 def test_workspace_uses_native_wandb_panels_and_carries_only_what_wandb_lacks():
     model = workspace_model([t for t in all_templates() if t.name == "attention"][0], "e", "p")
     sections = model["spec"]["section"]["panelBankConfig"]["sections"]
-    assert [s["name"] for s in sections] == ["Entropy", "Option mass", "Patterns", CARRIER_SECTION]
+    assert [s["name"] for s in sections] == ["Entropy", "Option mass", "Patterns", "Completion mass", CARRIER_SECTION]
     heat = sections[0]["panels"][1]
     assert heat["viewType"] == "Run History Line Plot"
     assert heat["config"]["metricRegex"] == r"attn/entropy/layer(\d+)/head(\d+)"  # JavaScript-safe
     assert heat["config"]["xAxis"] == "rl/step" and heat["config"]["chartTitle"] == "Entropy by layer and head"
     assert sections[2]["panels"][0]["viewType"] == "Media Browser"
-    note = sections[3]["panels"][0]["config"]["value"]
+    note = sections[4]["panels"][0]["config"]["value"]
     carried = json.loads(re.search(r"```json\n(.*?)\n```", note, re.S).group(1))
     # titles, metrics, regexes and x-axes live in W&B's own fields; a heatmap's kind and group names do not
     assert carried["panels"] == {
         "aq-0-1": {"kind": "heatmap", "regex": r"attn/entropy/layer(?P<layer>\d+)/head(?P<head>\d+)"},
-        "aq-1-1": {"kind": "heatmap", "regex": r"attn/option_mass/layer(?P<layer>\d+)/head(?P<head>\d+)"}}
+        "aq-1-1": {"kind": "heatmap", "regex": r"attn/option_mass/layer(?P<layer>\d+)/head(?P<head>\d+)"},
+        "aq-3-1": {"kind": "heatmap", "regex": r"attn/completion_mass/layer(?P<layer>\d+)/head(?P<head>\d+)"}}
     assert "(?P<" not in json.dumps([p["config"].get("metricRegex") for s in sections for p in s["panels"]
                                      if "config" in p and isinstance(p["config"], dict)])
     assert carried["aquainterp_template"] == "attention" and carried["version"] == 1

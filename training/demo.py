@@ -318,15 +318,10 @@ def print_summary(r: dict, root: Path, config: DemoConfig) -> None:
     for label, d in (("before RL", before), ("after RL ", after)):
         cat, gen = d.get("eval/synthetic_categorical_acc"), d.get("eval/synthetic_acc")
         print(f"{label}     categorical {cat:.3f}, generative {gen:.3f}, pass@k {d.get('rl/pass@k', float('nan')):.3f}")
-    # probes log on their own cadence, not in the per-step history: read their last values back
-    last_probe = _last_probe_metrics(root / "rl" / "metrics.jsonl")
-    kl = last_probe.get("rl/kl_letter_mean")
-    seq_kl = last_probe.get("rl/kl_sequence_mean")
-    margin = last_probe.get("rl/letter_margin_mean")
-    print(f"KL drift      letter {kl:.4f}, sequence {seq_kl:.4f} (nats, vs the pre-RL policy)"
-          if kl is not None and seq_kl is not None else "KL drift      (no probe step logged)")
-    if margin is not None:
-        print(f"letter margin {margin:.3f} (top − runner-up logit at the decision position)")
+    # probes log on their own cadence, not in the per-step history: read their first and last values back
+    first, last = _probe_metrics(root / "rl" / "metrics.jsonl")
+    for line in probe_summary(first, last):
+        print(line)
     p = r["patching"]
     print(f"patching      {p['n_pairs']} pairs, clean logit diff {p['clean_logit_diff_mean']:.3f}, corrupted "
           f"{p['corrupted_logit_diff_mean']:.3f}")
@@ -344,20 +339,51 @@ def print_summary(r: dict, root: Path, config: DemoConfig) -> None:
     print("    WANDB_RUN=d20 bash training/speedrun.sh")
 
 
-def _last_probe_metrics(path: Path) -> dict:
-    """The most recent value of each probe metric in metrics.jsonl (probes log on their own cadence)."""
-    out: dict = {}
+def _probe_metrics(path: Path) -> tuple[dict, dict]:
+    """(first, last) logged value of each probe metric in metrics.jsonl (probes log on their own cadence)."""
+    first: dict = {}
+    last: dict = {}
     if not path.exists():
-        return out
+        return first, last
     for line in path.read_text().splitlines():
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue
         for k, v in row.items():
-            if k.startswith(("rl/kl_", "rl/letter_margin")) and isinstance(v, int | float):
-                out[k] = v
-    return out
+            if k.startswith(("rl/kl_", "rl/letter_", "rl/probe_", "rl/rollout_", "probe/")) \
+                    and isinstance(v, int | float) and not isinstance(v, bool):
+                first.setdefault(k, v)
+                last[k] = v
+    return first, last
+
+
+def probe_summary(first: dict, last: dict) -> list[str]:
+    """The summary's probe lines: what the probes read at the answer step of the policy's own greedy
+    completions on the probe set, at the first and the last probe step of the RL stage."""
+    def pair(name: str, fmt: str) -> str | None:
+        if name not in last:
+            return None
+        return f"{format(first[name], fmt)} -> {format(last[name], fmt)}"
+
+    lines = []
+    gold = pair("rl/letter_gold_margin_mean", ".2f")
+    if gold is not None:
+        lines.append(f"probes        gold letter margin {gold} logits at the answer step of the policy's own "
+                     f"greedy completions (first -> last probe step)")
+    agree, no_answer = pair("rl/probe_decision_agreement", ".0%"), pair("rl/probe_no_answer_frac", ".0%")
+    if agree is not None:
+        lines.append(f"              top letter logit = letter written: {agree}; completions without an answer: "
+                     f"{no_answer}")
+    lens = sorted((k for k in last if k.startswith("probe/logit_lens_gold_margin/layer")),
+                  key=lambda k: int(k.rsplit("layer", 1)[1]))
+    if lens:
+        lines.append("              logit lens, gold margin by layer (last probe step): "
+                     + ", ".join(f"L{k.rsplit('layer', 1)[1]} {last[k]:.2f}" for k in lens))
+    kl, seq_kl = last.get("rl/kl_letter_mean"), last.get("rl/kl_sequence_mean")
+    lines.append(f"KL drift      letter {kl:.4f}, sequence {seq_kl:.4f} (nats, vs the pre-RL policy, last probe step)"
+                 if kl is not None and seq_kl is not None else "KL drift      (no probe step logged)")
+    return lines
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
