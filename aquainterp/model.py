@@ -441,6 +441,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    # TL's logit lens reads this: hook_resid_post is one [batch, pos, d_model] stream (whether the stream
+    # entering ln_final is the last block's is GPT.residual_decomposition_problem's question).
+    hook_out_is_single_residual_stream = True
+
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
         self.ln1 = RMSNormPre(config.norm_eps)
