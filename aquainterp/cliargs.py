@@ -222,6 +222,5 @@ def guarded(prog: str, body, debug: bool = False) -> int:
     except Exception as e:
         if debug:
             traceback.print_exc()
-        print(f"{prog}: error: {describe_error(e)}" + ("" if debug else " (--debug shows the traceback)"),
-              file=sys.stderr)
+        print(f"{prog}: error: {describe_error(e)}", file=sys.stderr)
         return 1

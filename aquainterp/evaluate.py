@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -115,6 +116,21 @@ def _all_reduce(result: EvalResult, pass_sums: dict[int, float], device) -> None
     result.pass_at = {k: s / result.problems if result.problems else 0.0 for k, s in pass_sums.items()}
 
 
+def _sequence_len(model) -> int:
+    limit = getattr(getattr(model, "config", None), "sequence_len", None)
+    return limit if isinstance(limit, int) else 1 << 62
+
+
+def _warn_too_long(too_long: list, limit: int, total: int) -> None:
+    """Prompts longer than the model's training length still run (the rotary tables reach 10x further),
+    but never silently: one warning with how many, the longest and the first one's source."""
+    if too_long:
+        longest = max(n for _, n in too_long)
+        warnings.warn(f"{len(too_long)} of {total} prompts are longer than the model's sequence_len {limit} "
+                      f"(longest {longest} tokens, first {too_long[0][0].source}): their answers are read at "
+                      "positions the model was never trained on", stacklevel=3)
+
+
 def _device(model) -> torch.device:
     return next(model.parameters()).device
 
@@ -126,10 +142,12 @@ def categorical_eval(model, tokenizer, problems: list[MCProblem], batch_size: in
     device = _device(model)
     mine, rank = _shard(problems)
     result = EvalResult("categorical")
+    limit, too_long = _sequence_len(model), []
     for start in tqdm(range(0, len(mine), batch_size), desc="categorical eval", unit="batch",
                       disable=not progress or rank != 0):
         batch = mine[start : start + batch_size]
         prompts = [decision_prompt(tokenizer, p) for p in batch]
+        too_long += [(problem, len(ids)) for problem, (ids, _) in zip(batch, prompts) if len(ids) > limit]
         width = max(len(ids) for ids, _ in prompts)
         # right-padding is harmless: causal attention never lets a position see the padding after it
         x = torch.zeros((len(batch), width), dtype=torch.long, device=device)
@@ -142,6 +160,7 @@ def categorical_eval(model, tokenizer, problems: list[MCProblem], batch_size: in
             result.add(problem.correct, LETTERS[int(letter_logits.argmax())])
         result.problems += len(batch)
     _all_reduce(result, {}, device)
+    _warn_too_long(too_long, limit, len(mine))
     return result
 
 
@@ -167,6 +186,7 @@ def generative_eval(model, tokenizer, problems: list[MCProblem], num_samples: in
     stop = tokenizer.encode_special("<|assistant_end|>")
     indexed, rank = _shard(list(enumerate(problems)))
     result = EvalResult("generative")
+    limit, too_long = _sequence_len(model), []
     ks = [k for k in (1, 2, 4, 8, 16, 32, 64) if k <= num_samples] + ([num_samples] if num_samples not in
                                                                       (1, 2, 4, 8, 16, 32, 64) else [])
     pass_sums = dict.fromkeys(ks, 0.0)
@@ -174,6 +194,7 @@ def generative_eval(model, tokenizer, problems: list[MCProblem], num_samples: in
     for start in range(0, len(indexed), batch_size):
         chunk = indexed[start : start + batch_size]
         prompts = [list(tokenizer.render_for_completion(conversation(problem, "reasoning"))) for _, problem in chunk]
+        too_long += [(problem, len(ids)) for (_, problem), ids in zip(chunk, prompts) if len(ids) > limit]
         gens = engine.generate_batch(prompts, num_samples=num_samples, max_new_tokens=max_new_tokens,
                                      temperature=temperature, top_k=top_k, stop_tokens=(stop,),
                                      seeds=[seed + index for index, _ in chunk])
@@ -190,6 +211,7 @@ def generative_eval(model, tokenizer, problems: list[MCProblem], num_samples: in
         bar.update(len(chunk))
     bar.close()
     _all_reduce(result, pass_sums, _device(model))
+    _warn_too_long(too_long, limit, len(indexed))
     return result
 
 

@@ -363,3 +363,49 @@ def test_decode_refuses_non_integer_ids(tokenizer_dir):
     record_case("Tokenizer.decode non-int ids", "decode([1.5]), decode([True]), ...", "TypeError",
                 ", ".join(f"{k}: {'refused' if v else 'ACCEPTED'}" for k, v in refused.items()),
                 all(refused.values()) and ok)
+
+
+def test_rotary_tables_are_sized_lazily():
+    """A config's sequence_len costs rotary memory only when used: tables start at sequence_len positions
+    (not 10x), grow when a forward reaches further (same values as tables built at full length), and a
+    forward past 10x is refused by name."""
+    import torch
+
+    from aquainterp.model import GPT, GPTConfig, rotary_tables
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=32, vocab_size=64, n_layer=1, n_head=2, n_kv_head=2, n_embd=32)).eval()
+    model.init_weights()
+    start = model.cos.size(1)
+    idx = torch.randint(0, 64, (1, 100))
+    with torch.no_grad():
+        logits = model(idx)
+    grown = model.cos.size(1)
+    full_cos, full_sin = rotary_tables(model.rotary_len, model.config.head_dim, model.config.rope_base)
+    same = torch.equal(model.cos, full_cos[:, :grown]) and torch.equal(model.sin, full_sin[:, :grown])
+    with torch.no_grad():
+        again = model(idx)  # the grown tables give the logits a model with full tables gives
+    fresh = GPT(model.config).eval()
+    fresh.load_state_dict(model.state_dict())
+    fresh.cos, fresh.sin = full_cos, full_sin
+    with torch.no_grad():
+        reference = fresh(idx)
+    with pytest.raises(ValueError, match="exceed the rotary table of 320"):
+        model(torch.zeros(1, 321, dtype=torch.long))
+    holds = start == 32 and 100 <= grown <= 320 and same and torch.equal(logits, again) \
+        and torch.allclose(logits, reference, atol=1e-6, rtol=0)
+    record_case("rotary tables sized lazily", "GPT(sequence_len=32) then a 100-token forward",
+                "32 rows, grown on use, same logits", f"start {start} rows, after forward {grown}, "
+                f"values equal full tables: {same}", holds)
+
+
+def test_prompt_longer_than_sequence_len_is_not_silent(base_ckpt, shared_data):
+    from aquainterp.checkpoint import load_model
+    from aquainterp.evaluate import evaluate, load_problems
+
+    model, tok, _ = load_model(base_ckpt)
+    problems = load_problems("aqua", str(shared_data / "aqua_rat" / "dev.json"), 6)
+    with pytest.warns(UserWarning, match=r"of 6 prompts are longer than the model's sequence_len 128") as seen:
+        evaluate(model, tok, problems, "categorical", progress=False)
+    record_case("prompt longer than sequence_len", "evaluate(AQuA dev, sequence_len-128 model)",
+                "a warning with count and longest", str(seen[0].message)[:110], len(seen) == 1)
