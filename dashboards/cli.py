@@ -107,10 +107,12 @@ def _reachable(base_url: str, timeout: float = 5.0) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from aquainterp.cliargs import one_line
+
     try:
         return _run(args)
-    except (TemplateError, FileNotFoundError, ValueError) as e:
-        print(f"aquainterp dashboard {args.action}: {e}", file=sys.stderr)
+    except (TemplateError, FileNotFoundError, ValueError) as e:  # one line, as every command (cliargs)
+        print(f"aquainterp dashboard {args.action}: error: {one_line(str(e))}", file=sys.stderr)
         return 2
 
 
@@ -134,9 +136,12 @@ def _run(args: argparse.Namespace) -> int:
         return 0
 
     if args.action == "load":
+        from aquainterp.rundir import check_output
         from dashboards.workspace import template_from_model
 
         path = Path(args.workspace)
+        if args.output:
+            check_output(args.output, [path], "-o")  # never over the workspace being read
         try:
             model = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
@@ -166,8 +171,11 @@ def _run(args: argparse.Namespace) -> int:
         return 0
 
     if args.action == "html":
+        from aquainterp.rundir import check_output
         from dashboards.html import write_html
 
+        if args.template.endswith(".json"):
+            check_output(args.output, [args.template], "-o")  # never over the template being read
         templates = _templates(args.template)
         out = write_html(templates, args.run, args.output, args.source)
         print(f"wrote {out} ({sum(len(t.panels) for t in templates)} panels, {out.stat().st_size / 1e6:.1f} MB)")

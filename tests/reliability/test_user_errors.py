@@ -409,3 +409,26 @@ def test_prompt_longer_than_sequence_len_is_not_silent(base_ckpt, shared_data):
         evaluate(model, tok, problems, "categorical", progress=False)
     record_case("prompt longer than sequence_len", "evaluate(AQuA dev, sequence_len-128 model)",
                 "a warning with count and longest", str(seen[0].message)[:110], len(seen) == 1)
+
+
+def test_dashboard_outputs_never_over_their_inputs(tmp_path, capsys):
+    workspace = tmp_path / "attention.json"
+    assert aquainterp(["dashboard", "export", "--template", "attention", "-o", workspace], capsys)[0] == 0
+    before = workspace.read_bytes()
+    code, _, err = aquainterp(["dashboard", "load", workspace, "-o", workspace], capsys)
+    holds, outcome = one_line_error(code, err, 2)
+    record_case("dashboard load -o onto its input", "aquainterp dashboard load W.json -o W.json",
+                "exit 2, input intact", outcome, holds and workspace.read_bytes() == before)
+
+    run = tmp_path / "run"
+    assert aquainterp(["dashboard", "sample", "--run", run, "--steps", "2"], capsys)[0] == 0
+    template = tmp_path / "mine.json"
+    assert aquainterp(["dashboard", "load", workspace, "-o", template], capsys)[0] == 0
+    text = json.loads(template.read_text())
+    text["name"] = "mine"
+    template.write_text(json.dumps(text))
+    before = template.read_bytes()
+    code, _, err = aquainterp(["dashboard", "html", "--run", run, "--template", template, "-o", template], capsys)
+    holds, outcome = one_line_error(code, err, 2)
+    record_case("dashboard html -o onto the template", "aquainterp dashboard html --template T.json -o T.json",
+                "exit 2, template intact", outcome, holds and template.read_bytes() == before)
