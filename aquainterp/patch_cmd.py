@@ -7,7 +7,8 @@ pairs from the task, runs the sweeps (aquainterp.patching) and writes into --out
 - patching.safetensors: per sweep `{direction}/{sweep}/normalized` [*cells] and `.../logit_diff`
   [*cells, pairs], plus the baselines and token ids;
 - summary.json: the run's settings, the pairs, baselines and each sweep's axes, range and top cells;
-- patching.html: one self-contained page of labelled heatmaps (plotly.js inlined, works offline).
+- patching.html: the report (aquainterp.patch_report): summary, cropped heatmaps with the decision column,
+  per-pair drill-down, raw JSON last (plotly.js inlined, works offline).
 """
 
 from __future__ import annotations
@@ -234,45 +235,15 @@ def summarize(r: SweepResult, positions: list[str], top: int = 5) -> dict:
     order = values.abs().flatten().argsort(descending=True)[:top].tolist()
     cells = [dict(cell_label(r, tuple(torch.unravel_index(torch.tensor(i), values.shape)), positions),
                   value=float(values.flatten()[i])) for i in order]
+    moved = (values - (0.0 if r.direction == "denoise" else 1.0)).abs()
     return {"axes": list(r.axes), "shape": list(values.shape), "min": float(values.min()),
             "max": float(values.max()), "mean": float(values.mean()), "std": float(values.std()),
-            "top_cells": cells}
-
-
-def heatmap(r: SweepResult, positions: list[str], n_heads: int):
-    """A plotly heatmap of one sweep: layers (or layer.head) down, positions (or heads) across."""
-    import plotly.graph_objects as go
-
-    v = r.normalized.detach().cpu()
-    if r.axes == ("layer", "pos"):
-        z, x, y = v, positions, [f"L{layer}" for layer in range(v.shape[0])]
-    elif r.axes == ("layer", "head"):
-        z, x, y = v, [f"H{h}" for h in range(v.shape[1])], [f"L{layer}" for layer in range(v.shape[0])]
-    else:  # (layer, pos, head): one row per head
-        z = v.permute(0, 2, 1).reshape(-1, v.shape[1])
-        x, y = positions, [f"L{layer}H{h}" for layer in range(v.shape[0]) for h in range(n_heads)]
-    title = f"{r.direction}: {r.name} ({' × '.join(r.axes)}), 0 = corrupted, 1 = clean"
-    fig = go.Figure(go.Heatmap(z=z.tolist(), x=x, y=y, colorscale="RdBu", zmid=0.0,
-                               colorbar={"title": "restored"},
-                               hovertemplate="%{y} · %{x}<br>%{z:.3f}<extra></extra>"))
-    fig.update_layout(title=title, yaxis={"autorange": "reversed", "type": "category"},
-                      xaxis={"type": "category", "tickangle": -60},
-                      height=max(300, 40 + 28 * len(y)), width=max(700, 30 + 16 * len(x)))
-    return fig
-
-
-def write_html(path: Path, results: list[SweepResult], positions: list[str], n_heads: int, header: str) -> None:
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>activation patching</title></head>"
-             f"<body style='font-family:sans-serif'><h1>Activation patching</h1><pre>{header}</pre>"]
-    for i, r in enumerate(results):
-        parts.append(heatmap(r, positions, n_heads).to_html(full_html=False, include_plotlyjs=(i == 0)))
-    parts.append("</body></html>")
-    path.write_text("\n".join(parts), encoding="utf-8")
+            "n_cells": values.numel(), "n_above_10pct": int((moved >= 0.1).sum()), "top_cells": cells}
 
 
 def write_report(out: Path, patcher: Patcher, results: list[SweepResult], tokenizer, settings: dict) -> dict:
     """Tensors, summary.json and patching.html under `out`; returns the summary."""
-    import html
+    from aquainterp.patch_report import write_html
 
     out.mkdir(parents=True, exist_ok=True)
     positions = patcher.position_labels(tokenizer)
@@ -282,7 +253,12 @@ def write_report(out: Path, patcher: Patcher, results: list[SweepResult], tokeni
         "pairs": [{"name": p.name, "tokens": len(p.clean_ids),
                    "clean_letter": tokenizer.token_str(p.clean_letter_id) if tokenizer else p.clean_letter_id,
                    "foil_letter": tokenizer.token_str(int(f)) if tokenizer else int(f),
-                   "clean_logit_diff": float(c), "corrupted_logit_diff": float(d)}
+                   "clean_logit_diff": float(c), "corrupted_logit_diff": float(d),
+                   **({} if p.completion_start is None else {
+                       "completion_start": p.completion_start,
+                       "completion": tokenizer.decode(list(p.clean_ids[p.completion_start:])) if tokenizer else None,
+                       "stated_letter": (tokenizer.token_str(p.stated_letter_id) if tokenizer else p.stated_letter_id)
+                       if p.stated_letter_id is not None else None})}
                   for p, f, c, d in zip(patcher.pairs, patcher.foil_letter, patcher.clean_ld, patcher.corrupted_ld)],
         "clean_logit_diff_mean": float(patcher.clean_ld.mean()),
         "corrupted_logit_diff_mean": float(patcher.corrupted_ld.mean()),
@@ -290,10 +266,7 @@ def write_report(out: Path, patcher: Patcher, results: list[SweepResult], tokeni
         "sweeps": {f"{r.direction}/{r.name}": summarize(r, positions) for r in results},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    header = html.escape(json.dumps({k: summary[k] for k in settings} | {
-        "clean_logit_diff_mean": summary["clean_logit_diff_mean"],
-        "corrupted_logit_diff_mean": summary["corrupted_logit_diff_mean"]}, indent=1))
-    write_html(out / "patching.html", results, positions, patcher.n_heads, header)
+    write_html(out / "patching.html", patcher, results, summary, tokenizer)
     return summary
 
 

@@ -54,7 +54,8 @@ def test_checkpoint_to_tensors_json_and_html(saved, tmp_path, capsys):
     assert resid[top["layer"], top["pos"]].item() == pytest.approx(top["value"])
     assert top["token"] == summary["positions"][top["pos"]]
     html = (tmp_path / "patching.html").read_text()
-    assert html.count("Plotly.newPlot") == 2 and html.count("plotly.js v") == 1  # plotly.js inlined once
+    assert html.count("class='aq-panel'") == 2 and html.count("plotly.js v") == 1  # plotly.js inlined once
+    assert html.count("Plotly.newPlot") == 2 + html.count("<details class='full'>")  # cropped + full behind toggles
     assert re.search(r"<script[^>]*\bsrc=", html) is None  # nothing fetched: works offline
     assert "0: " + summary["positions"][-1].split(": ", 1)[1] in html  # token labels on the axis
 
