@@ -305,7 +305,7 @@ def flag_types() -> dict:
         "depth": positive_int(1024), "aspect_ratio": positive_int(1 << 16), "head_dim": Number(int, 2, 1 << 16),
         "seq_len": Number(int, 2, 1 << 20), "device_batch_size": positive_int(1 << 20),
         "total_batch_tokens": positive_int(), "examples_per_step": positive_int(1 << 24),
-        "vocab_size": Number(int, 260, 1 << 24), "max_chars": positive_int(), "doc_cap": positive_int(),
+        "vocab_size": Number(int, 512, 1 << 16), "max_chars": positive_int(), "doc_cap": positive_int(),
         # how long (the -1 defaults mean "auto" and are not flags one can type)
         "max_steps": positive_int(1 << 30, "omit for the automatic step count"),
         "num_epochs": positive_int(1 << 20), "target_param_data_ratio": Number(float, 0.0, 1e6, lo_open=True),

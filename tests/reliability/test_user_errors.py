@@ -432,3 +432,38 @@ def test_dashboard_outputs_never_over_their_inputs(tmp_path, capsys):
     holds, outcome = one_line_error(code, err, 2)
     record_case("dashboard html -o onto the template", "aquainterp dashboard html --template T.json -o T.json",
                 "exit 2, template intact", outcome, holds and template.read_bytes() == before)
+
+
+@pytest.mark.slow
+def test_user_files_next_to_runs_survive_real_demo_runs(tmp_path, capsys):
+    """The whole small demo, twice (the second with --fresh), into a folder that also holds the user's
+    files: they survive byte for byte, and --fresh redoes exactly the demo's own stage folders."""
+    runs = tmp_path / "runs"
+    (runs / "my_experiment").mkdir(parents=True)
+    (runs / "my_experiment" / "results.csv").write_text("a,b\n1,2\n")
+    (runs / "notes.txt").write_text("do not lose me\n")
+    mine = snapshot(runs)
+    argv = ["demo", "--out", runs, "--budget", "small", "--wandb", "disabled"]
+    outcome = []
+    for fresh in (False, True):
+        code, _, err = aquainterp([*argv, *(["--fresh"] if fresh else [])], capsys)
+        now = snapshot(runs)
+        kept = all(now.get(k) == v for k, v in mine.items())
+        marker = runs / "base" / ".aquainterp-owner"
+        outcome.append((code, kept, marker.stat().st_mtime_ns if marker.exists() else None))
+        assert code == 0, err[-2000:]
+    holds = all(code == 0 and kept for code, kept, _ in outcome) and outcome[0][2] != outcome[1][2]
+    record_case("user files survive real demo runs", "aquainterp demo --out runs; then --fresh",
+                "both exit 0, user files intact", ", ".join(f"{'--fresh' if i else 'first'}: exit {c}, user files "
+                                                          f"{'intact' if k else 'CHANGED'}"
+                                                          for i, (c, k, _) in enumerate(outcome)), holds)
+
+
+def test_non_utf8_metrics_name_file_and_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_bytes(b'{"step": 1, "rl/acc": 0.5}\n{"step": 2, "rl/acc": 0.\xe9}\n')
+    code, _, err = aquainterp(["dashboard", "html", "--run", run, "-o", tmp_path / "r.html"], capsys)
+    holds, outcome = one_line_error(code, err, 2)
+    record_case("non-UTF-8 metrics.jsonl", "aquainterp dashboard html --run R", "one line naming file:line",
+                outcome, holds and "metrics.jsonl:2" in err and not (tmp_path / "r.html").exists())
