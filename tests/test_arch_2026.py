@@ -167,3 +167,24 @@ def test_patching_a_2026_model_equals_transformer_lens(name, tl_function):
     ref = tl_function(model, patcher.tokens["corrupted"], clean_cache, patcher.metric)
     assert ref.abs().max() > 0.05
     torch.testing.assert_close(ours.normalized, ref, atol=1e-5, rtol=0)
+
+
+def test_optimizer_groups_follow_nanochat_2026():
+    """Every parameter in exactly one group; the 2026 additions get nanochat 92d63d4's AdamW settings;
+    a 2025-10 model keeps the two AdamW groups."""
+    from training.optim import build_optimizers
+
+    model = random_2026()
+    muon, adam = build_optimizers(model, d_model=64)
+    seen = [id(p) for opt in (muon, adam) for g in opt.param_groups for p in g["params"]]
+    assert sorted(seen) == sorted(id(p) for p in model.parameters())
+    by_param = {id(p): g for g in adam.param_groups for p in g["params"]}
+    embed = by_param[id(model.wte.weight)]
+    assert by_param[id(model.value_embeds["1"].weight)]["lr"] == pytest.approx(0.5 * embed["lr"])
+    assert by_param[id(model.x0_lambdas)]["betas"] == (0.96, 0.95)
+    assert by_param[id(model.resid_lambdas)]["lr"] == pytest.approx(0.005)
+    assert by_param[id(model.resid_lambdas)]["weight_decay"] == 0.05
+    assert by_param[id(model.smear_lambda)]["lr"] == by_param[id(model.backout_lambda)]["lr"] == 0.2
+    assert any(p is model.blocks[1].attn.ve_gate.weight for g in muon.param_groups for p in g["params"])
+    old = GPT(GPTConfig(sequence_len=64, vocab_size=50, n_layer=2, n_head=2, n_kv_head=2, n_embd=64))
+    assert len(build_optimizers(old, d_model=64)[1].param_groups) == 2

@@ -49,6 +49,28 @@ def split_parameters(model: nn.Module) -> tuple[list, list, list]:
     return matrices, embeddings, head
 
 
+SCALAR_LR = 0.5  # nanochat 92d63d4's scalar_lr
+
+
+def nanochat_2026_groups(model: nn.Module, embedding_lr: float, init_lr_frac: float = 1.0) -> list[dict]:
+    """AdamW groups of a nanochat-2026-07 model's additions, with nanochat 92d63d4's settings: value
+    embeddings at half the (scaled) embedding lr, weight decay 0.01; resid_lambdas lr 0.005, decay 0.05;
+    x0_lambdas lr 0.5 with beta1 0.96; smear_gate/smear_lambda/backout_lambda lr 0.2. Empty for 2025-10
+    (the ve_gates are block matrices and go to Muon, as in nanochat)."""
+    if not hasattr(model, "resid_lambdas"):
+        return []
+    value_embeds = [p for p in model.value_embeds.parameters() if p.requires_grad]
+    smear = [model.smear_gate.weight, model.smear_lambda, model.backout_lambda]
+    groups = [
+        {"params": value_embeds, "lr": embedding_lr * 0.5, "betas": (0.8, 0.995), "weight_decay": 0.01},
+        {"params": [model.resid_lambdas], "lr": SCALAR_LR * 0.01 * init_lr_frac, "betas": (0.8, 0.95),
+         "weight_decay": 0.05},
+        {"params": [model.x0_lambdas], "lr": SCALAR_LR * init_lr_frac, "betas": (0.96, 0.95), "weight_decay": 0.0},
+        {"params": smear, "lr": 0.2 * init_lr_frac, "betas": (0.8, 0.95), "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
 def dmodel_lr_scale(d_model: int) -> float:
     return (d_model / 768) ** -0.5
 
@@ -59,9 +81,13 @@ def build_optimizers(model: nn.Module, *, d_model: int, matrix_lr: float = 0.02,
     """[Muon, AdamW] as nanochat builds them; every group remembers its `initial_lr` for the schedule."""
     matrices, embeddings, head = split_parameters(model)
     scale = dmodel_lr_scale(d_model)
+    extra = nanochat_2026_groups(model, embedding_lr * scale * init_lr_frac, init_lr_frac)
+    taken = {id(p) for group in extra for p in group["params"]}
+    head = [p for p in head if id(p) not in taken]
+    embeddings = [p for p in embeddings if id(p) not in taken]
     adam = torch.optim.AdamW(
         [{"params": head, "lr": unembedding_lr * scale * init_lr_frac},
-         {"params": embeddings, "lr": embedding_lr * scale * init_lr_frac}],
+         {"params": embeddings, "lr": embedding_lr * scale * init_lr_frac}, *extra],
         betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=weight_decay, fused=False, foreach=False,
     )
     muon = torch.optim.Muon(matrices, lr=matrix_lr * init_lr_frac, momentum=MUON_MOMENTUM_END, nesterov=True,
