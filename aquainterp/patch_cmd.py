@@ -41,6 +41,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", type=existing_path("dir"), help="checkpoint folder written by aquainterp.checkpoint")
     source.add_argument("--hf-dir", type=existing_path("dir"), help="HF NanoChatForCausalLM directory (imported via the bridge)")
+    source.add_argument("--checkpoint-series", type=existing_path("dir"), metavar="RUN_DIR/checkpoints",
+                        help="patch the same pairs on every --every-th saved step of a run (pairs built on the newest "
+                             "selected step): a step x cell view in the report, series.safetensors and metrics.jsonl "
+                             "for the 'Circuit drift' dashboard template")
+    parser.add_argument("--every", type=positive_int(1 << 30), default=1,
+                        help="--checkpoint-series: steps whose number is a multiple of K, plus the newest (default: all)")
+    parser.add_argument("--wandb", choices=("disabled", "offline", "online"), default="disabled",
+                        help="--checkpoint-series: also log the per-step metrics to W&B (always to --out/metrics.jsonl)")
     parser.add_argument("--step", type=count_int(), default=None, help="checkpoint step (default: the latest)")
     parser.add_argument("--tokenizer", type=existing_path("dir"), default=None,
                         help="tokenizer folder, when the checkpoint or HF dir carries none")
@@ -241,7 +249,8 @@ def summarize(r: SweepResult, positions: list[str], top: int = 5) -> dict:
             "n_cells": values.numel(), "n_above_10pct": int((moved >= 0.1).sum()), "top_cells": cells}
 
 
-def write_report(out: Path, patcher: Patcher, results: list[SweepResult], tokenizer, settings: dict) -> dict:
+def write_report(out: Path, patcher: Patcher, results: list[SweepResult], tokenizer, settings: dict,
+                 extra_html: str = "") -> dict:
     """Tensors, summary.json and patching.html under `out`; returns the summary."""
     from aquainterp.patch_report import write_html
 
@@ -266,8 +275,83 @@ def write_report(out: Path, patcher: Patcher, results: list[SweepResult], tokeni
         "sweeps": {f"{r.direction}/{r.name}": summarize(r, positions) for r in results},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    write_html(out / "patching.html", patcher, results, summary, tokenizer)
+    write_html(out / "patching.html", patcher, results, summary, tokenizer, extra_html)
     return summary
+
+
+def run_sweeps(args, patcher: Patcher, names, directions) -> list[SweepResult]:
+    if args.method == "attribution":
+        from aquainterp.attribution import attribution_sweeps
+
+        return [r for d in directions for r in attribution_sweeps(patcher, names, d)]
+    return [patcher.sweep(name, d) for d in directions for name in names]
+
+
+def settings_of(args, pairs, skipped, no_marker, directions, names) -> dict:
+    return {"task": args.task, "data": args.data, "decision": args.decision, "method": args.method,
+            "corruption": args.corruption, "style": args.style, "n_pairs": len(pairs), "skipped": skipped,
+            "no_marker": no_marker, "align": args.align, "seed": args.seed,
+            "noise_scale": args.noise_scale if args.corruption == "noise" else None,
+            "directions": list(directions), "sweeps": names}
+
+
+def run_checkpoint_series(args, names) -> int:
+    """--checkpoint-series: the same pairs on every selected step (aquainterp.patch_series)."""
+    from safetensors.torch import save_file
+
+    from aquainterp.logger import Logger
+    from aquainterp.patch_series import run_series, series_section, stack
+
+    directions = DIRECTIONS if args.direction == "both" else (args.direction,)
+
+    def build(model, tokenizer):
+        return build_pairs(args, tokenizer, problems(args), model)
+
+    def patch_one(model, pairs):
+        patcher = Patcher(model, pairs, batch_size=args.batch_size, align=args.align, noise_scale=args.noise_scale,
+                          seed=args.seed, progress=False)
+        return patcher, run_sweeps(args, patcher, names, directions)
+
+    try:
+        resolve_decision(args)
+        with Logger(args.out, mode=args.wandb, run_name=f"patch-series-{args.out.name}",
+                    config={"checkpoint_series": str(args.checkpoint_series), "every": args.every}) as logger:
+            series = run_series(args, build, patch_one, logger)
+    except (ValueError, FileNotFoundError) as e:
+        return fail(str(e))
+    if series["last"] is None:
+        return fail(f"the newest step {series['newest']} has nothing to restore: {series['failed'][series['newest']]}")
+    patcher, results = series["last"]
+    tokenizer, steps = series["tokenizer"], series["steps"]
+    stacked = stack(series)
+    positions = patcher.position_labels(tokenizer)
+    baselines = {step: (None, None) if p is None else (p.clean_ld.cpu(), p.corrupted_ld.cpu())
+                 for step, p, _ in series["rows"]}
+    nan = torch.full((len(series["pairs"]),), float("nan"))
+    tensors = {"steps": torch.tensor(steps),
+               "clean_logit_diff": torch.stack([baselines[s][0] if baselines[s][0] is not None else nan for s in steps]),
+               "corrupted_logit_diff": torch.stack([baselines[s][1] if baselines[s][1] is not None else nan
+                                                    for s in steps])}
+    for key, t in stacked.items():
+        tensors[f"{key}/normalized"], tensors[f"{key}/logit_diff"] = t["normalized"], t["logit_diff"]
+    args.out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(args.out / "series.safetensors"),
+              metadata={"axes": json.dumps({k: ["step", *t["axes"]] for k, t in stacked.items()})})
+    settings = {"checkpoint_series": str(args.checkpoint_series), "step": series["newest"], "every": args.every,
+                "model_config": series["model_config"],
+                **settings_of(args, series["pairs"], series["skipped"], series["no_marker"], directions, names),
+                "series": {"steps": steps, "failed": {str(k): v for k, v in series["failed"].items()},
+                           "clean_logit_diff_mean": [float(tensors["clean_logit_diff"][i].mean()) for i in range(len(steps))],
+                           "corrupted_logit_diff_mean": [float(tensors["corrupted_logit_diff"][i].mean())
+                                                         for i in range(len(steps))]}}
+    write_report(args.out, patcher, results, tokenizer, settings, series_section(stacked, steps, series["failed"], positions))
+    print(f"{len(series['pairs'])} pairs on {len(steps)} steps {steps}"
+          + (f"; nothing to restore at steps {sorted(series['failed'])}" if series["failed"] else ""))
+    for key, t in stacked.items():
+        drift = (t["normalized"][-1] - t["normalized"][0]).abs().nan_to_num(0.0).max().item()
+        print(f"  {key:22s} largest change of a cell from step {steps[0]} to {steps[-1]}: {drift:.3f}")
+    print(f"wrote {args.out}/series.safetensors, metrics.jsonl, summary.json, patching.html")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -286,7 +370,9 @@ def run(args: argparse.Namespace) -> int:
     from aquainterp.rundir import check_can_create, check_output
 
     check_can_create(args.out, "--out")
-    check_output(args.out, [args.checkpoint, args.hf_dir, args.tokenizer, args.data], "--out")
+    check_output(args.out, [args.checkpoint, args.hf_dir, args.checkpoint_series, args.tokenizer, args.data], "--out")
+    if args.checkpoint_series is not None:
+        return run_checkpoint_series(args, names)
     try:
         resolve_decision(args)
         model, tokenizer, described = load(args)
@@ -296,17 +382,8 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as e:
         return fail(str(e), 1 if isinstance(e, (LoadFailure, FileNotFoundError)) else 2)
     directions = DIRECTIONS if args.direction == "both" else (args.direction,)
-    if args.method == "attribution":
-        from aquainterp.attribution import attribution_sweeps
-
-        results = [r for d in directions for r in attribution_sweeps(patcher, names, d)]
-    else:
-        results = [patcher.sweep(name, d) for d in directions for name in names]
-    settings = {**described, "task": args.task, "data": args.data, "decision": args.decision, "method": args.method,
-                "corruption": args.corruption, "style": args.style, "n_pairs": len(pairs), "skipped": skipped,
-                "no_marker": no_marker, "align": args.align, "seed": args.seed,
-                "noise_scale": args.noise_scale if args.corruption == "noise" else None,
-                "directions": list(directions), "sweeps": names}
+    results = run_sweeps(args, patcher, names, directions)
+    settings = {**described, **settings_of(args, pairs, skipped, no_marker, directions, names)}
     summary = write_report(args.out, patcher, results, tokenizer, settings)
     if no_marker:
         print(f"{len(no_marker)} problems skipped: their completion never wrote the answer marker "

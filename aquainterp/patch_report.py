@@ -150,7 +150,7 @@ pre.raw{font-size:11px;max-height:500px;overflow:auto;background:#f7f7f7;padding
 """
 
 
-def write_html(path, patcher, results, summary: dict, tokenizer) -> dict:
+def write_html(path, patcher, results, summary: dict, tokenizer, extra: str = "") -> dict:
     """The report page; returns what it shows (figure count, decision column per heatmap)."""
     positions = summary["positions"]
     n_heads, n_pairs = patcher.n_heads, len(patcher.pairs)
@@ -206,6 +206,7 @@ def write_html(path, patcher, results, summary: dict, tokenizer) -> dict:
             full = figure(r, positions, n_heads, None, decision, completion)
             parts.append(f"<details class='full'><summary>{html.escape(key)}: all {patcher.n_pos} positions</summary>"
                          + full.to_html(full_html=False, include_plotlyjs=False, config=PLOT_CONFIG) + "</details>")
+    parts.append(extra)  # e.g. the step x cell view of a checkpoint series (aquainterp.patch_series)
     parts.append(_drilldown(patcher, results, summary, tokenizer))
     parts.append("<h2>Raw summary</h2><details><summary>summary.json</summary><pre class='raw'>"
                  + html.escape(json.dumps(summary, indent=1)) + "</pre></details></body></html>")

@@ -97,10 +97,10 @@ def test_html_report_renders_every_panel_in_chromium(sample_run, chromium, tmp_p
     out = write_html(templates, sample_run, tmp_path / "report.html")
     text = out.read_text()
     assert "https://" not in text.split("<body>")[1][:2000]  # nothing fetched from the network
-    assert text.count("class='aq-panel'") == panel_count(templates) == 32
+    assert text.count("class='aq-panel'") == panel_count(templates) == 38
     report = inspect_page(out, tmp_path / "report.png", evaluate=SLIDER_JS)
     assert report.console_errors == []
-    assert report.panels == report.rendered == report.plots == 32
+    assert report.panels == report.rendered == report.plots == 38
     # the heatmap's slider step (Plotly.animate to a frame) really shows that step's grid
     heat = panel_figure(get_template("attention").panels[1], RunData.load(sample_run))
     first, last = ([list(r) for r in z] for z in (heat.frames[0].data[0].z, heat.data[0].z))

@@ -22,10 +22,13 @@ GOOD = {"version": 1, "name": "t", "title": "T", "sections": [
 
 
 def test_shipped_templates_cover_the_issue():
-    assert template_names() == ["answer_confidence", "attention", "kl_telemetry", "mode_collapse", "rl_overview"]
+    assert template_names() == ["answer_confidence", "attention", "circuit_drift", "kl_telemetry", "mode_collapse",
+                                "rl_overview"]
     by_name = {t.name: t for t in all_templates()}
     assert {t.title for t in by_name.values()} == {"RL overview", "KL telemetry", "Answer confidence",
-                                                   "Attention", "Mode collapse"}
+                                                   "Attention", "Mode collapse", "Circuit drift"}
+    drift = [p.regex for p in by_name["circuit_drift"].panels if p.kind == "heatmap"]
+    assert r"patch/denoise/z/layer(?P<layer>\d+)/head(?P<head>\d+)" in drift  # heads x step (patch --checkpoint-series)
 
     def names(t):
         return {m for p in t.panels for m in p.metrics}

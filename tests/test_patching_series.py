@@ -1,0 +1,103 @@
+"""`aquainterp patch --checkpoint-series`: the same pairs on every selected step of a tiny run, a step x cell
+view whose rows change exactly where a checkpoint changed, metrics the "Circuit drift" template draws."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+from tasks_tokenizer import trained_tokenizer
+from test_patching import random_gpt
+
+from aquainterp.checkpoint import save_checkpoint
+from aquainterp.cli import main
+from aquainterp.patch_series import select_steps
+from dashboards.template import get_template
+
+ARGS = ["--task", "synthetic", "--n-pairs", "2", "--batch-size", "64", "--sweeps", "resid_pre,attn_out,z",
+        "--decision", "prompt"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """Checkpoints at steps 0, 5 and 10: 0 and 5 hold the same weights, 10 has one attention head's output
+    projection scaled (a deliberately changed checkpoint)."""
+    tok = trained_tokenizer()
+    model = random_gpt(n_layer=2, vocab=tok.vocab_size, seed=5)
+    root = tmp_path_factory.mktemp("series") / "checkpoints"
+    save_checkpoint(root, 0, model, None, {"note": "series test"}, tokenizer=tok)
+    save_checkpoint(root, 5, model, None, {"note": "series test"}, tokenizer=tok)
+    with torch.no_grad():
+        model.blocks[1].attn.c_proj.weight[:, :32] *= 3.0  # head 0 of layer 1 writes three times as much
+    save_checkpoint(root, 10, model, None, {"note": "series test"}, tokenizer=tok)
+    return root
+
+
+def tensors(path):
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["axes"])
+
+
+def test_steps_shapes_and_the_changed_checkpoint_changes_its_row(run_dir, tmp_path, capsys):
+    out = tmp_path / "drift"
+    code = main(["patch", "--checkpoint-series", str(run_dir), "--every", "5", *ARGS, "--out", str(out)])
+    printed, err = capsys.readouterr()
+    assert code == 0, err
+    assert "2 pairs on 3 steps [0, 5, 10]" in printed
+    t, axes = tensors(out / "series.safetensors")
+    assert t["steps"].tolist() == [0, 5, 10]
+    assert axes["denoise/z"] == ["step", "layer", "head"] and axes["denoise/resid_pre"] == ["step", "layer", "pos"]
+    z = t["denoise/z/normalized"]
+    n_pos = int(t["denoise/resid_pre/normalized"].shape[-1])
+    assert z.shape == (3, 2, 2) and t["denoise/resid_pre/normalized"].shape == (3, 2, n_pos)
+    assert t["denoise/z/logit_diff"].shape == (3, 2, 2, 2) and t["clean_logit_diff"].shape == (3, 2)
+    for key in ("denoise/z/normalized", "denoise/resid_pre/logit_diff", "denoise/attn_out/logit_diff",
+                "clean_logit_diff", "corrupted_logit_diff"):
+        assert torch.equal(t[key][0], t[key][1]), key  # same weights, same pairs: the same row
+    assert (t["denoise/z/logit_diff"][2] - t["denoise/z/logit_diff"][1]).abs().max() > 1e-3
+    assert (t["clean_logit_diff"][2] - t["clean_logit_diff"][1]).abs().max() > 1e-3
+    # the pairs are the same token sequences at every step: the newest step's report shows them
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["step"] == 10 and summary["series"]["steps"] == [0, 5, 10] and summary["series"]["failed"] == {}
+    page = (out / "patching.html").read_text()
+    assert page.count("class='aq-panel series'") == 3 and "<h2>Across checkpoints</h2>" in page
+    assert page.index("<h2>Heatmaps</h2>") < page.index("<h2>Across checkpoints</h2>") < page.index("<h2>Pairs</h2>")
+    # one metrics.jsonl row per step, against patch/step, the names the Circuit drift template reads
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 5, 10] and [r["patch/step"] for r in rows] == [0, 5, 10]
+    assert rows[0]["patch/denoise/z/layer1/head0"] == pytest.approx(float(z[0, 1, 0]))
+    assert rows[2]["patch/denoise/attn_out/decision/layer1"] == pytest.approx(
+        float(t["denoise/attn_out/normalized"][2, 1, -1]))
+    template = get_template("circuit_drift")
+    names = sorted(rows[0])
+    for panel in template.panels:
+        if panel.regex is not None and "mlp_out" not in panel.regex:  # mlp_out was not swept here
+            assert panel.matches(names), panel.title
+        assert panel.x in (None, "patch/step")
+    assert set(template.panels[0].metrics) <= set(names)
+
+
+def test_step_selection_and_a_step_with_nothing_to_restore(run_dir, tmp_path, capsys):
+    assert select_steps(run_dir, 1) == [0, 5, 10]
+    assert select_steps(run_dir, 10) == [0, 10] and select_steps(run_dir, 7) == [0, 10]  # the newest is kept
+    with pytest.raises(ValueError, match="no saved checkpoints"):
+        select_steps(tmp_path, 1)
+    broken = tmp_path / "checkpoints"
+    shutil.copytree(run_dir, broken)
+    tok = trained_tokenizer()
+    dead = random_gpt(n_layer=2, vocab=tok.vocab_size, seed=5)
+    with torch.no_grad():
+        dead.lm_head.weight.zero_()  # every logit 0: clean and corrupted runs agree, nothing to restore
+    save_checkpoint(broken, 7, dead, None, {}, tokenizer=tok)
+    code = main(["patch", "--checkpoint-series", str(broken), *ARGS, "--sweeps", "z", "--out", str(tmp_path / "o")])
+    printed, err = capsys.readouterr()
+    assert code == 0, err
+    assert "nothing to restore at steps [7]" in printed
+    t, _ = tensors(tmp_path / "o" / "series.safetensors")
+    assert t["steps"].tolist() == [0, 5, 7, 10]
+    assert torch.isnan(t["denoise/z/normalized"][2]).all() and not torch.isnan(t["denoise/z/normalized"][[0, 1, 3]]).any()
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert "nothing to restore" in summary["series"]["failed"]["7"]
+    code = main(["patch", "--checkpoint-series", str(tmp_path / "none"), *ARGS, "--out", str(tmp_path / "p")])
+    assert code == 2 and "does not exist" in capsys.readouterr().err
