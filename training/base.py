@@ -45,6 +45,9 @@ class BaseConfig:
     val_data: str | None = None
     val_docs: int = 256
     depth: int = 20
+    # nanochat-2026-07 (nanochat HEAD's GPT, the default for new runs) or nanochat-2025-10 (what HF NanoChat
+    # and TransformerLens's bridge can represent: pick it when the model is to be exported to HF)
+    architecture: str = "nanochat-2025-10"
     aspect_ratio: int = 64
     head_dim: int = 128
     seq_len: int = 2048
@@ -76,7 +79,8 @@ def build_model(config, vocab_size: int, device):
     from aquainterp.model import GPT, GPTConfig
 
     gpt_config = GPTConfig.from_depth(config.depth, vocab_size=vocab_size, sequence_len=config.seq_len,
-                                      aspect_ratio=config.aspect_ratio, head_dim=config.head_dim)
+                                      aspect_ratio=config.aspect_ratio, head_dim=config.head_dim,
+                                      architecture=config.architecture)
     with torch.device(device):
         model = GPT(gpt_config)
     model.init_weights()

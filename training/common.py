@@ -280,7 +280,8 @@ class Progress:
 
 
 FLAG_CHOICES = {"wandb": ("online", "offline", "disabled"), "bf16": ("auto", "on", "off"),
-                "compile": ("auto", "on", "off"), "device": ("auto", "cpu", "cuda", "mps")}
+                "compile": ("auto", "on", "off"), "device": ("auto", "cpu", "cuda", "mps"),
+                "architecture": ("nanochat-2025-10", "nanochat-2026-07")}
 
 
 def flag_types() -> dict:

@@ -4,6 +4,7 @@
 #
 #   WANDB_RUN=d20 bash training/speedrun.sh          # logs to W&B as d20-base, d20-mid, ...
 #   DEPTH=26 NPROC=8 bash training/speedrun.sh        # a bigger model (see `python -m training.depth_table`)
+#   ARCH=nanochat-2025-10 bash training/speedrun.sh   # the Oct-2025 GPT (exports to HF NanoChat / TL's bridge)
 #
 # WANDB_RUN unset or "dummy" turns W&B off (metrics.jsonl in each run folder is always written).
 # Every stage takes --resume, so re-running this script after a crash continues where it stopped.
@@ -11,6 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DEPTH="${DEPTH:-20}"
+ARCH="${ARCH:-nanochat-2026-07}"  # nanochat HEAD's GPT; nanochat-2025-10 if the model must export to HF NanoChat
 NPROC="${NPROC:-8}"
 RUNS="${RUNS:-runs/d${DEPTH}}"
 DATA="${DATA:-hf:HuggingFaceFW/fineweb-edu:sample-10BT}"
@@ -32,8 +34,8 @@ if [ ! -f "$RUNS/tokenizer/tokenizer.json" ]; then
         --out-dir "$RUNS/tokenizer" --aqua "$AQUA" --gsm8k "$GSM8K"
 fi
 
-echo "== base: depth $DEPTH, 20 tokens per parameter, 524,288 tokens per step"
-"${TORCHRUN[@]}" -m training.base --depth "$DEPTH" --data "$DATA" --tokenizer-dir "$RUNS/tokenizer" \
+echo "== base: depth $DEPTH ($ARCH), 20 tokens per parameter, 524,288 tokens per step"
+"${TORCHRUN[@]}" -m training.base --depth "$DEPTH" --architecture "$ARCH" --data "$DATA" --tokenizer-dir "$RUNS/tokenizer" \
     --run-dir "$RUNS/base" --device-batch-size 32 --total-batch-tokens 524288 \
     --wandb "$WANDB" --run-name "$WANDB_RUN-base" --resume
 
