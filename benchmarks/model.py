@@ -8,8 +8,11 @@
 2. training step (forward + backward) vs HF NanoChatForCausalLM on the same weights (target ≤ 1×)
 3. run_with_cache (every hook) vs TransformerBridge.run_with_cache on the same weights (target < 1×)
 4. greedy generation of 256 tokens, KV cache vs full recompute (target ≥ 5× faster)
+5. the nanochat-2026-07 preset: forward with hooks unused vs a functional copy (target ≤ 1.02×), and its
+   training step vs the 2025-10 preset's at the same depth (what the new parts cost)
+6. greedy generation, our Engine vs HF `generate` on the exported model, both with KV caches (target ≤ 1×)
 
-Ratios are ours / theirs for 1–3 (smaller is better) and recompute / cache for 4.
+Ratios are ours / theirs for 1–3, 5, 6 (smaller is better) and recompute / cache for 4.
 """
 
 import argparse
@@ -67,13 +70,30 @@ def side_by_side(label: str, a, b, repeats: int) -> tuple[float, float]:
     The order flips every repeat: whichever runs first after the other pays for it (allocator, caches),
     which measured as a 4-6% "overhead" of the always-first arm. The minimum is the least disturbed run;
     on a quiet machine it is close to the median."""
+    ta, tb = side_by_side_times(label, a, b, repeats)
+    return min(ta), min(tb)
+
+
+def side_by_side_times(label: str, a, b, repeats: int) -> tuple[list[float], list[float]]:
+    """Every repeat's seconds of a and b (see side_by_side)."""
     a(), b()
     ta, tb = [], []
     arms = [(ta, a), (tb, b)]
     for i in tqdm(range(repeats), desc=label, leave=False, file=sys.stderr):
         for times, fn in arms[:: -1 if i % 2 else 1]:
             times.append(timed(fn))
-    return min(ta), min(tb)
+    return ta, tb
+
+
+def paired_ratio_noise(ta: list[float], tb: list[float]) -> tuple[float, float]:
+    """Median of the per-repeat ratios a_i / b_i (each pair ran back to back) and their standard error:
+    the noise a ratio of best times carries on this machine."""
+    ratios = sorted(x / y for x, y in zip(ta, tb))
+    n = len(ratios)
+    median = ratios[n // 2] if n % 2 else (ratios[n // 2 - 1] + ratios[n // 2]) / 2
+    mean = sum(ratios) / n
+    se = (sum((r - mean) ** 2 for r in ratios) / max(n - 1, 1) / n) ** 0.5
+    return median, se
 
 
 def report(label: str, ours: float, theirs: float, target: str):
@@ -102,19 +122,21 @@ def bench_depth(depth: int, args):
     )
     idx = torch.randint(0, args.vocab, (args.batch, args.seq_len))
 
-    with tempfile.TemporaryDirectory() as tmp:
-        export_hf(model, None, tmp)
-        hf = NanoChatForCausalLM.from_pretrained(tmp)  # default attention (SDPA), as a user would load it
-        bridge = load_transformer_bridge(tmp)
-
     with torch.no_grad():
         model.eval()
         diff = (model(idx) - hookless_forward(model, idx)).abs().max().item()
         assert diff == 0.0, f"hookless reference differs from the model by {diff}"
-        ours, plain = side_by_side(
-            "forward", lambda: model(idx), lambda: hookless_forward(model, idx), args.repeats
-        )
-        report("forward, hooks unused vs no HookPoint modules", ours, plain, "target <= 1.02")
+        ta, tb = side_by_side_times("forward", lambda: model(idx), lambda: hookless_forward(model, idx), args.repeats)
+        report("forward, hooks unused vs no HookPoint modules", min(ta), min(tb), "target <= 1.02")
+        median, se = paired_ratio_noise(ta, tb)
+        print(f"  {'  per-repeat ratios: median, ± standard error':<52} {median:5.3f} ± {se:.3f} over {len(ta)} pairs "
+              f"(TL extras off: {not model.cfg.use_attn_result and not model.cfg.use_split_qkv_input})")
+    if args.only_forward:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        export_hf(model, None, tmp)
+        hf = NanoChatForCausalLM.from_pretrained(tmp)  # default attention (SDPA), as a user would load it
+        bridge = load_transformer_bridge(tmp)
 
     model.train()
     hf.train()
@@ -170,6 +192,112 @@ def bench_depth(depth: int, args):
     )
 
 
+def hookless_forward_2026(model: GPT, idx: torch.Tensor) -> torch.Tensor:
+    """The nanochat-2026-07 forward with functional ops only (no HookPoint, no submodule calls): smear,
+    resid/x0 lambdas, value embeddings with their gates, q/k x1.2, sliding-window masks, backout."""
+    cfg = model.config
+    B, T = idx.shape
+    H, Hkv, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+    cos, sin = model.cos[:, :T], model.sin[:, :T]
+    x = norm(F.embedding(idx, model.wte.weight))
+    gate = model.smear_lambda * torch.sigmoid(F.linear(x[:, 1:, :24], model.smear_gate.weight))
+    x = torch.cat([x[:, :1], x[:, 1:] + gate * x[:, :-1]], dim=1)
+    x0, x_mid = x, None
+    pos = torch.arange(T)
+    for i, blk in enumerate(model.blocks):
+        attn, mlp = blk.attn, blk.mlp
+        x = model.resid_lambdas[i] * x + model.x0_lambdas[i] * x0
+        h = norm(x)
+        q = norm(apply_rotary_emb(F.linear(h, attn.c_q.weight).view(B, T, H, D), cos, sin)) * 1.2
+        k = norm(apply_rotary_emb(F.linear(h, attn.c_k.weight).view(B, T, Hkv, D), cos, sin)) * 1.2
+        v = F.linear(h, attn.c_v.weight).view(B, T, Hkv, D)
+        if attn.ve_gate is not None:
+            g = 3 * torch.sigmoid(F.linear(h[..., :12], attn.ve_gate.weight))
+            v = v + g.unsqueeze(-1) * F.embedding(idx, model.value_embeds[str(i)].weight).view(B, T, Hkv, D)
+        window = attn.window
+        mask = None if window is None or window >= T - 1 else (
+            (pos[None, :] <= pos[:, None]) & (pos[:, None] - pos[None, :] <= window))
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           attn_mask=mask, is_causal=mask is None, enable_gqa=H != Hkv)
+        x = x + F.linear(y.transpose(1, 2).reshape(B, T, -1), attn.c_proj.weight)
+        x = x + F.linear(F.relu(F.linear(norm(x), mlp.c_fc.weight)).square(), mlp.c_proj.weight)
+        if i == cfg.n_layer // 2:
+            x_mid = x
+    x = x - model.backout_lambda * x_mid
+    logits = F.linear(norm(x), model.lm_head.weight[: cfg.vocab_size]).float().div_(15.0).tanh_()
+    return logits * 15.0 if logits.requires_grad else logits.mul_(15.0)
+
+
+def random_model_2026(depth: int, vocab: int, seq_len: int) -> GPT:
+    """The nanochat-2026-07 preset at `depth`, random non-zero weights (the scalars in [0.5, 1])."""
+    torch.manual_seed(depth)
+    model = GPT(GPTConfig.from_depth(depth, vocab_size=vocab, sequence_len=seq_len, architecture="nanochat-2026-07"))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim < 2:
+                p.uniform_(0.5, 1.0)
+            else:
+                p.normal_(0.0, 1.0 if p is model.wte.weight else p.shape[-1] ** -0.5)
+    return model
+
+
+def bench_preset_2026(depth: int, args):
+    """The nanochat-2026-07 preset: hooks-unused overhead (vs hookless_forward_2026) and its train step
+    against the 2025-10 preset of the same depth."""
+    seq = max(args.seq_len, args.prompt_len + args.new_tokens)
+    new, old = random_model_2026(depth, args.vocab, seq), random_model(depth, args.vocab, seq)
+    c = new.config
+    print(f"depth {depth}, nanochat-2026-07: windows {c.window_sizes()}, value embeddings on layers "
+          f"{sorted(int(k) for k in new.value_embeds)}, {new.num_params():,} params ({old.num_params():,} in 2025-10)")
+    idx = torch.randint(0, args.vocab, (args.batch, args.seq_len))
+    with torch.no_grad():
+        new.eval()
+        diff = (new(idx) - hookless_forward_2026(new, idx)).abs().max().item()
+        assert diff <= 1e-5, f"hookless 2026-07 reference differs from the model by {diff}"
+        ta, tb = side_by_side_times("2026 forward", lambda: new(idx), lambda: hookless_forward_2026(new, idx),
+                                    args.repeats)
+        report("2026-07 forward, hooks unused vs no HookPoint modules", min(ta), min(tb), "target <= 1.02")
+        median, se = paired_ratio_noise(ta, tb)
+        print(f"  {'  per-repeat ratios: median, ± standard error':<52} {median:5.3f} ± {se:.3f} over {len(ta)} pairs")
+    new.train()
+    old.train()
+
+    def step(model):
+        model.zero_grad(set_to_none=True)
+        model(idx, idx).backward()
+
+    ours, theirs = side_by_side("2026 vs 2025 train step", lambda: step(new), lambda: step(old), args.repeats)
+    report("train step (fwd+bwd): 2026-07 vs 2025-10 preset", ours, theirs, "info: the cost of the new parts")
+
+
+def bench_generation_vs_hf(depth: int, args):
+    """Greedy generation: our Engine (KV cache) vs HF generate (its KV cache) on the exported model, same
+    tokens required."""
+    from transformers import NanoChatForCausalLM
+
+    model = random_model(depth, args.vocab, max(args.seq_len, args.prompt_len + args.new_tokens)).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        export_hf(model, None, tmp)
+        hf = NanoChatForCausalLM.from_pretrained(tmp).eval()
+    prompt = torch.randint(0, args.vocab, (args.prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
+    engine = Engine(model)
+
+    def ours():
+        return engine.generate(prompt, max_new_tokens=args.new_tokens, temperature=0.0).completions[0]
+
+    @torch.no_grad()
+    def theirs():
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                          do_sample=False, use_cache=True, pad_token_id=0)
+        return out[0, len(prompt):].tolist()
+
+    same = ours() == theirs()
+    t_ours, t_hf = side_by_side("generation", ours, theirs, args.repeats)
+    report(f"greedy {args.new_tokens} tokens: Engine vs HF generate (KV caches)", t_ours, t_hf,
+           f"target <= 1; same tokens: {same}")
+    assert same, "our greedy tokens differ from HF generate's on the same weights"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--depths", type=int, nargs="+", default=[4, 8])
@@ -179,6 +307,7 @@ def main(argv=None):
         "--vocab", type=int, default=8192, help="vocab size (65536 needs ~1 GB per logits tensor here)"
     )
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--only-forward", action="store_true", help="benchmark 1 only (hooks unused vs no HookPoint)")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -196,6 +325,9 @@ def main(argv=None):
     )
     for depth in args.depths:
         bench_depth(depth, args)
+        if not getattr(args, "only_forward", False):
+            bench_preset_2026(depth, args)
+            bench_generation_vs_hf(depth, args)
 
 
 if __name__ == "__main__":
