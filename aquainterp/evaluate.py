@@ -67,7 +67,7 @@ class EvalResult:
         return out
 
     def metrics(self, task: str) -> dict[str, float]:
-        """Logger metrics under DESIGN.md's names: eval/<task>_acc (generative), eval/<task>_categorical_acc."""
+        """Logger metrics under the design's names (docs/design.md): eval/<task>_acc (generative), eval/<task>_categorical_acc."""
         if self.mode == "categorical":
             return {f"eval/{task}_categorical_acc": self.accuracy}
         out = {f"eval/{task}_acc": self.accuracy, f"eval/{task}_answered": self.answered / max(self.samples, 1)}

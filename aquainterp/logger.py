@@ -1,7 +1,7 @@
 """One logger for every stage: Weights & Biases (online, offline or disabled) plus a local metrics.jsonl.
 
 The local file is the source of truth that always exists: one JSON object per `log*` call, with the
-explicit `step` and the same metric names W&B gets (DESIGN.md "Metric names"). Histograms, tables and
+explicit `step` and the same metric names W&B gets (docs/design.md "Metric names"). Histograms, tables and
 figures go to W&B as W&B objects; locally they are written as their raw values under the same name,
 wrapped in an object with a `_type` marker (the same convention W&B uses in its own summaries):
 

@@ -50,7 +50,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from aquainterp.kv_cache import completion_logits
+from aquainterp.scoring import completion_logits
 from aquainterp.tasks import LETTERS, conversation, extract_letter
 from probes.counts import letter_counts
 from probes.decision import ATTENTION_PROBES, read_decisions, reference_letters

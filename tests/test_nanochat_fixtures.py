@@ -15,9 +15,10 @@ import torch
 from safetensors.torch import load_file
 
 from aquainterp.engine import Engine
-from aquainterp.kv_cache import KVCache, completion_logits
+from aquainterp.kv_cache import KVCache
 from aquainterp.model import ARCH_2025_10, ARCH_2026_07
 from aquainterp.nanochat_import import load_nanochat, state_to_nanochat
+from aquainterp.scoring import completion_logits
 
 FIXTURES = Path(os.environ.get("AQUAINTERP_SHARED_FIXTURES",
                                Path(__file__).resolve().parents[2] / "shared" / "fixtures")) / "nanochat"

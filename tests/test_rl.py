@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from aquainterp.kv_cache import completion_targets
 from aquainterp.model import GPT, GPTConfig
+from aquainterp.scoring import completion_targets
 from aquainterp.tasks import MCProblem
 from training import rl
 from training.common import Dist
@@ -294,7 +294,7 @@ def test_two_gloo_ranks_equal_one_process_cli(tmp_path, shared_data):
 UPDATE_WORKER = """
 import sys, torch
 from safetensors.torch import save_file
-from aquainterp.kv_cache import completion_targets
+from aquainterp.scoring import completion_targets
 from aquainterp.model import GPT, GPTConfig
 from aquainterp.tasks import MCProblem
 from probes.reference import freeze_reference
@@ -396,3 +396,17 @@ def test_non_finite_loss_stops_before_the_update(tmp_path):
                              step=7)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_gradient_buckets_keep_order_dtype_and_size_bound():
+    def param(n, dtype=torch.float32):
+        p = torch.nn.Parameter(torch.zeros(n, dtype=dtype))
+        p.grad = torch.full((n,), float(n), dtype=dtype)
+        return p
+
+    params = [param(10), param(20), param(5, torch.float64), param(30), param(100), param(1)]
+    buckets = rl.gradient_buckets(params, bucket_bytes=160)  # 40 fp32 values per bucket
+    assert [[g.numel() for g in b] for b in buckets] == [[10, 20], [5], [30], [100], [1]]
+    assert [g for b in buckets for g in b] == [p.grad for p in params]  # the tensors themselves, in order
+    assert all(len({g.dtype for g in b}) == 1 for b in buckets)
+    assert len(rl.gradient_buckets(params)) == 3  # the default size: split only where the dtype changes

@@ -34,8 +34,8 @@ import torch.distributed as torch_dist
 from tqdm.auto import tqdm
 
 from aquainterp.engine import Engine
-from aquainterp.kv_cache import completion_logits, completion_targets
 from aquainterp.logger import Logger
+from aquainterp.scoring import completion_logits, completion_targets
 from aquainterp.tasks import LETTERS, MCProblem, conversation, extract_letter
 from probes.suite import DECISIONS, PROBE_NAMES
 from training import common
@@ -235,7 +235,7 @@ def score_rollout(problem: MCProblem, gen, tokenizer, config: RLConfig, stop_tok
 def completion_logprobs(model, prompt: list[int], completions: list[list[int]], pad_id: int, bf16: bool
                         ) -> torch.Tensor:
     """log p(token | prompt, earlier tokens) at temperature 1 for every completion token, [b, longest],
-    0 on padding. The prompt runs once (aquainterp.kv_cache.completion_logits)."""
+    0 on padding. The prompt runs once (aquainterp.scoring.completion_logits)."""
     with common.autocast(model.wte.weight.device, bf16):
         logits, targets = completion_logits(model, prompt, completions, pad_id)
     return token_logprobs(logits, targets)
@@ -246,15 +246,44 @@ def global_sum(value: torch.Tensor, ddp: Dist) -> torch.Tensor:
     return common.all_reduce_sum(value.to(ddp.device), ddp).cpu()
 
 
+GRAD_BUCKET_BYTES = 64 << 20  # gradients per all-reduce: a few collectives per step, not one per tensor
+
+
+def gradient_buckets(params, bucket_bytes: int = GRAD_BUCKET_BYTES) -> list[list[torch.Tensor]]:
+    """The parameters' gradients grouped in order into buckets of one dtype and device, each at most
+    `bucket_bytes` (a single larger tensor gets a bucket of its own)."""
+    buckets: list[list[torch.Tensor]] = []
+    size = 0
+    for p in params:
+        g = p.grad
+        last = buckets[-1][-1] if buckets else None
+        if last is None or (g.dtype, g.device) != (last.dtype, last.device) or size + g.nbytes > bucket_bytes:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(g)
+        size += g.nbytes
+    return buckets
+
+
 def sync_gradients(model, ddp: Dist) -> None:
     """Sum gradients over ranks: each rank's loss is already divided by the GLOBAL token count, so the
-    sum is the gradient of the whole step's loss (every rank holds the full optimizer, as training.optim)."""
+    sum is the gradient of the whole step's loss (every rank holds the full optimizer, as training.optim).
+
+    Gradients travel flattened in buckets of GRAD_BUCKET_BYTES, as DDP buckets them: at depth 20 that is a
+    handful of collectives per step instead of one per parameter tensor."""
     if not ddp.enabled:
         return
-    for p in model.parameters():
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        torch_dist.all_reduce(p.grad, op=torch_dist.ReduceOp.SUM)
+    for bucket in gradient_buckets(params):
+        flat = torch.cat([g.reshape(-1) for g in bucket])
+        torch_dist.all_reduce(flat, op=torch_dist.ReduceOp.SUM)
+        offset = 0
+        for g in bucket:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
 
 
 def train_on_rollouts(model, optimizers, rollouts: list[Rollout], config: RLConfig, ddp: Dist, pad_id: int,
@@ -383,7 +412,7 @@ def evaluate_policy(model, tokenizer, problems: list[MCProblem], config: RLConfi
     letter), sampled accuracy and pass@k (k samples at eval_temperature, the same seeds at every eval).
 
     Names: eval/{task}_categorical_acc, eval/{task}_acc, eval/{task}_sampled_acc (task = aqua gives
-    DESIGN.md's eval/aqua_acc and eval/aqua_categorical_acc) and rl/pass@k (k = config pass_k)."""
+    the design's eval/aqua_acc and eval/aqua_categorical_acc) and rl/pass@k (k = config pass_k)."""
     from aquainterp.evaluate import categorical_eval, generative_eval
 
     task = "aqua" if config.task == "aqua" else "synthetic"
