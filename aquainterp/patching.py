@@ -330,7 +330,8 @@ class Patcher:
     """
 
     def __init__(self, model, pairs: list[PatchPair], *, batch_size: int = 32, align: str = "start",
-                 noise_scale: float = 3.0, seed: int = 0, progress: bool = True, reuse_prefix: bool = True):
+                 noise_scale: float = 3.0, seed: int = 0, progress: bool = True, reuse_prefix: bool = True,
+                 skip_identical: bool = True):
         if not pairs:
             raise ValueError("Patcher: no pairs to patch")
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -344,6 +345,7 @@ class Patcher:
             model.eval()
         self.model, self.pairs = model, list(pairs)
         self.batch_size, self.align, self.progress = batch_size, align, progress
+        self.skip_identical = skip_identical
         # The resumed forward (_resumed_logits, _last_block_at) re-runs blocks the 2025-10 way; a 2026-07
         # model's residual stream also needs x0, the resid/x0 lambdas, value embeddings and backout, so
         # its patches run the model's own forward from the first token (the reference path, exact).
@@ -637,6 +639,9 @@ class Patcher:
         # Patches outside a pair's prompt (padding) cannot reach its decision position: base value.
         ld = base_ld.expand(*shape, len(self.pairs)).clone().reshape(-1)
         flat, pair, layer, pos, head = self._rows(name)
+        if self.skip_identical:  # a patch that writes the value already there changes nothing: base value
+            changed = self._changed(source, self.activations(base, template), pair, layer, pos, head)
+            flat, pair, layer, pos, head = (r[changed] for r in (flat, pair, layer, pos, head))
         for sl in tqdm(self._batches(layer), desc=f"{direction} {name}", disable=not self.progress):
             b_pair, b_layer, b_pos, b_head = pair[sl], layer[sl], pos[sl], head[sl]
             if self.reuse_prefix:  # one layer per batch; resume at its first patched position
@@ -655,6 +660,27 @@ class Patcher:
             ld[flat[sl]] = self._letter_diff(logits, b_pair).to(ld.dtype)
         ld = ld.reshape(*shape, len(self.pairs))
         return SweepResult(name, direction, axes, self.normalize(ld), ld)
+
+    def _changed(self, source, base, pair, layer, pos, head) -> torch.Tensor:
+        """Which patches (rows as _rows gives them) write a value that differs from the base run's: a
+        patch whose source activation equals the base activation bitwise is a no-op, its cell keeps the
+        unpatched value exactly. Positions before the first token where the two prompts differ are such
+        no-ops at every layer (causal attention), and so are layer-0 residual patches at positions
+        whose tokens agree."""
+        out = torch.zeros_like(pair, dtype=torch.bool)
+        for lay in torch.unique(layer).tolist():
+            rows = torch.nonzero(layer == lay).squeeze(1)
+            differs = (source[lay] != base[lay]).any(-1)  # [pairs, pos] or [pairs, pos, head]
+            p, q, h = pair[rows], pos[rows], head[rows]
+            if q[0] >= 0 and h[0] >= 0:
+                out[rows] = differs[p, q, h]
+            elif q[0] >= 0:
+                out[rows] = differs[p, q]
+            elif h[0] >= 0:
+                out[rows] = differs[p, :, h].any(1)
+            else:
+                out[rows] = differs[p].flatten(1).any(1)
+        return out
 
     def _batches(self, layer: torch.Tensor) -> list[slice]:
         """Slices of at most batch_size patches; with prefix reuse each stays inside one layer."""

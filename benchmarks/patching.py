@@ -4,9 +4,10 @@
 
 Three ways to compute the same sweeps (resid_pre per layer × position, hook_z per layer × position × head):
 - batched: aquainterp.patching.Patcher, --batch-size patched sequences per forward, each resumed at its
-  patch's layer and first patched position from the base run's cache (reuse_prefix, the default);
+  patch's layer and first patched position from the base run's cache (reuse_prefix, the default), and no
+  forward at all for a patch whose clean and corrupted activations are bitwise equal (skip_identical);
 - naive: the same engine with one patch (all pairs of one cell) per forward from the first token,
-  i.e. batch = n_pairs and reuse_prefix=False;
+  i.e. batch = n_pairs, reuse_prefix=False and skip_identical=False;
 - transformer_lens: transformer_lens.patching's own function (one forward per cell, full logits).
 Batched and naive must agree within 1e-5 in logit units (every pair's letter logit difference in every
 cell; the batched path unembeds only the letter rows, so fp32 rounding near the soft-cap differs by
@@ -14,6 +15,13 @@ cell; the batched path unembeds only the letter rows, so fp32 rounding near the 
 gap, and the tests check 1e-5 normalised on a smaller model); the script prints seconds and ratios. The model has random non-zero
 weights (timing does not depend on training); prompts are the synthetic task's, tokenised by a
 tokenizer trained here on the synthetic corpus.
+
+--method attribution compares attribution patching (aquainterp.attribution: one clean forward, one
+corrupted forward + backward for every cell) with the exact batched sweep of the same pairs: seconds,
+speed ratio, Pearson correlation of the normalised cells and of the per-pair logit differences, overlap
+of the 10 strongest cells, and per layer where the estimate breaks (correlation, worst cell). With
+--checkpoint DIR the model is a trained checkpoint and the pairs are its own completion decisions
+(noise on question and options, as `aquainterp patch` does by default). --method all runs both tables.
 """
 
 from __future__ import annotations
@@ -32,7 +40,9 @@ from aquainterp.patching import Patcher, make_pairs
 from aquainterp.tasks.synthetic import SyntheticTask, corpus
 from aquainterp.tokenizer import Tokenizer
 
-TL = {"resid_pre": tlp.get_act_patch_resid_pre, "z_pos": tlp.get_act_patch_attn_head_out_by_pos}
+TL = {"resid_pre": tlp.get_act_patch_resid_pre, "resid_mid": tlp.get_act_patch_resid_mid,
+      "attn_out": tlp.get_act_patch_attn_out, "mlp_out": tlp.get_act_patch_mlp_out,
+      "z": tlp.get_act_patch_attn_head_out_all_pos, "z_pos": tlp.get_act_patch_attn_head_out_by_pos}
 
 
 def timed(device, fn, *args):
@@ -45,6 +55,74 @@ def timed(device, fn, *args):
     return out, time.perf_counter() - start
 
 
+ATTRIBUTION_SWEEPS = "resid_pre,attn_out,mlp_out,z_pos"
+
+
+def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.flatten().double(), b.flatten().double()
+    a, b = a - a.mean(), b - b.mean()
+    denominator = (a.norm() * b.norm()).item()
+    return float((a @ b).item() / denominator) if denominator > 0 else float("nan")
+
+
+def best_time(device, repeats, fn, *args):
+    out, best = None, float("inf")
+    for _ in range(max(repeats, 1)):
+        out, seconds = timed(device, fn, *args)
+        best = min(best, seconds)
+    return out, best
+
+
+def attribution_table(patcher: Patcher, device, sweeps: str, repeats: int) -> None:
+    """Attribution vs the exact batched sweep of the same pairs, one line per sweep, then per layer."""
+    from aquainterp.attribution import attribution_sweeps
+
+    names = sweeps.split(",")
+    _, t_all = best_time(device, repeats, attribution_sweeps, patcher, names)
+    print(f"attribution, all {len(names)} sweeps in one pass: {t_all:.3f}s")
+    for name in names:
+        patcher.sweep(name)  # warm-up and the clean/corrupted caches
+        exact, t_exact = best_time(device, repeats, patcher.sweep, name)
+        (approx,), t_attr = best_time(device, repeats, attribution_sweeps, patcher, [name])
+        e, a = exact.normalized, approx.normalized
+        top = lambda v: set(v.abs().flatten().argsort(descending=True)[:10].tolist())
+        overlap = len(top(e) & top(a))
+        per_pair = pearson(exact.logit_diff - exact.logit_diff.mean(), approx.logit_diff - approx.logit_diff.mean())
+        print(f"{name:10s} {e.numel():6d} cells: exact batched {t_exact:7.2f}s  attribution {t_attr:6.3f}s  "
+              f"| exact/attribution {t_exact / t_attr:6.1f}x  | Pearson r {pearson(e, a):+.3f} "
+              f"(per pair {per_pair:+.3f})  top-10 overlap {overlap}/10")
+        for layer in range(e.shape[0]):
+            gap = (a[layer] - e[layer]).abs()
+            worst = tuple(int(i) for i in torch.unravel_index(gap.argmax(), gap.shape))
+            print(f"    layer {layer}: r {pearson(e[layer], a[layer]):+.3f}  max |attr - exact| "
+                  f"{gap.max().item():.3f} at {dict(zip(exact.axes[1:], worst))} "
+                  f"(exact {e[layer][worst].item():+.3f}, attribution {a[layer][worst].item():+.3f})")
+
+
+def attribution_on_checkpoint(args, device) -> int:
+    from functools import partial
+
+    from aquainterp.checkpoint import load_model
+    from aquainterp.completion_pairs import completion_pairs, greedy_completions
+
+    model, tokenizer, meta = load_model(args.checkpoint, device=str(device))
+    model.eval()
+    problems = SyntheticTask(seed=0, split="eval", difficulty=1).problems(args.n_pairs * 2)
+    got = completion_pairs(tokenizer, problems, "noise",
+                           partial(greedy_completions, model, tokenizer, max_new_tokens=args.max_new_tokens))
+    pairs = got.pairs[: args.n_pairs]
+    config = model.config
+    print(f"device {device}, threads {torch.get_num_threads()}, checkpoint {args.checkpoint} step {meta.get('step')}: "
+          f"depth {config.n_layer} (d_model {config.n_embd}, {config.n_head} heads, vocab {config.vocab_size}); "
+          f"{len(pairs)} completion-decision pairs ({len(got.no_marker)} completions without a marker skipped), "
+          f"{min(len(p.clean_ids) for p in pairs)}-{max(len(p.clean_ids) for p in pairs)} tokens, noise on "
+          f"question and options, batch {args.batch_size}")
+    patcher = Patcher(model, pairs, batch_size=args.batch_size, align="end", progress=False)
+    print(f"clean logit diff {patcher.clean_ld.mean():.3f}, corrupted {patcher.corrupted_ld.mean():.3f}")
+    attribution_table(patcher, device, args.sweeps or ATTRIBUTION_SWEEPS, args.repeats)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--depth", type=int, default=4)
@@ -54,12 +132,26 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--sweeps", default="resid_pre,z_pos")
+    parser.add_argument("--sweeps", default=None,
+                        help="comma list (default: resid_pre,z_pos for exact; resid_pre,attn_out,mlp_out,z_pos "
+                             "for attribution)")
+    parser.add_argument("--method", choices=("exact", "attribution", "all"), default="exact",
+                        help="exact: batched vs naive vs transformer_lens; attribution: attribution vs exact "
+                             "batched; all: both tables")
+    parser.add_argument("--checkpoint", default=None,
+                        help="trained checkpoint folder (attribution only): its own completion decisions as pairs")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="--checkpoint: completion length cap")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per method (the best is kept)")
     args = parser.parse_args(normalize_flag_spelling(sys.argv[1:] if argv is None else argv))
+    if args.checkpoint is not None and args.method != "attribution":
+        parser.error("--checkpoint pairs have different lengths, which transformer_lens.patching cannot take; "
+                     "use it with --method attribution")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
+    if args.checkpoint is not None:
+        return attribution_on_checkpoint(args, device)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*ran out of pairs to merge")
         tokenizer = Tokenizer.train_from_iterator(corpus(1500, seed=123), vocab_size=700)
@@ -80,8 +172,12 @@ def main(argv=None) -> int:
           f"batch {args.batch_size}")
 
     batched = Patcher(model, pairs, batch_size=args.batch_size, progress=False)
-    naive = Patcher(model, pairs, batch_size=len(pairs), progress=False, reuse_prefix=False)
-    for name in args.sweeps.split(","):
+    if args.method in ("attribution", "all"):
+        attribution_table(batched, device, args.sweeps or ATTRIBUTION_SWEEPS, args.repeats)
+    if args.method == "attribution":
+        return 0
+    naive = Patcher(model, pairs, batch_size=len(pairs), progress=False, reuse_prefix=False, skip_identical=False)
+    for name in (args.sweeps or "resid_pre,z_pos").split(","):
         batched.sweep(name)  # warm-up (and the clean/corrupted caches) for both engines
         naive.sweep(name)
         fast, t_fast = timed(device, batched.sweep, name)

@@ -100,3 +100,36 @@ def test_last_layer_patches_off_the_decision_position_keep_the_base_value(model)
         fast, slow = patcher.sweep(name).logit_diff[-1, :-1], reference.sweep(name).logit_diff[-1, :-1]
         assert (fast == patcher.corrupted_ld).all()
         torch.testing.assert_close(slow, fast, atol=2e-5, rtol=0)
+
+
+class CountingPatcher(Patcher):
+    """Records the (layer, rows) of every resumed forward."""
+
+    def __init__(self, *args, **kwargs):
+        self.calls = []
+        super().__init__(*args, **kwargs)
+
+    def _resumed_logits(self, run, pair_index, patch_hooks, layer, start, stop=None):
+        self.calls.append((layer, len(pair_index)))
+        return super()._resumed_logits(run, pair_index, patch_hooks, layer, start, stop)
+
+
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_identical_activations_are_not_patched_and_results_do_not_change(model, direction):
+    """Patches whose source equals the base activation are no-ops: skipped, and the sweep is the same.
+    make_pairs changes tokens 1 and 6 of 12: at layer 0 only those two positions differ, and position 0
+    never differs (causal)."""
+    pairs = make_pairs(n=3, length=12)
+    for name in ("resid_pre", "z_pos", "z", "mlp_out"):
+        fast = CountingPatcher(model, pairs, batch_size=7, progress=False)
+        slow = CountingPatcher(model, pairs, batch_size=7, progress=False, skip_identical=False)
+        a, b = fast.sweep(name, direction), slow.sweep(name, direction)
+        torch.testing.assert_close(a.logit_diff, b.logit_diff, atol=1e-5, rtol=0)
+        rows = lambda p, layer: sum(n for la, n in p.calls if la == layer)
+        if name == "resid_pre":
+            assert rows(fast, 0) == 2 * len(pairs) and rows(slow, 0) == 12 * len(pairs)
+            skipped = a.logit_diff[:, 0]
+            base = fast.corrupted_ld if direction == "denoise" else fast.clean_ld
+            assert torch.equal(skipped, base.expand_as(skipped))  # exactly the unpatched value
+        if name != "z":
+            assert rows(fast, 1) < rows(slow, 1)  # position 0 is the same in both runs at every layer
