@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from tasks_tokenizer import trained_tokenizer
 from test_evaluate import force_answer, tiny_gpt
 
-from aquainterp.checkpoint import CheckpointError, save_checkpoint
+from aquainterp.checkpoint import save_checkpoint
 from aquainterp.cli import main
 from aquainterp.evaluate import evaluate, load_problems
 
@@ -41,9 +41,11 @@ def test_eval_command_matches_the_library(tmp_path, shared_data, capsys):
     assert got["mode"] == "categorical" and got["confusion"]["counts"] == expected.confusion
 
 
-def test_eval_command_names_a_missing_checkpoint(tmp_path):
-    with pytest.raises(CheckpointError, match="nowhere"):
-        main(["eval", "--checkpoint", str(tmp_path / "nowhere")])
+def test_eval_command_names_a_missing_checkpoint(tmp_path, capsys):
+    # a usage error at the command line boundary: exit 2, one line naming the path, no traceback
+    assert main(["eval", "--checkpoint", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nowhere" in err and "Traceback" not in err, err
 
 
 def spread_model(tok):
