@@ -356,6 +356,13 @@ def test_decompositions_sum_to_the_residual_stream(model, run):
     raw = 15 * torch.atanh(logits / 15)
     attrs = cache.logit_attrs(cache.get_full_resid_decomposition(pos_slice=-1), tokens=answers[:, 0], pos_slice=-1)
     torch.testing.assert_close(attrs.sum(0), raw.gather(1, answers[:, :1])[:, 0], atol=1e-4, rtol=1e-5)
+    # TL's direct_logit_attribution tool (decompose_resid + logit_attrs): components sum to the logit difference
+    from transformer_lens.tools.analysis.direct_logit_attribution import direct_logit_attribution
+
+    dla = direct_logit_attribution(model, tokens, answers[:, 0], answers[:, 1])
+    assert dla.labels == ["embed", "0_attn_out", "0_mlp_out", "1_attn_out", "1_mlp_out"]
+    expected = raw.gather(1, answers[:, :1])[:, 0] - raw.gather(1, answers[:, 1:])[:, 0]
+    torch.testing.assert_close(dla.attribution.sum(0), expected, atol=1e-4, rtol=1e-5)
     # ... and the soft-capped unembed of ln_final is the model's logits.
     capped = model.adapter.apply_output_logits_transform(model.unembed(cache["ln_final.hook_normalized"]))
     torch.testing.assert_close(capped, model(tokens), atol=1e-5, rtol=0)
@@ -400,6 +407,13 @@ def test_decompositions_refused_on_nanochat_2026(tok):
 
 
 # ---------------------------------------------------------------- 3. the tutorial calls
+
+
+def test_model_satisfies_transformer_lens_protocols(tok):
+    from transformer_lens.model_protocol import TrainableTransformerLensModel, TransformerLensModelWithWeights
+
+    model = random_model(tok)
+    assert isinstance(model, TransformerLensModelWithWeights) and isinstance(model, TrainableTransformerLensModel)
 
 
 def test_tokenizer_methods(tok):
