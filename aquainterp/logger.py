@@ -322,12 +322,6 @@ class Logger:
         self._warn_once("exit", f"Logger: {path} has no exit record {timeout:.0f} s after finish(); "
                         "the offline run may be incomplete")
 
-    @property
-    def wandb_dir(self) -> Path | None:
-        """The W&B run directory (…/wandb/offline-run-…) once W&B started, else None."""
-        run = self.wandb_run
-        return Path(run.dir).parent if run is not None else None
-
     def __enter__(self) -> Logger:
         return self
 

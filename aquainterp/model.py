@@ -803,3 +803,10 @@ class GPT(LensMixin, HookedRootModule):
         if problems:
             raise ValueError(f"cannot load {source} into GPT({self.config}): " + "; ".join(problems))
         self.load_state_dict(state_dict, strict=True)
+
+
+def unwrap(model):
+    """The plain GPT under DDP (`.module`) and torch.compile (`._orig_mod`) wrappers: the module whose
+    state-dict keys checkpoints store and whose hooks probes attach to."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)

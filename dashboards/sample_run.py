@@ -15,8 +15,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 from aquainterp.logger import Logger
-
-LETTERS = "ABCDE"
+from aquainterp.tasks import LETTERS
 
 
 def record_sample_run(run_dir: str | Path, steps: int = 30, n_layers: int = 4, n_heads: int = 2,

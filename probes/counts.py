@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-LETTERS = ("A", "B", "C", "D", "E")
+from aquainterp.tasks import LETTERS
 
 
 def letter_counts(predicted: Tensor) -> dict[str, float]:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from torch import Tensor
 
-LETTERS = ("A", "B", "C", "D", "E")
-
 
 def letter_margins(letters: Tensor, gold: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """letters [N, 5], gold index [N] -> (margin [N], gold_margin [N], predicted index [N])."""

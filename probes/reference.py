@@ -8,11 +8,7 @@ from __future__ import annotations
 
 import torch
 
-
-def unwrap(model):
-    """The plain module inside DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
+from aquainterp.model import unwrap
 
 
 def freeze_reference(model, device: str | torch.device = "cpu"):

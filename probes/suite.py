@@ -50,6 +50,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from aquainterp.model import unwrap
 from aquainterp.scoring import completion_logits
 from aquainterp.tasks import LETTERS, conversation, extract_letter
 from probes.counts import letter_counts
@@ -60,7 +61,6 @@ from probes.logit_lens import gold_margins, lens_metrics
 from probes.margin import letter_margins, margin_metrics
 from probes.option_mass import completion_mass_metrics, option_mass_metrics, pick_option
 from probes.probe_set import ProbeItem, answer_marker, build_probe_set, completion_row, direct_row
-from probes.reference import unwrap
 
 PROBE_NAMES = ("entropy", "option_mass", "margin", "kl", "counts", "logit_lens")
 DECISIONS = ("completion", "direct")

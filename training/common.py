@@ -39,6 +39,7 @@ from aquainterp.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from aquainterp.model import unwrap
 
 
 class NonFiniteLossError(RuntimeError):
@@ -194,10 +195,6 @@ def open_logger(run_dir: Path, config, dist: Dist, wandb_mode: str, run_name: st
     return Logger(run_dir, run_name=run_name, mode=wandb_mode, config=config_dict(config), rank=dist.rank)
 
 
-def unwrap(model):
-    """The plain GPT under DDP and torch.compile wrappers (checkpoints store its keys)."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
 
 
 def clean_stale_temp(ckpt_dir: Path, dist: Dist) -> None:
