@@ -470,7 +470,8 @@ class Block(nn.Module):
         split = cfg is not None and (cfg.use_split_qkv_input or cfg.use_attn_in)
         attn_in = self._split_attn_input(x, cfg) if split else self.ln1(x)
         x = self.hook_resid_mid(x + self.hook_attn_out(self.attn(attn_in, cos, sin, kv_cache, ve)))
-        mlp_in = self.hook_mlp_in(x) if cfg is not None and cfg.use_hook_mlp_in else x
+        mlp_in = self.hook_mlp_in(x.clone()) if cfg is not None and cfg.use_hook_mlp_in else x  # clone: as TL, a hook
+        # editing it in place must not change resid_mid
         x = self.hook_resid_post(x + self.hook_mlp_out(self.mlp(self.ln2(mlp_in))))
         return x
 

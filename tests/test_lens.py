@@ -655,6 +655,12 @@ def test_opt_in_hooks_fire_only_when_switched_on_and_keep_the_numbers(tok, n_kv_
         assert cache["k_input", 0].shape == cache["v_input", 0].shape == (1, tokens.shape[1], n_kv_head, 64)
         assert torch.equal(cache["q_input", 1][:, :, 2], cache["resid_pre", 1])
         assert torch.equal(cache["mlp_in", 0], cache["resid_mid", 0])
+        # what ln2 reads is hook_mlp_in's output; resid_mid is kept (an in-place edit does not reach it):
+        # zeroing it zeroes the MLP's write (ReLU²(0) = 0, no biases), so resid_post = resid_mid
+        with model.hooks(fwd_hooks=[("blocks.0.hook_mlp_in", lambda act, hook: act.zero_())]):
+            _, zeroed = model.run_with_cache(tokens, names_filter=lambda n: n.startswith("blocks.0.hook_"))
+        assert not zeroed["mlp_out", 0].any() and zeroed["resid_mid", 0].abs().sum() > 0
+        assert torch.equal(zeroed["resid_post", 0], zeroed["resid_mid", 0])
         # a change to head 2's q input moves head 2's queries only; the alias TL 4.x patching uses works
         bump = lambda act, hook: act + torch.where(torch.arange(4)[:, None] == 2, 1.0, 0.0)  # noqa: E731
         _, bumped = model.run_with_cache(tokens, names_filter="blocks.1.attn.hook_q")
