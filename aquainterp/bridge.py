@@ -215,6 +215,9 @@ def import_hf(directory) -> GPT:
     if not config_path.is_file():
         raise FileNotFoundError(f"import_hf: {config_path} not found (expected an exported NanoChatForCausalLM dir)")
     config = _config_from_hf(json.loads(config_path.read_text()), config_path)
+    from aquainterp.ckpt_guard import check_bounds
+
+    check_bounds(config.to_dict(), str(config_path))  # sizes within limits before anything is allocated
     hf_state = _hf_weights(directory)
     unknown = []
     state = {}
