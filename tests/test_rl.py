@@ -115,14 +115,16 @@ def test_all_equal_rewards_leave_the_model_unchanged():
     [
         ({"depth": 2, "checkpoint": "x"}, "exactly one of --checkpoint"),
         ({}, "exactly one of --checkpoint"),
-        ({"depth": 2, "task": "gsm8k"}, "--task must be synthetic or aqua"),
-        ({"depth": 2, "num_samples": 0}, "--num-samples must be >= 1"),
+        ({"depth": 2, "task": "gsm8k"}, "--task must be one of synthetic, aqua, got 'gsm8k'"),
+        ({"depth": 2, "num_samples": 0}, "--num-samples must be an integer >= 1 "),
         ({"depth": 2, "clip_eps": 1.5}, "--clip-eps"),
         ({"depth": 2, "kl_coef": -1.0}, "--kl-coef"),
         ({"depth": 2, "probes": ("entropy", "bogus")}, "unknown"),
-        ({"depth": 2, "eval_every": -1}, "--eval-every must be >= 0"),
+        ({"depth": 2, "eval_every": -1}, "--eval-every must be an integer >= 0 "),
         ({"depth": 2, "wandb": "cloud"}, "--wandb"),
-        ({"depth": 2, "temperature": 0.0}, "--temperature must be > 0"),
+        ({"depth": 2, "temperature": 0.0}, "--temperature must be a finite number > 0 "),
+        ({"depth": 2, "top_k": 0}, "--top-k must be >= 1"),
+        ({"depth": 2, "probe_decision": "prompt"}, "--probe-decision must be one of completion, direct"),
     ],
 )
 def test_bad_config_names_the_option(kwargs, message):

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import random
 import sys
@@ -33,108 +32,117 @@ import torch
 import torch.distributed as torch_dist
 from tqdm.auto import tqdm
 
+from aquainterp import settings
+from aquainterp.cliargs import SEED, Number, count_int, data_source, device_name, existing_path, positive_int
 from aquainterp.engine import Engine
 from aquainterp.logger import Logger
 from aquainterp.scoring import completion_logits, completion_targets
+from aquainterp.settings import check_settings, setting
 from aquainterp.tasks import LETTERS, MCProblem, conversation, extract_letter
-from probes.suite import DECISIONS, PROBE_NAMES
+from probes.suite import DECISIONS, PROBE_NAMES, parse_probes
 from training import common
 from training.common import Dist
 from training.grpo import completion_reward, group_advantages, policy_loss, token_logprobs
 from training.optim import apply_schedule, build_optimizers
 
 
+def _existing_dir(text: str) -> str:
+    return str(existing_path("dir")(text))
+
+
+_existing_dir.__name__ = "path"
+_LR = Number(float, 0.0, 1e3, lo_open=True)
+
+
 @dataclass
 class RLConfig:
-    """Every knob of one RL run; `run(RLConfig(...))` is what the CLI and the demo call."""
+    """Every knob of one RL run, each declared once: `run(RLConfig(...))` is what the demo calls, and the
+    command line's flags, their ranges and help are generated from these fields (aquainterp.settings)."""
 
     # where the policy and the data come from
-    task: str = "synthetic"  # synthetic | aqua
-    data: str | None = None  # AQuA: local JSON Lines path or hub id (default: the hub)
-    checkpoint: str | None = None  # SFT checkpoint folder to start from
-    step: int | None = None  # which step of --checkpoint (default: latest)
-    depth: int | None = None  # fresh random model of this depth (smoke tests only)
-    difficulty: int | None = None  # synthetic task difficulty (None = task default)
-    skip_bad_rows: bool = False  # AQuA: skip (and count) malformed rows instead of failing
-    eval_examples: int = 100  # held-out problems for eval
+    task: str = setting("synthetic", "problem source", choices=("synthetic", "aqua"))
+    data: str | None = setting(None, "AQuA: local JSON Lines file or hub id (default deepmind/aqua_rat)",
+                               type=data_source)
+    checkpoint: str | None = setting(None, "SFT checkpoint folder to start from", type=_existing_dir)
+    step: int | None = setting(None, "step of --checkpoint (default: latest)", type=count_int())
+    depth: int | None = setting(None, "start from a fresh random model of this depth (smoke runs)",
+                                type=positive_int(1024))
+    difficulty: int | None = setting(None, "synthetic difficulty 1..3 (default: mixed)", type=int, choices=(1, 2, 3))
+    skip_bad_rows: bool = setting(False, "AQuA: skip malformed rows (counted) instead of failing")
+    eval_examples: int = setting(100, "held-out problems for eval", type=positive_int(1 << 24))
     # rollouts
-    max_steps: int = 100
-    examples_per_step: int = 16
-    num_samples: int = 16
-    max_new_tokens: int = 256
-    temperature: float = 1.0
-    top_k: int | None = 50
-    rollout_prompts: int = 16  # prompts whose samples are decoded together (rows = this x num_samples)
+    max_steps: int = setting(100, "RL steps (one optimizer step per PPO epoch each)", type=positive_int(1 << 30))
+    examples_per_step: int = setting(16, "prompts per step, all ranks", type=positive_int(1 << 24))
+    num_samples: int = setting(16, "completions per prompt (group size)", type=positive_int(1 << 16))
+    max_new_tokens: int = setting(256, "longest completion, in tokens", type=positive_int(1 << 20))
+    temperature: float = setting(1.0, "sampling temperature of the rollouts (> 0: greedy samples of a group "
+                                      "are identical, so every advantage would be 0)",
+                                 type=Number(float, 0.0, 100.0, lo_open=True))
+    top_k: int | None = setting(50, "sample from the k most likely tokens (0 = no top-k)",
+                                type=count_int(what="0 = no top-k"))
+    rollout_prompts: int = setting(16, "prompts decoded together when sampling rollouts (KV cache rows = this "
+                                       "x --num-samples)", type=positive_int(1 << 20))
     # reward / loss
-    format_reward: float = 0.0
-    std_normalize: bool = False
-    kl_coef: float = 0.0
-    ppo_epochs: int = 1
-    clip_eps: float = 0.0  # 0 = no clipping (nanochat)
-    device_batch_size: int = 8  # completions (of one prompt) per forward/backward
+    format_reward: float = setting(0.0, "bonus for a finished, parseable answer", type=Number(float, -1e6, 1e6))
+    std_normalize: bool = setting(False, "divide advantages by the group std")
+    kl_coef: float = setting(0.0, "KL penalty to the frozen pre-RL policy (0 = off)", type=Number(float, 0.0, 1e6))
+    ppo_epochs: int = setting(1, "optimizer steps per batch of rollouts", type=positive_int(1 << 16))
+    clip_eps: float = setting(0.0, "PPO ratio clip (0 = off, as nanochat)",
+                              type=Number(float, 0.0, 1.0, hi_open=True))
+    device_batch_size: int = setting(8, "completions (of one prompt) per forward/backward",
+                                     type=positive_int(1 << 20))
     # optimizer (nanochat chat_rl defaults)
-    matrix_lr: float = 0.02
-    embedding_lr: float = 0.2
-    unembedding_lr: float = 0.004
-    weight_decay: float = 0.0
-    init_lr_frac: float = 0.05
+    matrix_lr: float = setting(0.02, "Muon learning rate of the matrices", type=_LR)
+    embedding_lr: float = setting(0.2, "AdamW learning rate of the embedding", type=_LR)
+    unembedding_lr: float = setting(0.004, "AdamW learning rate of lm_head", type=_LR)
+    weight_decay: float = setting(0.0, "AdamW weight decay", type=Number(float, 0.0, 10.0))
+    init_lr_frac: float = setting(0.05, "fraction of the base learning rates",
+                                  type=Number(float, 0.0, 1.0, lo_open=True))
     # eval / telemetry
-    eval_every: int = 50
-    pass_k: int = 8
-    eval_temperature: float = 1.0
-    probes: tuple[str, ...] = ()
-    probe_every: int = 10
-    probe_batch: int = 32
-    probe_decision: str = "completion"  # where the letter/attention probes read: completion | direct
-    probe_rollouts: int = 64  # at most this many of a probe step's rollouts get the letter probes
-    table_every: int = 10
-    table_rows: int = 8
+    eval_every: int = setting(50, "evaluate every N steps (0 = only before and after)", type=count_int())
+    pass_k: int = setting(8, "k of rl/pass@k (recorded in the run config)", type=positive_int(1 << 16))
+    eval_temperature: float = setting(1.0, "temperature of the sampled eval (pass@k)",
+                                      type=Number(float, 0.0, 100.0))
+    probes: tuple[str, ...] = setting((), f"comma list of {','.join(PROBE_NAMES)} ('' or none = off)",
+                                      type=parse_probes)
+    probe_every: int = setting(10, "run the probes every N steps (0 = only at the end)", type=count_int())
+    probe_batch: int = setting(32, "held-out problems in the fixed probe set", type=positive_int(1 << 20))
+    probe_decision: str = setting(
+        "completion", "where the letter and attention probes read: 'completion' = the answer step of the policy's "
+        "own greedy completion (prompt + completion up to 'Answer:'), 'direct' = right after 'Answer:' in a prompt "
+        "without rationale (for models trained to answer in one token)", choices=DECISIONS)
+    probe_rollouts: int = setting(64, "on probe steps, the letter probes also read this many of the step's "
+                                      "sampled completions (rl/rollout_*; 0 = none)", type=count_int())
+    table_every: int = setting(10, "log a table of sampled completions every N steps (0 = none)", type=count_int())
+    table_rows: int = setting(8, "rows of that table", type=positive_int(1 << 20))
     # run management
-    out: str = "runs/rl"
-    save_every: int = 0  # 0 = only at the end
-    resume: bool = False
-    overwrite: bool = False  # replace an earlier run's checkpoints + metrics in --out
-    device: str = "auto"
-    bf16: str = "auto"  # auto = on with a GPU
-    seed: int = 0
-    wandb: str = "disabled"  # online | offline | disabled
-    run_name: str | None = None
-    progress: bool = True
+    out: str = setting("runs/rl", "run folder: metrics.jsonl, checkpoints/, summary.json")
+    save_every: int = setting(0, "save a checkpoint every N steps (0 = only at the end)", type=count_int())
+    resume: bool = setting(False, "continue from the latest checkpoint in --out")
+    overwrite: bool = setting(False, "replace the checkpoints and metrics of an earlier run in --out")
+    device: str = setting("auto", "auto | cpu | cuda | mps", type=device_name)
+    bf16: str = setting("auto", "bf16 autocast (auto = on with a GPU)", choices=("auto", "on", "off"))
+    seed: int = setting(0, "seed of sampling, data order and model init", type=SEED)
+    wandb: str = setting("disabled", "W&B logging", choices=("online", "offline", "disabled"))
+    run_name: str | None = setting(None, "W&B run name")
+    progress: bool = setting(True, "no progress bar", flag="--no-progress")
 
     def validate(self, policy_given: bool = False) -> None:
-        """Raise ValueError naming the option for anything that cannot work."""
+        """Raise ValueError naming the option for anything that cannot work: each field against its
+        declared range and choices (aquainterp.settings), then the rules that tie fields together."""
         def need(cond: bool, msg: str) -> None:
             if not cond:
                 raise ValueError(f"training.rl: {msg}")
 
-        need(self.task in ("synthetic", "aqua"), f"--task must be synthetic or aqua, got {self.task!r}")
+        check_settings(self, "training.rl")
         if policy_given:
             need(self.checkpoint is None and self.depth is None,
                  "run(config, policy=...) starts from the given policy; leave --checkpoint and --depth unset")
         else:
             need((self.checkpoint is None) != (self.depth is None),
                  "give exactly one of --checkpoint (start from SFT) or --depth (fresh model)")
-        need(self.depth is None or self.depth >= 1, f"--depth must be >= 1, got {self.depth}")
-        for name in ("max_steps", "examples_per_step", "num_samples", "max_new_tokens", "ppo_epochs",
-                     "device_batch_size", "rollout_prompts", "eval_examples", "pass_k", "probe_batch", "table_rows"):
-            need(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "probe_every", "table_every", "save_every"):
-            need(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be >= 0 (0 = off), got "
-                                           f"{getattr(self, name)}")
-        need(self.temperature > 0, f"--temperature must be > 0 (greedy samples of a group are identical, so "
-                                   f"every advantage would be 0), got {self.temperature}")
-        need(self.eval_temperature >= 0, f"--eval-temperature must be >= 0, got {self.eval_temperature}")
-        need(self.top_k is None or self.top_k >= 1, f"--top-k must be >= 1, got {self.top_k}")
-        need(0 <= self.clip_eps < 1, f"--clip-eps must be in [0, 1), got {self.clip_eps}")
-        need(self.kl_coef >= 0, f"--kl-coef must be >= 0, got {self.kl_coef}")
-        need(math.isfinite(self.format_reward), f"--format-reward must be finite, got {self.format_reward}")
-        need(0 < self.init_lr_frac <= 1, f"--init-lr-frac must be in (0, 1], got {self.init_lr_frac}")
-        need(self.bf16 in ("auto", "on", "off"), f"--bf16 must be auto, on or off, got {self.bf16!r}")
-        need(self.wandb in ("online", "offline", "disabled"), f"--wandb must be online|offline|disabled, "
-                                                              f"got {self.wandb!r}")
-        need(self.probe_decision in DECISIONS, f"--probe-decision must be one of {'|'.join(DECISIONS)}, "
-                                               f"got {self.probe_decision!r}")
-        need(self.probe_rollouts >= 0, f"--probe-rollouts must be >= 0, got {self.probe_rollouts}")
+        need(self.top_k is None or self.top_k >= 1, f"--top-k must be >= 1 (or 0 on the command line = none), "
+                                                    f"got {self.top_k}")
         unknown = [p for p in self.probes if p not in PROBE_NAMES]
         need(not unknown, f"--probes: unknown {unknown}; choose from {','.join(PROBE_NAMES)}")
 
@@ -582,83 +590,13 @@ def _run(config: RLConfig, ddp: Dist, policy: tuple | None = None) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from aquainterp.cliargs import (
-        SEED,
-        Number,
-        count_int,
-        data_source,
-        device_name,
-        existing_path,
-        positive_int,
-    )
-
-    _path_str = lambda text: str(existing_path("dir")(text))
-    _path_str.__name__ = "path"
-    lr = Number(float, 0.0, 1e3, lo_open=True)
-    d = RLConfig()
-    a = parser.add_argument
-    a("--task", choices=("synthetic", "aqua"), default=d.task, help="problem source")
-    a("--data", type=data_source, default=None, help="AQuA: local JSON Lines file or hub id (default deepmind/aqua_rat)")
-    a("--checkpoint", type=_path_str, default=None, help="SFT checkpoint folder to start from")
-    a("--step", type=count_int(), default=None, help="step of --checkpoint (default: latest)")
-    a("--depth", type=positive_int(1024), default=None, help="start from a fresh random model of this depth (smoke runs)")
-    a("--difficulty", type=int, default=None, choices=(1, 2, 3), help="synthetic difficulty 1..3 (default: mixed)")
-    a("--skip-bad-rows", action="store_true", help="AQuA: skip malformed rows (counted) instead of failing")
-    a("--eval-examples", type=positive_int(1 << 24), default=d.eval_examples, help="held-out problems for eval")
-    a("--max-steps", type=positive_int(1 << 30), default=d.max_steps)
-    a("--examples-per-step", type=positive_int(1 << 24), default=d.examples_per_step, help="prompts per step, all ranks")
-    a("--num-samples", type=positive_int(1 << 16), default=d.num_samples, help="completions per prompt (group size)")
-    a("--max-new-tokens", type=positive_int(1 << 20), default=d.max_new_tokens)
-    a("--temperature", type=Number(float, 0.0, 100.0, lo_open=True), default=d.temperature)
-    a("--rollout-prompts", type=positive_int(1 << 20), default=d.rollout_prompts,
-      help="prompts decoded together when sampling rollouts (KV cache rows = this x --num-samples)")
-    a("--top-k", type=count_int(what='0 = no top-k'), default=d.top_k, help="0 = no top-k")
-    a("--format-reward", type=Number(float, -1e6, 1e6), default=d.format_reward, help="bonus for a finished, parseable answer")
-    a("--std-normalize", action="store_true", help="divide advantages by the group std")
-    a("--kl-coef", type=Number(float, 0.0, 1e6), default=d.kl_coef, help="KL penalty to the frozen pre-RL policy (0 = off)")
-    a("--ppo-epochs", type=positive_int(1 << 16), default=d.ppo_epochs, help="optimizer steps per batch of rollouts")
-    a("--clip-eps", type=Number(float, 0.0, 1.0, hi_open=True), default=d.clip_eps, help="PPO ratio clip (0 = off)")
-    a("--device-batch-size", type=positive_int(1 << 20), default=d.device_batch_size, help="sequences per forward/backward")
-    a("--matrix-lr", type=lr, default=d.matrix_lr)
-    a("--embedding-lr", type=lr, default=d.embedding_lr)
-    a("--unembedding-lr", type=lr, default=d.unembedding_lr)
-    a("--weight-decay", type=Number(float, 0.0, 10.0), default=d.weight_decay)
-    a("--init-lr-frac", type=Number(float, 0.0, 1.0, lo_open=True), default=d.init_lr_frac, help="fraction of the base learning rates")
-    a("--eval-every", type=count_int(), default=d.eval_every, help="0 = only before and after")
-    a("--pass-k", type=positive_int(1 << 16), default=d.pass_k, help="k of rl/pass@k (recorded in the run config)")
-    a("--eval-temperature", type=Number(float, 0.0, 100.0), default=d.eval_temperature)
-    a("--probes", default="", help=f"comma list of {','.join(PROBE_NAMES)} ('' or none = off)")
-    a("--probe-every", type=count_int(), default=d.probe_every, help="run the probes every N steps (0 = only at the end)")
-    a("--probe-batch", type=positive_int(1 << 20), default=d.probe_batch, help="held-out problems in the fixed probe set")
-    a("--probe-decision", choices=DECISIONS, default=d.probe_decision,
-      help="where the letter and attention probes read: 'completion' = the answer step of the policy's own "
-           "greedy completion (prompt + completion up to 'Answer:'), 'direct' = right after 'Answer:' in a "
-           "prompt without rationale (for models trained to answer in one token)")
-    a("--probe-rollouts", type=int, default=d.probe_rollouts,
-      help="on probe steps, the letter probes also read this many of the step's sampled completions "
-           "(rl/rollout_*; 0 = none)")
-    a("--table-every", type=count_int(), default=d.table_every, help="0 = no sample tables")
-    a("--table-rows", type=positive_int(1 << 20), default=d.table_rows)
-    a("--out", default=d.out, help="run folder: metrics.jsonl, checkpoints/, summary.json")
-    a("--save-every", type=count_int(), default=d.save_every, help="0 = only at the end")
-    a("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    a("--overwrite", action="store_true", help="replace the checkpoints and metrics of an earlier run in --out")
-    a("--device", type=device_name, default=d.device, help="auto | cpu | cuda | mps")
-    a("--bf16", choices=("auto", "on", "off"), default=d.bf16, help="bf16 autocast (auto = on with a GPU)")
-    a("--seed", type=SEED, default=d.seed)
-    a("--wandb", choices=("online", "offline", "disabled"), default=d.wandb)
-    a("--run-name", default=None)
-    a("--no-progress", action="store_true", help="no progress bar")
+    settings.add_arguments(parser, RLConfig)
 
 
 def config_from_args(args: argparse.Namespace) -> RLConfig:
-    from probes.suite import parse_probes
-
-    fields = {f.name for f in dataclasses.fields(RLConfig)}
-    values = {k: v for k, v in vars(args).items() if k in fields}
-    values["probes"] = parse_probes(args.probes)
-    values["top_k"] = None if args.top_k == 0 else args.top_k
-    values["progress"] = not args.no_progress
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(RLConfig)}
+    if values["top_k"] == 0:  # the command line's "no top-k"
+        values["top_k"] = None
     return RLConfig(**values)
 
 
