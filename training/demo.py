@@ -12,8 +12,16 @@ The whole pipeline at toy scale, every stage through the same code a real run us
   6. patching   an activation-patching sweep on the final checkpoint (the `aquainterp patch` command)
 
 Stages are cached: each writes `stage.json` with a hash of its settings and of the stages before it,
-and a second run reuses every stage whose hash still matches (`--fresh` redoes them all). Output is
-deterministic for a seed on CPU. `--budget small` runs the same code path with tiny step counts (tests).
+and a second run reuses every stage whose hash still matches (`--fresh` redoes them all). `--budget small`
+runs the same code path with smaller step counts (tests).
+
+Same numbers on every machine: the demo runs `--threads` torch threads (default 1), asks MKL for its
+strict reproducible mode (`MKL_CBWR=AVX2,STRICT`) and torch for its AVX2 kernels (`ATEN_CPU_CAPABILITY=avx2`),
+both before the first tensor operation, so a seed gives bit-identical results with 1 or 2 threads (tested)
+and on AVX2 and AVX-512 x86 CPUs alike. Without them, the thread count changes how MKL's GEMMs sum (base
+losses differ from step 3 on) and AVX-512 kernels round differently from AVX2 ones; the tiny model's
+training is chaotic enough that such rounding ends in different accuracies. Not covered: other torch or
+MKL versions, builds without MKL (ARM, Apple), GPUs.
 """
 
 from __future__ import annotations
@@ -59,6 +67,27 @@ class DemoConfig:
     fresh: bool = False
     device: str = "cpu"
     wandb: str = "offline"
+    threads: int = 1  # torch threads; numbers do not depend on it (MKL_CBWR strict mode)
+
+
+# What decides the demo's floating-point results on an x86 CPU besides the seed, pinned: MKL's conditional
+# numerical reproducibility (STRICT: GEMM sums independent of the thread count; AVX2: the same code path on
+# AVX2 and AVX-512 CPUs) and torch's own kernels (softmax, norms, attention) at their AVX2 level.
+NUMERICS_ENV = {"MKL_CBWR": "AVX2,STRICT", "ATEN_CPU_CAPABILITY": "avx2"}
+MKL_CBWR = NUMERICS_ENV["MKL_CBWR"]
+
+
+def pin_numerics(threads: int) -> dict:
+    """Pin NUMERICS_ENV and the torch thread count. MKL and torch read those variables at their first
+    tensor operation, so this runs before any (scripts/demo also exports them); a value the user set is
+    kept. Returns what is in force (it goes into the stage keys and summary.json)."""
+    for name, value in NUMERICS_ENV.items():
+        os.environ.setdefault(name, value)
+    import torch
+
+    torch.set_num_threads(threads)
+    return {"threads": threads, "mkl_cbwr": os.environ["MKL_CBWR"], "torch": torch.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def say(message: str) -> None:
@@ -87,8 +116,10 @@ class Stage:
         self.dir.mkdir(parents=True)
         write_marker(self.dir, DEMO_OWNER, self.name)
 
-    def finish(self, result: dict, seconds: float) -> dict:
+    def finish(self, result: dict, seconds: float, cpu_seconds: float | None = None) -> dict:
         result = {**result, "seconds": round(seconds, 1)}
+        if cpu_seconds is not None:  # CPU time of the demo process, all threads (fairer on a busy machine)
+            result["cpu_seconds"] = round(cpu_seconds, 1)
         tmp = self.marker.with_suffix(".tmp")
         tmp.write_text(json.dumps({"key": self.key, "result": result}, indent=1))
         os.replace(tmp, self.marker)
@@ -134,8 +165,8 @@ def run_stage(stage: Stage, fresh: bool, body) -> dict:
             print(f"[{stage.name}] cached ({stage.dir}); --fresh to redo")
             return cached
     stage.start()
-    t0 = time.time()
-    return stage.finish(body(), time.time() - t0)
+    t0, c0 = time.time(), time.process_time()
+    return stage.finish(body(), time.time() - t0, time.process_time() - c0)
 
 
 def cli(add_arguments, run, argv: list[str]) -> int:
@@ -153,9 +184,11 @@ def run_demo(config: DemoConfig) -> dict:
     b = BUDGETS[config.budget]
     root = Path(config.out)
     refuse_foreign_outputs(root)  # before anything is written or deleted, --fresh included
+    numerics = pin_numerics(config.threads)  # before any tensor math
     root.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
-    common = {"seed": config.seed, "device": config.device}
+    common = {"seed": config.seed, "device": config.device, "threads": config.threads,
+              "mkl_cbwr": numerics["mkl_cbwr"], "cpu_capability": numerics["cpu_capability"]}
 
     # 1. tokenizer -------------------------------------------------------------------------------
     from training import tok_train
@@ -283,6 +316,13 @@ def run_demo(config: DemoConfig) -> dict:
     results = {"tokenizer": tok_result, "base": base_result, "sft": sft_result, "rl": rl_result,
                "dashboards": dash_result, "patching": patch_result,
                "wall_seconds": round(time.time() - t_start, 1), "config": asdict(config)}
+    stages = {"tokenizer": tok_result, "base": base_result, "sft": sft_result, "rl": rl_result,
+              "dashboards": dash_result, "patching": patch_result}
+    # each stage's time when it ran (a cached stage keeps the time of the run that made it)
+    results["stage_seconds"] = {name: r.get("seconds") for name, r in stages.items()}
+    results["stage_cpu_seconds"] = {name: r.get("cpu_seconds") for name, r in stages.items()}
+    results["numerics"] = numerics
+    results["headline"] = headline(root / "rl" / "metrics.jsonl")
     (root / "summary.json").write_text(json.dumps(results, indent=1))
     print_summary(results, root, config)
     return results
@@ -307,10 +347,121 @@ def _floats(metrics: dict) -> dict:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
 
 
+HEADLINE_EVAL = {"greedy": "eval/synthetic_acc", "sampled": "eval/synthetic_sampled_acc", "pass@k": "rl/pass@k",
+                 "categorical": "eval/synthetic_categorical_acc"}
+HEADLINE_PROBES = {"gold_margin": "rl/letter_gold_margin_mean", "letter_kl": "rl/kl_letter_mean",
+                   "sequence_kl": "rl/kl_sequence_mean", "option_mass": "attn/option_mass_mean",
+                   "gold_option_mass": "attn/gold_option_mass_mean", "entropy": "attn/entropy_mean",
+                   "no_answer": "rl/probe_no_answer_frac"}
+
+
+def headline(metrics_path: Path) -> dict:
+    """The demo's story in numbers, read back from the RL stage's metrics.jsonl (what the dashboards plot):
+    held-out accuracy at the first eval (the SFT policy, step 0) and at the last (after GRPO), every eval of
+    the greedy accuracy on the way, and each probe's value at the first and the last probe step."""
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    out: dict = {}
+    evals = [row for row in rows if HEADLINE_EVAL["greedy"] in row]
+    if evals:
+        for name, key in HEADLINE_EVAL.items():
+            out[f"{name}_before"], out[f"{name}_after"] = evals[0].get(key), evals[-1].get(key)
+        out["eval_steps"] = [row["step"] for row in evals]
+        out["greedy_by_step"] = [row[HEADLINE_EVAL["greedy"]] for row in evals]
+        out["gain_points"] = round(100 * (out["greedy_after"] - out["greedy_before"]), 1)
+    for name, key in HEADLINE_PROBES.items():
+        logged = [row for row in rows if key in row]
+        if logged:
+            out[f"{name}_first"], out[f"{name}_last"] = logged[0][key], logged[-1][key]
+            out["probe_steps"] = [row["step"] for row in logged]
+    return out
+
+
+def headline_lines(h: dict) -> list[str]:
+    """The demo's table: the same numbers as summary.json's "headline" (and the README's demo table)."""
+    if "greedy_before" not in h:
+        return ["(no held-out evaluation logged)"]
+
+    def num(v, fmt=".3f"):
+        return "—" if v is None else format(v, fmt)
+
+    lines = [f"{'':44s}{'SFT policy':>11s}{'after GRPO':>12s}",
+             f"{'held-out greedy accuracy':44s}{num(h['greedy_before']):>11s}{num(h['greedy_after']):>12s}"
+             f"   {h['gain_points']:+.1f} points",
+             f"{'held-out sampled accuracy (T=1)':44s}{num(h['sampled_before']):>11s}{num(h['sampled_after']):>12s}",
+             f"{'held-out pass@k':44s}{num(h['pass@k_before']):>11s}{num(h['pass@k_after']):>12s}"]
+    for label, name, fmt in (("gold letter margin at the answer step", "gold_margin", ".2f"),
+                             ("letter KL vs the SFT policy (nats)", "letter_kl", ".4f"),
+                             ("attention mass on the options", "option_mass", ".3f"),
+                             ("attention entropy (mean over heads)", "entropy", ".3f"),
+                             ("probe completions without an answer", "no_answer", ".3f")):
+        if f"{name}_first" in h:
+            lines.append(f"{label:44s}{num(h[f'{name}_first'], fmt):>11s}{num(h[f'{name}_last'], fmt):>12s}")
+    return lines
+
+
+def _panel(metric: str) -> str:
+    """'Template › "panel title"' of the first shipped dashboard panel that plots `metric`."""
+    import re
+
+    from dashboards.template import all_templates
+
+    for template in all_templates():
+        for panel in template.panels:
+            regex = getattr(panel, "regex", None)
+            if metric in panel.metrics or (regex and re.fullmatch(regex, metric)):
+                return f'{template.title} › "{panel.title}"'
+    return metric
+
+
+def what_to_look_at(r: dict) -> list[str]:
+    """Where the demo's story shows: the dashboard panels of the RL gain and of the probe changes, and the
+    patching cell that carries the decision."""
+    h, p = r["headline"], r["patching"]
+    lines = []
+    if "greedy_before" in h:
+        lines.append(f"  RL gain        {_panel(HEADLINE_EVAL['greedy'])}: eval/synthetic_acc "
+                     + " -> ".join(f"{v:.2f}" for v in h["greedy_by_step"]) + f" at steps {h['eval_steps']}; "
+                     f"{_panel('rl/mean_reward')} for the training reward")
+    if "gold_margin_first" in h:
+        lines.append(f"  probe change   {_panel(HEADLINE_PROBES['gold_margin'])}: "
+                     f"{h['gold_margin_first']:.2f} -> {h['gold_margin_last']:.2f} logits")
+    if "letter_kl_first" in h:
+        lines.append(f"                 {_panel(HEADLINE_PROBES['letter_kl'])}: "
+                     f"{h['letter_kl_first']:.4f} -> {h['letter_kl_last']:.4f} nats")
+    if "option_mass_first" in h:
+        lines.append(f"                 {_panel(HEADLINE_PROBES['option_mass'])} and "
+                     f"{_panel('attn/option_mass/layer0/head0')}: "
+                     f"{h['option_mass_first']:.3f} -> {h['option_mass_last']:.3f}")
+    cell = strongest_patch(p)
+    if cell:
+        lines.append(f"  patching       {p['html']}: {cell}")
+    return lines
+
+
+def strongest_patch(p: dict) -> str | None:
+    """The single strongest cell of the component sweeps (heads, attention and MLP outputs) in words."""
+    best = None
+    for sweep, cell in p.get("strongest", {}).items():
+        if "resid" in sweep:  # the residual stream carries everything at the decision token; not a component
+            continue
+        if best is None or abs(cell["value"]) > abs(best[1]["value"]):
+            best = (sweep, cell)
+    if best is None:
+        return None
+    sweep, cell = best
+    where = ", ".join(f"{k} {v!r}" if k == "token" else f"{k} {v}" for k, v in cell.items() if k != "value")
+    return f"{sweep} at {where} restores {cell['value']:.2f} of the clean-corrupted logit difference"
+
+
 def print_summary(r: dict, root: Path, config: DemoConfig) -> None:
     before, after = r["rl"]["before"], r["rl"]["after"]
 
     say(f"summary ({r['wall_seconds'] / 60:.1f} min; stage times in {root}/summary.json)")
+    times = r.get("stage_seconds", {})
+    cpu = r.get("stage_cpu_seconds", {})
+    print("stage times   " + ", ".join(f"{name} {s:.1f} s" + (f" ({cpu[name]:.0f} s CPU)" if cpu.get(name) else "")
+                                      for name, s in times.items() if s is not None)
+          + f"; {r['numerics']['threads']} torch thread(s), MKL_CBWR={r['numerics']['mkl_cbwr']}")
     bpt = r["tokenizer"]["bytes_per_token"].get("synthetic")
     print(f"tokenizer     {bpt:.2f} bytes/token on held-out synthetic text" if bpt else "tokenizer     trained")
     print(f"base          final train loss {r['base']['metrics'].get('train/loss', float('nan')):.3f}")
@@ -325,6 +476,9 @@ def print_summary(r: dict, root: Path, config: DemoConfig) -> None:
     p = r["patching"]
     print(f"patching      {p['n_pairs']} pairs, clean logit diff {p['clean_logit_diff_mean']:.3f}, corrupted "
           f"{p['corrupted_logit_diff_mean']:.3f}")
+    print(f"\nthe GRPO stage in numbers ({root}/rl/metrics.jsonl; probe rows: first and last probe step)")
+    for line in headline_lines(r["headline"]):
+        print("  " + line)
     print("\nartifacts")
     print(f"  metrics          {root}/rl/metrics.jsonl")
     print(f"  offline W&B run  {root}/rl/wandb/  (sync later: wandb sync {root}/rl/wandb/offline-run-*)")
@@ -337,6 +491,9 @@ def print_summary(r: dict, root: Path, config: DemoConfig) -> None:
     print("    aquainterp dashboard push --template all --entity YOUR_ENTITY --project YOUR_PROJECT")
     print("  the same pipeline at depth 20 on 8×H100:")
     print("    WANDB_RUN=d20 bash training/speedrun.sh")
+    print(f"\nwhat to look at (dashboard: {r['dashboards']['report']})")
+    for line in what_to_look_at(r):
+        print(line)
 
 
 def _probe_metrics(path: Path) -> tuple[dict, dict]:
@@ -387,7 +544,7 @@ def probe_summary(first: dict, last: dict) -> list[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from aquainterp.cliargs import SEED, device_name
+    from aquainterp.cliargs import SEED, device_name, positive_int
 
     parser.description = __doc__.split("\n\n")[0]
     d = DemoConfig()
@@ -399,11 +556,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", type=device_name, default=d.device, help="cpu (default), cuda or auto")
     parser.add_argument("--wandb", choices=("offline", "disabled", "online"), default=d.wandb,
                         help="W&B mode for the RL stage (default offline: no network)")
+    parser.add_argument("--threads", type=positive_int(256), metavar="N", default=d.threads,
+                        help=f"torch CPU threads (default {d.threads}); the numbers are the same for any N "
+                             f"(MKL_CBWR={MKL_CBWR})")
 
 
 def run(args: argparse.Namespace) -> int:
     run_demo(DemoConfig(out=args.out, budget=args.budget, seed=args.seed, fresh=args.fresh, device=args.device,
-                        wandb=args.wandb))
+                        wandb=args.wandb, threads=args.threads))
     return 0
 
 
