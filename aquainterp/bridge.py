@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -209,7 +210,8 @@ def _hf_weights(directory: Path) -> dict[str, torch.Tensor]:
 
 def import_hf(directory) -> GPT:
     """Read an HF NanoChatForCausalLM directory (config.json + model.safetensors, or sharded
-    model-0000X-of-0000N.safetensors + model.safetensors.index.json) into our GPT."""
+    model-0000X-of-0000N.safetensors + model.safetensors.index.json) into our GPT; a tokenizer.json written
+    by export_hf (our Tokenizer) is attached to it."""
     directory = Path(directory)
     config_path = directory / "config.json"
     if not config_path.is_file():
@@ -232,6 +234,14 @@ def import_hf(directory) -> GPT:
     model = GPT(config)
     single = directory / "model.safetensors"
     model.load_state_dict_checked(state, source=str(single if single.is_file() else directory))
+    if (directory / "tokenizer.json").is_file():  # as load_model: model.to_tokens, string input (TL's calls)
+        from aquainterp.tokenizer import Tokenizer
+
+        try:
+            model.set_tokenizer(Tokenizer.load(directory))
+        except ValueError as e:
+            warnings.warn(f"import_hf: tokenizer not attached ({e}); model.set_tokenizer(...) attaches one",
+                          stacklevel=2)
     return model.eval()
 
 

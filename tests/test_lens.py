@@ -452,6 +452,22 @@ def test_load_model_attaches_the_tokenizer(checkpoint_dir, tok):
     assert model.cfg.tokenizer_name == f"aquainterp-bpe-{tok.fingerprint()[:12]}"
 
 
+def test_import_hf_attaches_an_exported_tokenizer(checkpoint_dir, tmp_path):
+    import json
+
+    from aquainterp.bridge import import_hf
+
+    model, tokenizer, _ = load_model(checkpoint_dir)
+    back = import_hf(export_hf(model, tokenizer, tmp_path / "hf"))
+    assert back.tokenizer.fingerprint() == tokenizer.fingerprint()
+    assert back.to_tokens("When John").tolist() == model.to_tokens("When John").tolist()
+    bare = import_hf(export_hf(model, None, tmp_path / "bare"))
+    assert bare.tokenizer is None
+    (tmp_path / "bare" / "tokenizer.json").write_text(json.dumps({"model": {"type": "WordPiece"}}))
+    with pytest.warns(UserWarning, match="tokenizer not attached .*not an aquainterp tokenizer.json"):
+        assert import_hf(tmp_path / "bare").tokenizer is None
+
+
 @torch.no_grad()
 def test_forward_return_types_match_tl_semantics(tok):
     model = random_model(tok)
