@@ -749,9 +749,12 @@ class GPT(LensMixin, HookedRootModule):
             prev0 = prev0.expand(B, 1, C).to(x.dtype)
         if kv_cache is not None:
             kv_cache.prev_embedding = x[:, -1:]
+        left_pad = None if kv_cache is None else kv_cache.left_pad
+        if prev0 is None and left_pad is None and not _active(self.hook_smear):  # training's case: as nanochat
+            gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[:, 1:, :SMEAR_CHANNELS]))
+            return torch.cat([x[:, :1], x[:, 1:] + gate * x[:, :-1]], dim=1)
         prev = torch.cat([prev0 if prev0 is not None else x.new_zeros(B, 1, C), x[:, :-1]], dim=1)
         gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))
-        left_pad = None if kv_cache is None else kv_cache.left_pad
         if prev0 is None or left_pad is not None:  # no predecessor: column 0, and a row's left padding
             column = torch.arange(T0, T0 + T, device=x.device)
             first = torch.zeros(B, device=x.device, dtype=torch.long) if left_pad is None else left_pad
