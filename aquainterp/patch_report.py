@@ -252,7 +252,8 @@ def _drilldown(patcher, results, summary, tokenizer) -> str:
                              f"<td>{float(frac.flatten()[flat]):+.1%}</td></tr>")
         if cells:
             body.append("<table><tr><th>sweep</th><th>cell</th><th>this pair</th></tr>" + "".join(cells) + "</table>")
-        parts.append(f"<details class='pair'><summary>{head}</summary>{''.join(body)}</details>")
+        opened = " open" if i == 0 else ""  # the first pair shows what a drill-down holds
+        parts.append(f"<details class='pair'{opened}><summary>{head}</summary>{''.join(body)}</details>")
     return "".join(parts)
 
 

@@ -19,6 +19,8 @@ block l from the base run's cached residual stream, computes only positions p..T
 attend to the base run's cached keys/values for positions < p (the model's KV-cache path). Only the
 decision position goes through the final norm and the unembedding. Cells are sorted by (layer,
 position) so that one batch shares its start; a patch costs about (L-l)(T-p)/(L·T) of a full forward.
+A patch whose clean and corrupted activations are bitwise equal (every position before the first token
+where the prompts differ, and at layer 0 every position whose token agrees) is a no-op and is not run.
 """
 
 from __future__ import annotations

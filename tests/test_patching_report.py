@@ -54,7 +54,7 @@ def test_sections_in_reading_order(report):
         assert f"{best['value']:+.1%}" in page[:heatmaps_at]
         if "token" in best:
             assert best["token"] in page[:heatmaps_at]
-    assert page.count("class='pair'") == len(patcher.pairs)
+    assert page.count("<details class='pair'") == len(patcher.pairs) and page.count("class='pair' open") == 1
     assert re.search(r"<details><summary>summary.json</summary><pre class='raw'>", page)
     raw = page[raw_at:].split("<pre class='raw'>", 1)[1].split("</pre>", 1)[0]
     assert json.loads(raw.replace("&quot;", '"').replace("&#x27;", "'").replace("&lt;", "<")
