@@ -258,7 +258,7 @@ def test_batch_dim_handling(model, run):
         one.remove_batch_dim()
         assert not one.has_batch_dim
         assert all(one[k].shape == shapes[k][1:] for k in shapes)
-    with pytest.raises(AssertionError):
+    with pytest.raises(AssertionError, match="Cannot remove batch dimension from cache with batch size 8"):
         cache.apply_slice_to_batch_dim(Slice(None)).remove_batch_dim()
     sliced = cache.apply_slice_to_batch_dim(Slice((2, 4)))
     assert sliced.has_batch_dim and all(torch.equal(cache[k][2:4], sliced[k]) for k in cache.cache_dict)
