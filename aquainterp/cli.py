@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         "probes, W&B dashboards, activation patching.",
     )
     parser.add_argument("--version", action="version", version=f"aquainterp {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (anywhere on the line)")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     for name, (_module, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
