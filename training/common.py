@@ -176,10 +176,19 @@ def run_cli(run, config, prog: str, debug: bool | None = None):
 
 def claim_run_dir(config, run_dir: str | None = None, flag: str = "--run-dir") -> None:
     """aquainterp.rundir.claim_run_dir for a stage's config (--resume / --overwrite); every rank checks,
-    rank 0 deletes with --overwrite."""
+    rank 0 deletes with --overwrite, which never reaches the stage's own inputs (--init-from,
+    --checkpoint, --tokenizer-dir inside this run's checkpoints/)."""
+    from aquainterp.rundir import RunDirError, inside
     from aquainterp.rundir import claim_run_dir as claim
 
-    claim(run_dir or config.run_dir, resume=config.resume, overwrite=config.overwrite, flag=flag,
+    run_dir = run_dir or config.run_dir
+    if config.overwrite:
+        for name in ("init_from", "checkpoint", "tokenizer_dir"):
+            given = getattr(config, name, None)
+            if given and inside(Path(run_dir) / "checkpoints", given):
+                raise RunDirError(f"--overwrite would delete --{name.replace('_', '-')} {given}, which lies in "
+                                  f"{Path(run_dir) / 'checkpoints'}; choose another {flag}")
+    claim(run_dir, resume=config.resume, overwrite=config.overwrite, flag=flag,
           is_main=int(os.environ.get("RANK", "0")) == 0)
 
 
@@ -339,19 +348,86 @@ def _text_source(text: str) -> str:
                                      "or hf:NAME[:CONFIG])")
 
 
+# What each stage setting means, once for every stage that has it (the same name means the same thing in
+# tok_train, base, mid and sft). A stage field missing here fails tests/test_settings.py.
+FLAG_HELP = {
+    # where things are
+    "run_dir": "run folder: checkpoints/, metrics.jsonl, the W&B run",
+    "out_dir": "folder the tokenizer is written to (tokenizer.json, compression.json)",
+    "tokenizer_dir": "tokenizer folder written by training.tok_train",
+    "init_from": "checkpoint folder to start from (its latest step)",
+    "data": "training text: synthetic[:SEED[:DIFFICULTY]], hf:NAME[:CONFIG] or a local file/folder",
+    "val_data": "validation text, same forms as --data (default: held-out synthetic documents)",
+    "val_docs": "validation documents for the bits-per-byte eval",
+    "eval_docs": "held-out documents for the bytes-per-token report of each task",
+    "synthetic": "synthetic problems in the mixture (0 = none)",
+    "synthetic_seed": "seed of the synthetic problems",
+    "synthetic_difficulty": "synthetic difficulty 1-3 (0 = the task's mix of levels)",
+    "aqua": "AQuA-RAT source: a local JSON Lines file or a Hub id such as deepmind/aqua_rat (default: none)",
+    "aqua_split": "AQuA-RAT split when --aqua is a Hub id",
+    "aqua_limit": "use at most this many AQuA rows",
+    "gsm8k": "GSM8K source: a local JSON Lines file or a Hub id such as openai/gsm8k (default: none)",
+    "gsm8k_split": "GSM8K split when --gsm8k is a Hub id",
+    "gsm8k_limit": "use at most this many GSM8K rows",
+    "styles": "comma list of answer styles the conversations use: direct, reasoning, checked",
+    "eval_synthetic": "held-out synthetic problems for the categorical accuracy eval (0 = none)",
+    "eval_aqua": "AQuA source for the categorical accuracy eval (local file or Hub id; default: none)",
+    # the model and the tokenizer
+    "vocab_size": "tokenizer vocabulary size, special tokens included",
+    "max_chars": "characters of --data to train the tokenizer on",
+    "doc_cap": "characters kept of each document (nanochat's cap)",
+    "depth": "transformer layers; the width is depth x --aspect-ratio",
+    "architecture": "nanochat-2025-10 (HF NanoChat / TransformerBridge can load it) or nanochat-2026-07 "
+                    "(nanochat HEAD: sliding windows, value embeddings, smear, backout)",
+    "aspect_ratio": "model width per layer (width = depth x aspect ratio)",
+    "head_dim": "attention head size (heads = width / head_dim)",
+    "seq_len": "tokens per training sequence",
+    # how much
+    "device_batch_size": "sequences per forward/backward on each device (gradient accumulation makes up the rest)",
+    "total_batch_tokens": "tokens per optimizer step, all devices together",
+    "examples_per_step": "conversations per optimizer step, all devices together",
+    "num_epochs": "passes over the mixture",
+    "max_steps": "optimizer steps",
+    "target_param_data_ratio": "training tokens per parameter when --max-steps is omitted (Chinchilla: 20)",
+    # optimizer
+    "matrix_lr": "Muon learning rate of the transformer's matrices",
+    "embedding_lr": "AdamW learning rate of the token embedding",
+    "unembedding_lr": "AdamW learning rate of lm_head",
+    "weight_decay": "AdamW weight decay",
+    "init_lr_frac": "fraction of the learning rates to start from",
+    "warmup_ratio": "fraction of the steps spent warming the learning rate up",
+    "warmdown_ratio": "fraction of the steps at the end spent decaying the learning rate",
+    "final_lr_frac": "learning rate at the last step, as a fraction of the peak",
+    # cadence and run management
+    "eval_every": "evaluate every N steps (0 = only at the end)",
+    "save_every": "save a checkpoint every N steps (0 = only at the end)",
+    "device": "auto | cpu | cuda | mps",
+    "bf16": "bf16 autocast (auto = on with a GPU)",
+    "compile": "torch.compile the model (auto = on with a GPU)",
+    "seed": "seed of the model init and the data order",
+    "resume": "continue exactly from the latest checkpoint in the run folder",
+    "overwrite": "replace the checkpoints and metrics of an earlier run in the run folder",
+    "skip_nonfinite": "skip a step whose loss or gradients are NaN/inf instead of stopping the run",
+    "wandb": "W&B logging: online, offline (sync later) or disabled",
+    "run_name": "W&B run name",
+}
+
+
 def add_arguments(parser: argparse.ArgumentParser, defaults) -> None:
-    """One flag per config field, kebab-case (snake_case accepted by normalize_flag_spelling)."""
+    """One flag per config field, kebab-case (snake_case accepted by normalize_flag_spelling), with its
+    type and range (flag_types) and its meaning (FLAG_HELP)."""
     types = flag_types()
     for name, value in vars(defaults).items():
         flag = "--" + name.replace("_", "-")
+        meaning = FLAG_HELP.get(name, "")
         if isinstance(value, bool):
-            parser.add_argument(flag, action="store_true", help="(default: off)")
+            parser.add_argument(flag, action="store_true", help=f"{meaning} (default: off)".strip())
         else:
             kind = types.get(name, type(value) if value is not None else str)
             shown = "auto" if name == "max_steps" and value == -1 else \
                 "all" if name.endswith("_limit") and value == -1 else value
             parser.add_argument(flag, type=kind, default=value, choices=FLAG_CHOICES.get(name),
-                                help=f"(default: {shown})")
+                                help=f"{meaning} (default: {shown})".strip())
 
 
 def parse_config(cls, argv: list[str] | None, description: str, prog: str | None = None):

@@ -479,3 +479,18 @@ def test_non_utf8_metrics_name_file_and_line(tmp_path, capsys):
     holds, outcome = one_line_error(code, err, 2)
     record_case("non-UTF-8 metrics.jsonl", "aquainterp dashboard html --run R", "one line naming file:line",
                 outcome, holds and "metrics.jsonl:2" in err and not (tmp_path / "r.html").exists())
+
+
+def test_overwrite_never_deletes_the_stage_input(base_ckpt, tmp_path, capsys):
+    from training.sft import main as sft_main
+
+    run = tmp_path / "sft"
+    shutil.copytree(base_ckpt, run / "checkpoints")  # the user points --init-from into the run it replaces
+    before = snapshot(run)
+    argv = ["--init-from", run / "checkpoints", "--run-dir", run, "--overwrite", "--synthetic", "8",
+            "--max-steps", "1", "--device", "cpu", "--compile", "off", "--bf16", "off"]
+    code, _, err = call_cli(sft_main, argv, capsys)
+    holds, outcome = one_line_error(code, err, 2)
+    record_case("--overwrite onto its own --init-from", "python -m training.sft --init-from RUN/checkpoints "
+                "--run-dir RUN --overwrite", "exit 2, input intact", outcome,
+                holds and "--init-from" in err and snapshot(run) == before)
