@@ -272,26 +272,33 @@ def add_arguments(parser) -> None:
     parser.add_argument("--tokenizer", type=existing_path("dir"), default=None,
                         help="tokenizer folder (tokenizer.json) for --hf-dir; default: the HF directory itself")
     parser.add_argument("--step", type=count_int(), default=None, help="checkpoint step (default: latest)")
-    parser.add_argument("--task", choices=("synthetic", "aqua"), default="synthetic")
+    parser.add_argument("--task", choices=("synthetic", "aqua"), default="synthetic",
+                        help="problems: the embedded synthetic task or AQuA-RAT (default synthetic)")
     parser.add_argument("--data", type=data_source, default=None,
                         help="AQuA JSON Lines file, or hub id owner/name (task aqua)")
     parser.add_argument("--split", default=None, help="synthetic: eval|train (eval); aqua hub: split (validation)")
     parser.add_argument("--num-problems", "--n", dest="n", type=positive_int(), default=None,
                         help="evaluate the first N problems (synthetic: 500); under torchrun spell it "
                              "--num-problems, since torchrun's own parser rejects --n as ambiguous")
-    parser.add_argument("--mode", choices=MODES, default="categorical")
+    parser.add_argument("--mode", choices=MODES, default="categorical",
+                        help="categorical: argmax of the five letter logits after 'Answer:' in a prompt without "
+                             "rationale; generative: the letter its completions state (default categorical)")
     parser.add_argument("--num-samples", type=positive_int(100_000), default=1, help="generative: samples per problem")
-    parser.add_argument("--max-new-tokens", type=positive_int(1 << 20), default=256)
+    parser.add_argument("--max-new-tokens", type=positive_int(1 << 20), default=256,
+                        help="generative: longest completion in tokens (default 256)")
     parser.add_argument("--temperature", type=number(float, 0.0, 100.0), default=None,
                         help="default 0 for 1 sample, else 1.0")
-    parser.add_argument("--top-k", type=positive_int(), default=None)
-    parser.add_argument("--seed", type=SEED, default=0)
-    parser.add_argument("--difficulty", type=int, default=None, choices=(1, 2, 3))
+    parser.add_argument("--top-k", type=positive_int(), default=None,
+                        help="generative: sample from the k most likely tokens (default: the full vocabulary)")
+    parser.add_argument("--seed", type=SEED, default=0,
+                        help="seed of the synthetic problems and of sampling (default 0)")
+    parser.add_argument("--difficulty", type=int, default=None, choices=(1, 2, 3),
+                        help="synthetic difficulty (default: the task's mix of levels)")
     parser.add_argument("--batch-size", type=positive_int(1 << 20), default=16,
                         help="problems per batch: categorical, prompts per forward; generative, problems "
                              "decoded together (each with --num-samples rows)")
     parser.add_argument("--skip-bad-rows", action="store_true", help="skip and count malformed AQuA rows")
-    parser.add_argument("--device", type=device_name, default="cpu")
+    parser.add_argument("--device", type=device_name, default="cpu", help="cpu (default), cuda, mps or auto")
     parser.add_argument("--json", default=None, help="also write the result as JSON to this path")
 
 

@@ -32,8 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser("export", help="write a template's W&B workspace model as JSON (no network)")
     p.add_argument("--template", required=True, help="template name or title, a .json path, or 'all'")
-    p.add_argument("--entity", default=os.environ.get("WANDB_ENTITY", "aquainterp"))
-    p.add_argument("--project", default=os.environ.get("WANDB_PROJECT", "aquainterp"))
+    p.add_argument("--entity", default=os.environ.get("WANDB_ENTITY", "aquainterp"),
+                   help="W&B entity written into the workspace (default $WANDB_ENTITY or aquainterp)")
+    p.add_argument("--project", default=os.environ.get("WANDB_PROJECT", "aquainterp"),
+                   help="W&B project written into the workspace (default $WANDB_PROJECT or aquainterp)")
     p.add_argument("-o", "--output", help="output file (a folder for --template all); default stdout")
 
     p = sub.add_parser("load", help="read a W&B workspace JSON back into our template JSON")
@@ -41,9 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", help="template JSON to write; default stdout")
 
     p = sub.add_parser("push", help="save the template as a W&B workspace (needs network and a login)")
-    p.add_argument("--template", required=True)
-    p.add_argument("--entity", required=True)
-    p.add_argument("--project", required=True)
+    p.add_argument("--template", required=True, help="template name or title, a .json path, or 'all'")
+    p.add_argument("--entity", required=True, help="W&B entity (user or team) that owns the project")
+    p.add_argument("--project", required=True, help="W&B project the workspace is saved in")
 
     p = sub.add_parser("html", help="self-contained plotly HTML report of a run")
     p.add_argument("--run", type=existing_path("dir"), required=True, help="run directory (metrics.jsonl and/or wandb/)")
@@ -55,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser("sample", help="record a synthetic RL run through the Logger (for trying reports)")
     p.add_argument("--run", required=True, help="run directory to write")
-    p.add_argument("--steps", type=positive_int(1_000_000), default=30)
+    p.add_argument("--steps", type=positive_int(1_000_000), default=30, help="RL steps to record (default 30)")
     p.add_argument("--mode", choices=("disabled", "offline"), default="disabled",
                    help="also write an offline W&B run (offline) or only metrics.jsonl (disabled)")
 

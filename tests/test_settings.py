@@ -43,3 +43,43 @@ def test_the_cli_range_is_the_python_range(field):
         parser().parse_args([flag, str(bad)])
     with pytest.raises(ValueError, match=f"{flag} must be"):
         rl.RLConfig(**{"depth": 2, field.name: bad}).validate()
+
+
+def _parsers():
+    """(name, parser) for every training stage and every `aquainterp` subcommand (dashboard's nested
+    commands included)."""
+    import importlib
+
+    from aquainterp.cli import COMMANDS, subcommand_parser
+    from training import common
+
+    out = []
+    for stage in ("tok_train", "base", "mid", "sft"):
+        module = importlib.import_module(f"training.{stage}")
+        cls = [v for v in vars(module).values() if dataclasses.is_dataclass(v) and isinstance(v, type)
+               and v.__module__ == module.__name__][0]
+        p = argparse.ArgumentParser(prog=stage)
+        common.add_arguments(p, cls())
+        out.append((f"training.{stage}", p))
+    out.append(("training.rl", parser()))
+    for name in COMMANDS:
+        p, _ = subcommand_parser(name)
+        out.append((f"aquainterp {name}", p))
+        for action in p._actions:  # nested subcommands (aquainterp dashboard html ...)
+            if isinstance(action, argparse._SubParsersAction):
+                out.extend((f"aquainterp {name} {sub}", sp) for sub, sp in action.choices.items())
+    return out
+
+
+def test_every_flag_of_every_command_says_what_it_does():
+    undocumented = []
+    parsers = _parsers()
+    assert len(parsers) >= 12
+    for name, p in parsers:
+        for action in p._actions:
+            if not action.option_strings or action.dest == "help" or action.help == argparse.SUPPRESS:
+                continue
+            text = (action.help or "").strip()
+            if not text or text.startswith("(default"):
+                undocumented.append(f"{name} {action.option_strings[0]}")
+    assert not undocumented, "flags without a help text: " + ", ".join(undocumented)
