@@ -189,10 +189,11 @@ CHILD = textwrap.dedent("""
 def test_lying_model_config_fails_fast_under_4gb(base_ckpt, tmp_path, field, value, command):
     if command == "patch --hf-dir":  # an HF NanoChat directory whose config.json lies
         from aquainterp.bridge import export_hf
-        from aquainterp.checkpoint import load_model
+        from aquainterp.model import GPT, GPTConfig
 
-        model, tok, _ = load_model(base_ckpt)
-        ckpt = export_hf(model, tok, tmp_path / "hf_lie")
+        model = GPT(GPTConfig(sequence_len=64, vocab_size=512, n_layer=1, n_head=2, n_kv_head=2, n_embd=64))
+        model.init_weights()  # an HF NanoChat architecture (nanochat-2025-10), whatever the base stage's default
+        ckpt = export_hf(model, None, tmp_path / "hf_lie")  # the size check comes before the tokenizer's
         config = json.loads((ckpt / "config.json").read_text())
         config[field] = value
         (ckpt / "config.json").write_text(json.dumps(config))
