@@ -87,10 +87,11 @@ def attribution_table(patcher: Patcher, device, sweeps: str, repeats: int) -> No
         e, a = exact.normalized, approx.normalized
         top = lambda v: set(v.abs().flatten().argsort(descending=True)[:10].tolist())
         overlap = len(top(e) & top(a))
-        per_pair = pearson(exact.logit_diff - exact.logit_diff.mean(), approx.logit_diff - approx.logit_diff.mean())
+        base = patcher.corrupted_ld  # per-pair effects: each pair's patched minus unpatched logit difference
+        per_pair = pearson(exact.logit_diff - base, approx.logit_diff - base)
         print(f"{name:10s} {e.numel():6d} cells: exact batched {t_exact:7.2f}s  attribution {t_attr:6.3f}s  "
               f"| exact/attribution {t_exact / t_attr:6.1f}x  | Pearson r {pearson(e, a):+.3f} "
-              f"(per pair {per_pair:+.3f})  top-10 overlap {overlap}/10")
+              f"(per-pair effects {per_pair:+.3f})  top-10 overlap {overlap}/10")
         for layer in range(e.shape[0]):
             gap = (a[layer] - e[layer]).abs()
             worst = tuple(int(i) for i in torch.unravel_index(gap.argmax(), gap.shape))
