@@ -47,7 +47,7 @@ class BaseConfig:
     depth: int = 20
     # nanochat-2026-07 (nanochat HEAD's GPT, the default for new runs) or nanochat-2025-10 (what HF NanoChat
     # and TransformerLens's bridge can represent: pick it when the model is to be exported to HF)
-    architecture: str = "nanochat-2025-10"
+    architecture: str = "nanochat-2026-07"
     aspect_ratio: int = 64
     head_dim: int = 128
     seq_len: int = 2048
