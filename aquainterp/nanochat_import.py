@@ -159,7 +159,12 @@ def _expected_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
 
 def _read_pt(path: Path) -> dict[str, torch.Tensor]:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:  # a legacy (pre-zip) torch.save file cannot be mapped: read it
+            if "mmap" not in str(e) or zipfile.is_zipfile(path):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise NanochatCheckpointError(f"{path}: refused by torch.load(weights_only=True): {first}") from e

@@ -116,6 +116,18 @@ def test_foreign_global_in_tokenizer_pkl_is_refused_without_running(tmp_path, ca
     assert not (tmp_path / "PWNED").exists()
 
 
+def test_legacy_torch_save_format_loads(tmp_path):
+    """A model_<step>.pt written without the zip container (older torch.save) cannot be memory-mapped; it is
+    read the plain way, still weights_only."""
+    src = copy_fixture("nanochat-2026-01-d2", tmp_path)
+    (pt,) = src.glob("base_checkpoints/d2/model_*.pt")
+    torch.save(torch.load(pt, weights_only=True), pt, _use_new_zipfile_serialization=False)
+    model, _, _ = load_model(src)
+    ref = load_file(str(src / "reference.safetensors"))
+    with torch.no_grad():
+        assert (model(ref["input_ids"]) - ref["logits"]).abs().max().item() <= 1e-4
+
+
 def test_truncated_pt_is_one_line(tmp_path, capsys):
     src = copy_fixture("nanochat-head-d4", tmp_path)
     (pt,) = src.glob("base_checkpoints/d4/model_*.pt")
