@@ -174,3 +174,45 @@ def series_section(stacked: dict, steps: list[int], failed: dict, positions: lis
                      f"<span class='note'>(step × cell, {len(keep)} of {flat.shape[1]} cells)</span>"
                      + fig.to_html(full_html=False, include_plotlyjs=False, config=PLOT_CONFIG) + "</div>")
     return "".join(parts)
+
+
+class TrainingPatcher:
+    """Patching inside a training loop (training.rl --patch-every): the same pairs at every call, built on
+    the first call where some completion writes "Answer:", from the model's own greedy completions (completion decision, noise on question and
+    options); each call returns the step's `patch/*` metrics (step_metrics) for the logger.
+
+    `generate(model, prompts)` makes the completions (default: greedy_completions); a call whose pairs
+    cannot be built (no completion wrote "Answer:") or whose clean and corrupted runs agree logs only
+    `patch/step`, `patch/pairs` and `patch/no_marker_frac`. The model's train/eval mode is restored."""
+
+    def __init__(self, tokenizer, problems, sweeps=("z", "attn_out"), max_new_tokens: int = 128,
+                 batch_size: int = 64, seed: int = 0, generate=None):
+        self.tokenizer, self.problems, self.sweeps = tokenizer, list(problems), tuple(sweeps)
+        self.max_new_tokens, self.batch_size, self.seed = max_new_tokens, batch_size, seed
+        self.generate, self.pairs, self.no_marker_frac = generate, None, 0.0
+
+    def __call__(self, model, step: int) -> dict:
+        from aquainterp.completion_pairs import completion_pairs, greedy_completions
+
+        was_training = model.training
+        model.eval()
+        try:
+            if self.pairs is None:
+                generate = self.generate or (lambda m, prompts: greedy_completions(
+                    m, self.tokenizer, prompts, self.max_new_tokens, batch_size=self.batch_size))
+                got = completion_pairs(self.tokenizer, self.problems, "noise", lambda p: generate(model, p),
+                                       seed=self.seed)
+                self.no_marker_frac = len(got.no_marker) / max(len(self.problems), 1)
+                if not got.pairs:  # no completion wrote "Answer:" yet: try again next time
+                    return {"patch/step": step, "patch/pairs": 0, "patch/no_marker_frac": self.no_marker_frac}
+                self.pairs = got.pairs
+            out = {"patch/step": step, "patch/pairs": len(self.pairs), "patch/no_marker_frac": self.no_marker_frac}
+            try:
+                patcher = Patcher(model, self.pairs, batch_size=self.batch_size, align="end", seed=self.seed,
+                                  progress=False)
+            except ValueError:  # nothing to restore at this step
+                return out
+            results = [patcher.sweep(name) for name in self.sweeps]
+            return {**out, **step_metrics(patcher, results, step, model.cfg.n_layers)}
+        finally:
+            model.train(was_training)

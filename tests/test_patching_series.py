@@ -101,3 +101,55 @@ def test_step_selection_and_a_step_with_nothing_to_restore(run_dir, tmp_path, ca
     assert "nothing to restore" in summary["series"]["failed"]["7"]
     code = main(["patch", "--checkpoint-series", str(tmp_path / "none"), *ARGS, "--out", str(tmp_path / "p")])
     assert code == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_training_patcher_keeps_its_pairs_and_restores_the_mode():
+    from aquainterp.patch_series import TrainingPatcher
+    from aquainterp.tasks import letter_token_ids
+    from aquainterp.tasks.synthetic import SyntheticTask
+
+    tok = trained_tokenizer()
+    model = random_gpt(n_layer=2, vocab=tok.vocab_size, seed=3)
+    problems = SyntheticTask(seed=0, split="eval", difficulty=1).problems(3)
+    marker, _ = letter_token_ids(tok)
+    calls = []
+
+    def generate(m, prompts):  # the model's own greedy completions, with the marker written after them
+        from aquainterp.completion_pairs import greedy_completions
+
+        calls.append(len(prompts))
+        return [c + marker for c in greedy_completions(m, tok, prompts, max_new_tokens=4)]
+
+    watcher = TrainingPatcher(tok, problems, sweeps=("z", "attn_out"), generate=generate)
+    model.train()
+    first = watcher(model, 0)
+    assert model.training and calls == [3]
+    assert first["patch/step"] == 0 and first["patch/pairs"] == 3 and first["patch/no_marker_frac"] == 0.0
+    heads = {k for k in first if k.startswith("patch/denoise/z/")}
+    assert heads == {f"patch/denoise/z/layer{la}/head{h}" for la in range(2) for h in range(2)}
+    assert {"patch/denoise/attn_out/decision/layer0", "patch/clean_logit_diff"} <= set(first)
+    pairs = watcher.pairs
+    with torch.no_grad():
+        model.blocks[1].attn.c_proj.weight.mul_(2.0)
+    second = watcher(model, 5)
+    assert calls == [3] and watcher.pairs is pairs  # the same pairs, no new completions
+    assert second["patch/step"] == 5 and second["patch/clean_logit_diff"] != first["patch/clean_logit_diff"]
+    # a model that writes no "Answer:" gives no pairs yet: counted, and tried again at the next call
+    silent = TrainingPatcher(tok, problems, generate=lambda m, prompts: [[] for _ in prompts])
+    assert silent(model, 0) == {"patch/step": 0, "patch/pairs": 0, "patch/no_marker_frac": 1.0}
+    assert silent.pairs is None
+
+
+def test_rl_patch_every_logs_patch_metrics_on_its_steps(tmp_path, shared_data):
+    from test_rl import _policy, _smoke_config
+
+    from training import rl
+
+    config = _smoke_config(tmp_path, shared_data, task="synthetic", data=None, max_steps=3, patch_every=2,
+                           patch_pairs=2, table_every=0)
+    rl.run(config, policy=_policy())
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    patched = [r for r in rows if "patch/step" in r]
+    assert [r["patch/step"] for r in patched] == [0, 2] and [r["step"] for r in patched] == [0, 2]
+    # nanochat's init zeroes lm_head: the policy writes no "Answer:", so no pairs, counted
+    assert all(r["patch/pairs"] == 0 and r["patch/no_marker_frac"] == 1.0 for r in patched)

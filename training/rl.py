@@ -113,6 +113,11 @@ class RLConfig:
         "without rationale (for models trained to answer in one token)", choices=DECISIONS)
     probe_rollouts: int = setting(64, "on probe steps, the letter probes also read this many of the step's "
                                       "sampled completions (rl/rollout_*; 0 = none)", type=count_int())
+    patch_every: int = setting(0, "activation-patch the policy's own completion decision every N steps: the same "
+                                  "held-out pairs each time (built from its greedy completions, noise on question "
+                                  "and options), patch/* metrics for the 'Circuit drift' dashboard (0 = off)",
+                               type=count_int())
+    patch_pairs: int = setting(8, "held-out problems --patch-every patches", type=positive_int(1 << 16))
     table_every: int = setting(10, "log a table of sampled completions every N steps (0 = none)", type=count_int())
     table_rows: int = setting(8, "rows of that table", type=positive_int(1 << 20))
     # run management
@@ -541,6 +546,12 @@ def _run(config: RLConfig, ddp: Dist, policy: tuple | None = None) -> dict:
                            decision=config.probe_decision, rollout_letters=config.probe_rollouts,
                            max_new_tokens=config.max_new_tokens, progress=config.progress)
 
+    patching = None
+    if config.patch_every and ddp.is_main:
+        from aquainterp.patch_series import TrainingPatcher
+
+        patching = TrainingPatcher(tokenizer, held_out[: config.patch_pairs], max_new_tokens=config.max_new_tokens,
+                                   batch_size=max(config.device_batch_size, 64), seed=config.seed)
     if before is None:
         before = evaluate_policy(model, tokenizer, held_out, config)
         logger.log(before, step=0)
@@ -562,6 +573,8 @@ def _run(config: RLConfig, ddp: Dist, policy: tuple | None = None) -> dict:
                                          ckpt_dir))
         metrics["rl/lr"] = matrix_lr
         logger.log(metrics, step=step)
+        if patching is not None and step % config.patch_every == 0:
+            logger.log(patching(model, step), step=step)
         history.append({"step": step, **metrics})
         if config.table_every and step % config.table_every == 0:
             logger.log_table("rl/samples", ["prompt", "completion", "predicted", "gold", "reward"],
