@@ -180,3 +180,28 @@ def test_rl_two_steps_with_probes_on_a_nanochat_checkpoint(tmp_path):
     assert probed and all(0 < r["attn/entropy_mean"] for r in probed)
     assert any("probe/logit_lens_gold_margin/layer3" in r for r in rows)
     assert (tmp_path / "rl" / "checkpoints" / "step_000002").is_dir()
+
+
+@pytest.mark.parametrize("architecture", ["nanochat-2025-10", "nanochat-2026-07"])
+def test_our_models_write_nanochat_checkpoints_that_read_back(tmp_path, architecture):
+    """An aquainterp-trained model (unpadded vocabulary 100 for 2025-10) written in nanochat's layout gets
+    nanochat's 64-row padding and reads back to the same logits."""
+    from aquainterp.model import GPT, GPTConfig
+    from aquainterp.nanochat_import import save_nanochat
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=64, vocab_size=100, n_layer=2, n_head=2, n_kv_head=2, n_embd=64,
+                          architecture=architecture)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    folder = save_nanochat(model, tmp_path / "nc", step=12)
+    state = torch.load(folder / "model_000012.pt", weights_only=True)
+    assert state["transformer.wte.weight"].shape == (128, 64) and state["lm_head.weight"].shape == (128, 64)
+    back, tokenizer, meta = load_model(tmp_path / "nc")
+    assert tokenizer is None and meta["step"] == 12 and back.config.architecture == architecture
+    ids = torch.randint(0, 100, (2, 30))
+    with torch.no_grad():
+        if architecture == "nanochat-2025-10":  # nanochat 2c4473d's bf16 tables come back with the import
+            back.set_rotary_dtype("float32")
+        assert torch.equal(back(ids), model(ids))
