@@ -10,7 +10,8 @@
 4. greedy generation of 256 tokens, KV cache vs full recompute (target ≥ 5× faster)
 5. the nanochat-2026-07 preset: forward with hooks unused vs a functional copy (target ≤ 1.02×), and its
    training step vs the 2025-10 preset's at the same depth (what the new parts cost)
-6. greedy generation, our Engine vs HF `generate` on the exported model, both with KV caches (target ≤ 1×)
+6. generation, our Engine vs HF `generate` on the exported model, both with KV caches (target ≤ 1×): greedy
+   (same tokens required) and 8 sampled rollouts of 128 tokens from one prompt, as GRPO draws them
 
 Ratios are ours / theirs for 1–3, 5, 6 (smaller is better) and recompute / cache for 4.
 """
@@ -296,6 +297,22 @@ def bench_generation_vs_hf(depth: int, args):
     report(f"greedy {args.new_tokens} tokens: Engine vs HF generate (KV caches)", t_ours, t_hf,
            f"target <= 1; same tokens: {same}")
     assert same, "our greedy tokens differ from HF generate's on the same weights"
+
+    # rollouts: 8 samples of one prompt at temperature 1 (prefill once, 8 rows decoding), as GRPO draws them
+    samples, new = 8, min(args.new_tokens, 128)
+
+    def our_rollouts():
+        out = engine.generate(prompt, num_samples=samples, max_new_tokens=new, temperature=1.0, seed=0)
+        assert all(len(c) == new for c in out.completions)
+
+    @torch.no_grad()
+    def hf_rollouts():
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=new, min_new_tokens=new, do_sample=True,
+                          temperature=1.0, top_k=0, num_return_sequences=samples, use_cache=True, pad_token_id=0)
+        assert out.shape == (samples, len(prompt) + new)
+
+    t_ours, t_hf = side_by_side("rollouts", our_rollouts, hf_rollouts, args.repeats)
+    report(f"sampled {samples} x {new} tokens: Engine vs HF generate", t_ours, t_hf, "target <= 1")
 
 
 def main(argv=None):
