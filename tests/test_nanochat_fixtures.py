@@ -78,6 +78,10 @@ def test_engine_greedy_equals_nanochat_engine(loaded):
     stops = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.bos_token_id}
     out = Engine(model).generate(ref["prompt"].tolist(), max_new_tokens=24, temperature=0.0, stop_tokens=stops)
     assert out.completions[0] == ref["greedy"].tolist()
+    # several samples share one prefill: the cache (smear's embedding included) is copied to every row
+    out = Engine(model).generate(ref["prompt"].tolist(), num_samples=3, max_new_tokens=24, temperature=0.0,
+                                 stop_tokens=stops)
+    assert out.completions == [ref["greedy"].tolist()] * 3
 
 
 def test_bf16_rotary_option_is_what_makes_2026_01_match():
