@@ -141,7 +141,7 @@ def test_cli_html_from_the_offline_wandb_run(tmp_path, chromium, capsys, monkeyp
                  "--screenshot", str(shot)])
     printed = capsys.readouterr().out
     assert code == 0, printed
-    assert "chromium: 7/7 panels rendered, 0 console errors" in printed
+    assert "chromium: 9/9 panels rendered, 0 console errors" in printed
     assert "W&amp;B offline run" in out.read_text() and shot.read_bytes().startswith(PNG_MAGIC)
     assert main(["dashboard", "html", "--run", str(tmp_path / "missing"), "-o", str(out)]) == 2
     assert f"run directory {tmp_path / 'missing'} does not exist" in capsys.readouterr().err
