@@ -144,7 +144,8 @@ def test_cli_html_from_the_offline_wandb_run(tmp_path, chromium, capsys, monkeyp
     assert "chromium: 9/9 panels rendered, 0 console errors" in printed
     assert "W&amp;B offline run" in out.read_text() and shot.read_bytes().startswith(PNG_MAGIC)
     assert main(["dashboard", "html", "--run", str(tmp_path / "missing"), "-o", str(out)]) == 2
-    assert f"run directory {tmp_path / 'missing'} does not exist" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"--run: {tmp_path / 'missing'}: does not exist" in err and len(err.strip().splitlines()) == 1
 
 
 def test_layer_by_step_heatmap_puts_each_logged_value_in_its_row_and_step(sample_run):
