@@ -381,6 +381,10 @@ class CausalSelfAttention(nn.Module):
         if self.needs_explicit_attention():
             y = self._explicit_attention(q, k, v, mask, causal)
         else:
+            if windowed and Tq == 1:  # decoding: keys before the window are never read, so skip them (as nanochat)
+                start = Tk - 1 - self.window
+                k, v = k[:, :, start:], v[:, :, start:]
+                mask = None if left_pad is None else mask[..., start:]
             y = F.scaled_dot_product_attention(
                 q,
                 k,

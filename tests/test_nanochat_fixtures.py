@@ -130,3 +130,19 @@ def test_batched_left_padded_and_shared_prompt_paths_match_alone():
         for i, comp in enumerate(completions):
             full = model(torch.tensor([prompts[0] + comp]))[0, len(prompts[0]) - 1 : -1]
             assert (logits[i, : len(comp)] - full).abs().max().item() < 1e-4
+
+
+def test_left_padded_decoding_past_the_window_matches_alone():
+    """Rows of different lengths decoding beyond the 128-key window (the fused path then reads only the
+    window's keys, masks sliced along) give what each row gives alone."""
+    path = fixture("nanochat-head-d4")
+    model, _, _ = load_nanochat(path)
+    ids = load_file(str(path / "reference.safetensors"))["input_ids"]
+    prompts = [ids[0, :120].tolist(), ids[1, :97].tolist()]
+    engine = Engine(model)
+    alone = [engine.generate(p, max_new_tokens=40, temperature=0.0).completions[0] for p in prompts]
+    together = engine.generate_batch(prompts, max_new_tokens=40, temperature=0.0)
+    assert [g.completions[0] for g in together] == alone
+    with torch.no_grad():  # and alone equals a full forward's greedy continuation, token by token
+        seq = torch.tensor([prompts[0] + alone[0]])
+        assert model(seq)[0, len(prompts[0]) - 1 : -1].argmax(-1).tolist() == alone[0]
