@@ -9,9 +9,9 @@ Three ways to compute the same sweeps (resid_pre per layer × position, hook_z p
 - naive: the same engine with one patch (all pairs of one cell) per forward from the first token,
   i.e. batch = n_pairs, reuse_prefix=False and skip_identical=False;
 - transformer_lens: transformer_lens.patching's own function (one forward per cell, full logits).
-Batched and naive must agree within 1e-5 in logit units (every pair's letter logit difference in every
-cell; the batched path unembeds only the letter rows, so fp32 rounding near the soft-cap differs by
-~1e-6), transformer_lens within 1e-4 in logit units (normalised values divide these by the clean-corrupted
+Batched and naive must agree within 2e-5 in logit units (every pair's letter logit difference in every
+cell; the batched path unembeds only the letter rows and resumes mid-model, so fp32 rounding of logits up to
+the 15 soft-cap, 1.9e-6 per ulp, differs by a few ulps), transformer_lens within 1e-4 in logit units (normalised values divide these by the clean-corrupted
 gap, and the tests check 1e-5 normalised on a smaller model); the script prints seconds and ratios. The model has random non-zero
 weights (timing does not depend on training); prompts are the synthetic task's, tokenised by a
 tokenizer trained here on the synthetic corpus.
@@ -194,7 +194,7 @@ def main(argv=None) -> int:
               f"transformer_lens {t_tl:7.2f}s  | naive/batched {t_slow / t_fast:5.1f}x  "
               f"TL/batched {t_tl / t_fast:5.1f}x  | max diff vs naive {d_naive:.1e}, vs TL {d_tl:.1e} "
               f"(normalised; {raw_naive:.1e} and {raw_tl:.1e} in logits, gap {batched.scale:.3f})")
-        if raw_naive > 1e-5 or raw_tl > 1e-4:  # fp32 logits near the 15 soft-cap: ~1e-6 rounding each
+        if raw_naive > 2e-5 or raw_tl > 1e-4:  # fp32 logits near the 15 soft-cap: ulps of 1.9e-6, a few add up
             print(f"MISMATCH in {name}", file=sys.stderr)
             return 1
     return 0
