@@ -40,7 +40,7 @@ def test_demo_small_budget_end_to_end_and_cached(tmp_path, capsys):
     for path in (out / "rl" / "metrics.jsonl", out / "dashboards" / "report.html", out / "patching" / "patching.html",
                  out / "patching" / "patching.safetensors", out / "summary.json"):
         assert path.is_file(), path
-    assert len(list((out / "dashboards" / "workspaces").glob("*.json"))) == 5
+    assert len(list((out / "dashboards" / "workspaces").glob("*.json"))) == 6  # every shipped template
     assert list((out / "rl" / "wandb").glob("offline-run-*/run-*.wandb"))
     rows = [json.loads(line) for line in (out / "rl" / "metrics.jsonl").read_text().splitlines()]
     names = set().union(*rows)
