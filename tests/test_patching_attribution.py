@@ -133,3 +133,20 @@ def test_errors():
         attribution_sweeps(patcher, ["bogus"])
     with pytest.raises(ValueError, match="direction must be one of"):
         attribution_sweeps(patcher, ["z"], "sideways")
+
+
+@pytest.mark.parametrize("name", ["resid_pre", "z_pos"])
+def test_nanochat_2026_model_same_estimates_as_transformer_lens_hooks(name):
+    """On 2026-07 (x0 and resid lambdas, value embeddings, smear, backout) the gradients are the model's own
+    forward's: the same as TransformerLens's hook recipe, for pairs patched on the reference path."""
+    from test_arch_2026 import random_2026
+
+    model = random_2026(vocab=50, n_layer=2)
+    pairs = make_pairs(n=3, length=12)
+    patcher = Patcher(model, pairs, batch_size=8, progress=False)
+    assert patcher.reuse_prefix is False
+    (approx,) = attribution_sweeps(patcher, [name])
+    ref = tl_attribution(model, patcher, SWEEPS[name][0])
+    ref = ref.permute(0, 2, 3, 1) if ref.dim() == 4 else ref.permute(0, 2, 1)
+    torch.testing.assert_close(approx.logit_diff - patcher.corrupted_ld, ref, atol=1e-4, rtol=1e-3)
+    assert ref.abs().max() > 1e-2
