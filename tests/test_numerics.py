@@ -45,6 +45,11 @@ def test_bf16_autocast_within_nanochat_tolerance(name):
 @pytest.mark.slow  # inductor compiles forward and backward: about 1-2 minutes per model on 2 CPU cores
 @pytest.mark.parametrize("name", NAMES)
 def test_torch_compile_equals_eager(name):
+    # Start from an empty dynamo cache: after tests/test_model.py compiled another GPT with backend="eager"
+    # (and with the per-test thread count toggling), inductor in the same process produced wrong logits
+    # (off by ~5) or aborted with heap corruption; in a fresh process, or after this reset, it is exact.
+    # Not isolated further (see the issue notes); compiling one model per process is what training does.
+    torch._dynamo.reset()
     model, ref = load(name)
     compiled = torch.compile(model)
     with torch.no_grad():
