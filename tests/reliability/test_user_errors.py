@@ -449,14 +449,14 @@ def test_dashboard_outputs_never_over_their_inputs(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_user_files_next_to_runs_survive_real_demo_runs(tmp_path, capsys):
-    """The whole small demo, twice (the second with --fresh), into a folder that also holds the user's
+    """The whole smoke-budget demo, twice (the second with --fresh), into a folder that also holds the user's
     files: they survive byte for byte, and --fresh redoes exactly the demo's own stage folders."""
     runs = tmp_path / "runs"
     (runs / "my_experiment").mkdir(parents=True)
     (runs / "my_experiment" / "results.csv").write_text("a,b\n1,2\n")
     (runs / "notes.txt").write_text("do not lose me\n")
     mine = snapshot(runs)
-    argv = ["demo", "--out", runs, "--budget", "small", "--wandb", "disabled"]
+    argv = ["demo", "--out", runs, "--budget", "smoke", "--wandb", "disabled"]  # plumbing only: no learning needed
     outcome = []
     for fresh in (False, True):
         code, _, err = aquainterp([*argv, *(["--fresh"] if fresh else [])], capsys)
