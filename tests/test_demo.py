@@ -108,8 +108,8 @@ def test_small_budget_trains_the_full_budgets_policy_and_a_shorter_grpo():
 # points, 2-core x86 CPU, torch 2.15) by a margin for other torch/MKL builds; the demo pins its numerics
 # (training.demo.NUMERICS_ENV), so on the same build the run is the same, bit for bit.
 SMALL_SEED = "1"
-SMALL_GAIN_MEASURED = None
-SMALL_MIN_GAIN = 5.0
+SMALL_GAIN_MEASURED = 13.0  # 0.600 -> 0.730 on 100 held-out problems
+SMALL_MIN_GAIN = 8.0
 
 
 def _demo(out: Path, *extra: str) -> subprocess.CompletedProcess:
