@@ -42,25 +42,42 @@ def test_bf16_autocast_within_nanochat_tolerance(name):
     assert abs(loss.item() - ref["loss"].item()) <= 1e-2 * ref["loss"].item()
 
 
+COMPILE_CHECK = """
+import json, sys
+import torch
+sys.path.insert(0, sys.argv[2])
+from test_numerics import load
+torch.set_num_threads(1)
+model, ref = load(sys.argv[1])
+compiled = torch.compile(model)
+with torch.no_grad():
+    logits = (compiled(ref["input_ids"]) - model(ref["input_ids"])).abs().max().item()
+loss = compiled(ref["input_ids"], targets=ref["targets"])
+out = {"logits": logits, "loss": abs(loss.item() - ref["loss"].item())}
+loss.backward()
+grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+model.zero_grad()
+model(ref["input_ids"], targets=ref["targets"]).backward()
+out["grads"] = {k: ((grads[k] - p.grad).abs().max() / p.grad.abs().max()).item() for k, p in model.named_parameters()}
+print(json.dumps(out))
+"""
+
+
 @pytest.mark.slow  # inductor compiles forward and backward: about 1-2 minutes per model on 2 CPU cores
 @pytest.mark.parametrize("name", NAMES)
 def test_torch_compile_equals_eager(name):
-    # Start from an empty dynamo cache: after tests/test_model.py compiled another GPT with backend="eager"
-    # (and with the per-test thread count toggling), inductor in the same process produced wrong logits
-    # (off by ~5) or aborted with heap corruption; in a fresh process, or after this reset, it is exact.
-    # Not isolated further (see the issue notes); compiling one model per process is what training does.
-    torch._dynamo.reset()
-    model, ref = load(name)
-    compiled = torch.compile(model)
-    with torch.no_grad():
-        eager = model(ref["input_ids"])
-        assert (compiled(ref["input_ids"]) - eager).abs().max().item() <= 1e-5
-    loss = compiled(ref["input_ids"], targets=ref["targets"])
-    assert abs(loss.item() - ref["loss"].item()) <= 1e-5
-    loss.backward()
-    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
-    model.zero_grad()
-    model(ref["input_ids"], targets=ref["targets"]).backward()
-    for k, p in model.named_parameters():
-        rel = ((grads[k] - p.grad).abs().max() / p.grad.abs().max()).item()
+    """In a fresh process, as training compiles: inside the long pytest process, after other tests had
+    compiled other GPTs (one with backend="eager") and toggled thread counts, inductor gave wrong logits
+    (off by ~5), NaNs, or aborted with heap corruption, while the same check in a fresh process (or in a
+    script that first compiles another GPT) is exact. Not isolated further; noted in the issue."""
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", COMPILE_CHECK, name, str(Path(__file__).parent)],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["logits"] <= 1e-5 and got["loss"] <= 1e-5, got
+    for k, rel in got["grads"].items():
         assert rel <= 1e-4, f"{name} compiled grad {k}: {rel:.2e}"
