@@ -44,3 +44,25 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# Fix this process's ATen CPU capability now, from the machine: torch reads ATEN_CPU_CAPABILITY once, at the
+# first query, and a test that runs the demo in-process sets it to avx2 (bf16 matmuls then failed with
+# "pack_vnni2 is only supported when avx512 is supported" in every later test).
+torch.backends.cpu.get_cpu_capability()
+
+
+@pytest.fixture(autouse=True)
+def demo_numerics_env_stays_in_its_test():
+    """A test that runs the demo in this process gets its pinned numerics (training.demo.pin_numerics sets
+    MKL_CBWR and ATEN_CPU_CAPABILITY in os.environ); later tests, and the processes they start, must not
+    inherit them: with ATEN_CPU_CAPABILITY=avx2 at start-up, torch.compile's CPU inductor kernels produced NaN
+    logits (measured with torch in .venv on this machine; eager is unaffected)."""
+    names = ("MKL_CBWR", "ATEN_CPU_CAPABILITY")
+    before = {name: os.environ.get(name) for name in names}
+    yield
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value

@@ -100,7 +100,8 @@ MKL_CBWR = NUMERICS_ENV["MKL_CBWR"]
 def pin_numerics(threads: int) -> dict:
     """Pin NUMERICS_ENV and the torch thread count. MKL and torch read those variables at their first
     tensor operation, so this runs before any (scripts/demo also exports them); a value the user set is
-    kept. Returns what is in force (it goes into the stage keys and summary.json)."""
+    kept. Returns what is in force (it goes into the stage keys and summary.json). The demo never compiles
+    on CPU: with ATEN_CPU_CAPABILITY=avx2 in force, torch.compile's CPU kernels gave NaN logits here."""
     for name, value in NUMERICS_ENV.items():
         os.environ.setdefault(name, value)
     import torch
