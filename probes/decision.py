@@ -77,6 +77,14 @@ class _LayerReducer:
         return {k: torch.stack(v, dim=1) for k, v in self.per_layer.items() if v[0] is not None}
 
 
+def _by_length(rows: Sequence[DecisionRow]) -> tuple[list[int], torch.Tensor]:
+    """(row indices in order of length, the permutation that puts results computed in that order back)."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i].ids))
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(len(order))
+    return order, inverse
+
+
 def read_decisions(model, rows: Sequence[DecisionRow], probes: Sequence[str], *, batch_size: int,
                    pad_id: int, device, entropy_window: int = 8, lens: bool = False,
                    progress: bool = False) -> dict[str, torch.Tensor]:
@@ -88,7 +96,7 @@ def read_decisions(model, rows: Sequence[DecisionRow], probes: Sequence[str], *,
         raise ValueError("read_decisions: no decision rows")
     want = [p for p in ATTENTION_PROBES if p in probes]
     n_layers = model.cfg.n_layers
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i].ids))
+    order, inverse = _by_length(rows)
     out: dict[str, list[torch.Tensor]] = {}
     starts = range(0, len(order), batch_size)
     for start in tqdm(starts, desc="probes", leave=False, disable=not progress or len(starts) < 4):
@@ -117,8 +125,6 @@ def read_decisions(model, rows: Sequence[DecisionRow], probes: Sequence[str], *,
             out.setdefault("lens_letters", []).append(lens_letter_logits(model, resid, letter_ids).cpu())
         for key, value in stacked.items():
             out.setdefault(key, []).append(value.cpu())  # one device-to-host copy per batch, not per layer
-    inverse = torch.empty(len(order), dtype=torch.long)
-    inverse[torch.tensor(order)] = torch.arange(len(order))
     return {k: torch.cat(v)[inverse] for k, v in out.items()}
 
 
@@ -128,7 +134,7 @@ def reference_letters(reference, rows: Sequence[DecisionRow], *, batch_size: int
     `hooked`: use the explicit attention path the policy's hooked forward used, so an unchanged
     policy gives a letter KL of exactly 0."""
     device = next(reference.parameters()).device
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i].ids))
+    order, inverse = _by_length(rows)
     values = []
     for start in range(0, len(order), batch_size):
         batch = [rows[i] for i in order[start : start + batch_size]]
@@ -140,6 +146,4 @@ def reference_letters(reference, rows: Sequence[DecisionRow], *, batch_size: int
             logits = reference(ids, logits_at=decision)
         values.append(logits.gather(-1, torch.tensor([r.letter_ids for r in batch], device=device)).float().cpu())
         del logits
-    inverse = torch.empty(len(order), dtype=torch.long)
-    inverse[torch.tensor(order)] = torch.arange(len(order))
     return torch.cat(values)[inverse]

@@ -114,6 +114,12 @@ def _letter_index(letter: str | None) -> int | None:
     return None if letter is None else LETTERS.index(letter)
 
 
+def _agreement(written, predicted) -> float | None:
+    """Fraction of rows whose top letter logit is the letter the completion states (rows that state one)."""
+    stated = [(w, p) for w, p in zip(written, predicted.tolist()) if w is not None]
+    return sum(w == p for w, p in stated) / len(stated) if stated else None
+
+
 def _rollout_triples(rollouts) -> list[tuple[list[int], list[int], object]]:
     """(prompt, completion, problem) for every non-empty sample of RL Rollouts (objects with .prompt,
     .completions and .problem) or of given triples."""
@@ -291,9 +297,9 @@ class ProbeSuite:
         metrics: dict[str, float] = {}
         raw.update(letter_logits=letters.numpy(), gold=gold.numpy(), predicted=predicted.numpy(),
                    chosen=chosen.numpy(), letter_margin=margin.numpy(), letter_gold_margin=gold_margin.numpy())
-        stated = [(w, p) for w, p in zip(written, predicted.tolist()) if w is not None]
-        if stated:
-            metrics["rl/probe_decision_agreement"] = sum(w == p for w, p in stated) / len(stated)
+        agreement = _agreement(written, predicted)
+        if agreement is not None:
+            metrics["rl/probe_decision_agreement"] = agreement
         if "margin" in self.probes:
             metrics.update(margin_metrics(margin, gold_margin))
         if "entropy" in self.probes:
@@ -345,9 +351,9 @@ class ProbeSuite:
         margin, gold_margin, predicted = letter_margins(collected["letters"], collected["gold"])
         named = margin_metrics(margin, gold_margin)
         metrics.update({k.replace("rl/letter_", "rl/rollout_letter_"): v for k, v in named.items()})
-        stated = [(w, p) for w, p in zip(written, predicted.tolist()) if w is not None]
-        if stated:
-            metrics["rl/rollout_decision_agreement"] = sum(w == p for w, p in stated) / len(stated)
+        agreement = _agreement(written, predicted)
+        if agreement is not None:
+            metrics["rl/rollout_decision_agreement"] = agreement
         if self.reference is not None:
             reference = reference_letters(self.reference, rows, batch_size=self.batch_size, pad_id=self.pad_id,
                                           hooked=False)
