@@ -362,7 +362,8 @@ class CausalSelfAttention(nn.Module):
             gate = self.hook_ve_gate(3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS])))
             v = v + self.hook_ve(gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim))
         v = self.hook_v(v)
-        q, k = norm(apply_rotary_emb(q, cos, sin), self.eps), norm(apply_rotary_emb(k, cos, sin), self.eps)
+        q = norm(apply_rotary_emb(q, cos, sin), self.eps)  # one at a time: the unrotated q is freed first
+        k = norm(apply_rotary_emb(k, cos, sin), self.eps)
         if self.qk_scale != 1.0:
             q, k = q * self.qk_scale, k * self.qk_scale
         q, k = self.hook_rot_q(q), self.hook_rot_k(k)
@@ -439,9 +440,8 @@ class MLP(nn.Module):
         return self.c_proj.weight.new_zeros(self.c_proj.weight.shape[0])
 
     def forward(self, x):
-        h = self.hook_pre(self.c_fc(x))
-        h = self.hook_post(F.relu(h).square())
-        return self.c_proj(h)
+        # one expression: each [B, T, 4·d_model] temporary is freed as soon as the next op has read it
+        return self.c_proj(self.hook_post(F.relu(self.hook_pre(self.c_fc(x))).square()))
 
 
 class Block(nn.Module):

@@ -57,6 +57,23 @@ def hookless_forward(model: GPT, idx: torch.Tensor) -> torch.Tensor:
     return logits * 15.0 if logits.requires_grad else logits.mul_(15.0)
 
 
+def fix_malloc_thresholds() -> bool:
+    """Turn off glibc's dynamic mmap threshold (as MALLOC_MMAP_THRESHOLD_ would). With it on, the threshold
+    grows whenever a large block is freed, so which of two alternating forwards gets fresh, page-faulting
+    memory depends on what ran before: the same depth-8 forward pair measured 1.010 run alone and 1.049
+    after the depth-4 pair in the same process, 1.012-1.018 either way with fixed thresholds. That is the
+    allocator's history, not the hooks. Returns False where there is no glibc (the ratios then carry it)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024) and libc.mallopt(m_trim_threshold, 1 << 30))
+    except (OSError, AttributeError):
+        return False
+
+
 CLOCK = time.perf_counter  # --clock cpu switches to process CPU time (steadier on a shared machine)
 
 
@@ -331,14 +348,18 @@ def main(argv=None):
     p.add_argument(
         "--clock", choices=["wall", "cpu"], default="wall", help="cpu: process CPU time, for busy machines"
     )
+    p.add_argument("--dynamic-malloc", action="store_true",
+                   help="keep glibc's dynamic mmap threshold (default: fixed, see fix_malloc_thresholds)")
     args = p.parse_args(normalize_flag_spelling(sys.argv[1:] if argv is None else argv))
+    malloc = "glibc dynamic mmap threshold" if args.dynamic_malloc else (
+        "fixed malloc thresholds" if fix_malloc_thresholds() else "default allocator (no glibc mallopt)")
     global CLOCK
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     if args.threads:
         torch.set_num_threads(args.threads)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, fp32, {args.clock} clock; "
-        f"batch {args.batch} × {args.seq_len} tokens, best of {args.repeats}; load avg {os.getloadavg()[0]:.1f}"
+        f"batch {args.batch} × {args.seq_len} tokens, best of {args.repeats}; {malloc}; load avg {os.getloadavg()[0]:.1f}"
     )
     for depth in args.depths:
         bench_depth(depth, args)
