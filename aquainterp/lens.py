@@ -120,9 +120,24 @@ class LensMixin:
         """HookedRootModule.setup, plus TL 4.x's attention-level names of the split-input hooks
         (blocks.{l}.attn.hook_q_input …, what transformer_lens.patching hooks) as aliases of ours."""
         super().setup()
+        self.hook_aliases = {}  # alias -> the hook's own name
         for layer, block in enumerate(self.blocks):
             for name in ("hook_q_input", "hook_k_input", "hook_v_input", "hook_attn_in"):
                 self.mod_dict[f"blocks.{layer}.attn.{name}"] = getattr(block, name)
+                self.hook_aliases[f"blocks.{layer}.attn.{name}"] = f"blocks.{layer}.{name}"
+
+    def get_caching_hooks(self, names_filter=None, *args, **kwargs):
+        """HookedRootModule's, with the alias names (setup) accepted in names_filter as a name, a list or a
+        predicate. The cache keeps each activation under the hook's own name; GPTCache answers to both."""
+        aliases = self.hook_aliases
+        if isinstance(names_filter, str):
+            names_filter = [names_filter]
+        if isinstance(names_filter, list):
+            names_filter = [aliases.get(name, name) for name in names_filter]
+        elif callable(names_filter):
+            wanted, alias_of = names_filter, {own: alias for alias, own in aliases.items()}
+            names_filter = lambda name: wanted(name) or (name in alias_of and wanted(alias_of[name]))  # noqa: E731
+        return super().get_caching_hooks(names_filter, *args, **kwargs)
 
     # ------------------------------------------------------------------ tokenizer
 
@@ -406,7 +421,13 @@ class LensMixin:
 
 
 class GPTCache(ActivationCache):
-    """TL's ActivationCache; the four decompositions first ask the model whether they can be exact."""
+    """TL's ActivationCache; the four decompositions first ask the model whether they can be exact, and
+    an alias hook name (GPT.hook_aliases) finds the activation cached under the hook's own name."""
+
+    def __getitem__(self, key):
+        if isinstance(key, str) and key not in self.cache_dict:
+            key = self.model.hook_aliases.get(key, key)
+        return super().__getitem__(key)
 
     def decompose_resid(self, *args, **kwargs):
         self.model.check_residual_decomposition("decompose_resid")

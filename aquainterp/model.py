@@ -451,6 +451,11 @@ class Block(nn.Module):
 
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
+        # TL's direct-path patching check reads this (transformer_lens 4.3, pinned): 1.0 = a head's write
+        # reaches later heads as z @ W_O. nanochat-2026-07 multiplies the stream by resid_lambdas before every
+        # block, so the write arrives scaled, and TL then refuses with this text as the reason.
+        self.residual_contribution_scale: float | str = (
+            "resid_lambdas before every later block (nanochat-2026-07)" if config.is_2026 else 1.0)
         self.ln1 = RMSNormPre(config.norm_eps)
         self.attn = CausalSelfAttention(config, layer_idx)
         self.ln2 = RMSNormPre(config.norm_eps)
@@ -467,6 +472,11 @@ class Block(nn.Module):
         self.hook_attn_in = HookPoint()  # use_attn_in: [batch, pos, head, d_model], feeds q, k and v
         self.hook_mlp_in = HookPoint()  # use_hook_mlp_in: [batch, pos, d_model], what ln2 reads
         self.lens_cfg = None  # GPT's TL cfg, set by GPT
+
+    @property
+    def submodules(self) -> dict[str, nn.Module]:
+        """The block's mixers by TL's names (what TL's attention-write checks look up)."""
+        return {"attn": self.attn, "mlp": self.mlp}
 
     def forward(self, x, cos, sin, kv_cache=None, ve=None):
         x = self.hook_resid_pre(x)

@@ -404,6 +404,16 @@ def test_decompositions_refused_on_nanochat_2026(tok):
     # What it refuses really does not sum: embed + attn_out + mlp_out misses the stream.
     plain = cache["hook_embed"] + sum(cache["attn_out", l] + cache["mlp_out", l] for l in range(2))
     assert (plain - cache["resid_post", -1]).abs().max() > 1e-2
+    # TL's direct-path patching adds a head's z @ W_O to a later head's input; on 2026-07 the write arrives
+    # scaled by resid_lambdas, so TL refuses it and says why (and leaves the caller's switch off)
+    tokens = model.to_tokens("When John and Mary went to the shops")
+    with pytest.raises(ValueError, match=r"resid_lambdas before every later block \(nanochat-2026-07\).*direct "
+                                         r"path patching is unsupported"):
+        patching.get_act_patch_direct_path(model, tokens, cache, cache, lambda logits: logits[0, -1, 0],
+                                           src_layer=0, src_head=1, verbose=False)
+    assert not model.cfg.use_split_qkv_input
+    assert GPT(GPTConfig(sequence_len=64, vocab_size=64, n_layer=1, n_head=2, n_kv_head=2,
+                         n_embd=64)).blocks[0].residual_contribution_scale == 1.0
 
 
 # ---------------------------------------------------------------- 3. the tutorial calls
@@ -685,6 +695,15 @@ def test_opt_in_hooks_fire_only_when_switched_on_and_keep_the_numbers(tok, n_kv_
             _, moved = model.run_with_cache(tokens, names_filter="blocks.1.attn.hook_q")
         changed = (moved["q", 1] - bumped["q", 1]).abs().amax((0, 1, 3))
         assert changed[2] > 1e-3 and (changed[[0, 1, 3]] == 0).all()
+        # the alias names select hooks in names_filter too (a name, a list, a predicate), and the cache
+        # answers to the alias and the hook's own name with the same tensor
+        for names in ("blocks.1.attn.hook_q_input", ["blocks.1.attn.hook_q_input"],
+                      lambda n: n == "blocks.1.attn.hook_q_input"):
+            _, by_alias = model.run_with_cache(tokens, names_filter=names)
+            assert list(by_alias.keys()) == ["blocks.1.hook_q_input"]
+            assert by_alias["blocks.1.attn.hook_q_input"] is by_alias["blocks.1.hook_q_input"]
+            # (the full cache above read the pattern, so attention ran explicitly, not SDPA: rounding differs)
+            torch.testing.assert_close(by_alias["blocks.1.hook_q_input"], cache["q_input", 1], atol=1e-5, rtol=0)
         if n_kv_head == 4:
             model.set_use_split_qkv_input(False)
             model.set_use_attn_in(True)
