@@ -66,6 +66,23 @@ class KVCache:
             self.pos = end
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def prefill(self, k: torch.Tensor, v: torch.Tensor, first_layer: int = 0) -> KVCache:
+        """Start from keys/values computed elsewhere: k, v [layers, batch, kv_head, P, head_dim] for layers
+        first_layer.. at positions 0..P-1, as attention keeps them (after rotary and QK-norm: a run's
+        attn.hook_rot_k / attn.hook_v, transposed). The next forward continues at position P; layers below
+        first_layer stay unset (GPT.forward_from resumes above them). Returns the cache."""
+        L, B, H, P, D = k.shape
+        if v.shape != k.shape or B != self.batch_size or first_layer + L != self.num_layers or P > self.max_len:
+            raise ValueError(f"KVCache.prefill: k {tuple(k.shape)} / v {tuple(v.shape)} from layer {first_layer} do "
+                             f"not fit a cache of {self.batch_size} rows, {self.num_layers} layers, {self.max_len} positions")
+        shape = (self.num_layers, B, H, self.max_len, D)
+        self.k = torch.empty(shape, dtype=k.dtype, device=k.device)
+        self.v = torch.empty(shape, dtype=v.dtype, device=v.device)
+        self.k[first_layer:, :, :, :P] = k
+        self.v[first_layer:, :, :, :P] = v
+        self.pos = P
+        return self
+
     def select_rows(self, rows: torch.Tensor) -> KVCache:
         """A new cache whose row i is a copy of this cache's row rows[i]: repeat a prefilled prompt for
         several samples (rows = [0, 0, 0]) or drop finished rows (rows = the ones still decoding)."""

@@ -399,6 +399,31 @@ class CausalSelfAttention(nn.Module):
             return self.hook_result(torch.einsum("bthd,hdm->bthm", z, self.W_O)).sum(-2)
         return self.c_proj(z.reshape(B, T, -1))
 
+    def forward_at(self, x, cos, sin, kv_cache: KVCache | None, at: torch.Tensor) -> torch.Tensor:
+        """Attention output [B, 1, d_model] at one query position per row, at [B] (into x's positions): keys and
+        values of every position go into kv_cache (the query attends to them), the query runs at `at` only.
+        The unhooked forward's ops on those rows (Block.forward_at); 2025-10 layers only (no value embedding,
+        window or q/k scale, which GPT.forward_from refuses)."""
+        B, T, _ = x.shape
+        rows = torch.arange(B, device=x.device)
+        k = norm(apply_rotary_emb(self.c_k(x).view(B, T, self.n_kv_head, self.head_dim), cos, sin), self.eps)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
+        prefix, left_pad = 0, None
+        if kv_cache is not None:
+            prefix, left_pad = kv_cache.get_pos(), kv_cache.left_pad
+            k, v = kv_cache.insert_kv(self.layer_idx, k, v)
+        cos, sin = cos.expand(B, -1, -1, -1)[rows, at][:, None], sin.expand(B, -1, -1, -1)[rows, at][:, None]
+        q = self.c_q(x[rows, at][:, None]).view(B, 1, self.n_head, self.head_dim)
+        q = norm(apply_rotary_emb(q, cos, sin), self.eps).transpose(1, 2)
+        k_col = torch.arange(k.size(2), device=x.device)[None, :]
+        visible = k_col <= (prefix + at)[:, None]
+        if left_pad is not None:
+            visible = visible & (k_col >= left_pad[:, None])
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None, None, :],
+                                           enable_gqa=self.n_head != self.n_kv_head)
+        return self.c_proj(y.transpose(1, 2).reshape(B, 1, -1))
+
     def _explicit_attention(self, q, k, v, mask, causal):
         groups = self.n_head // self.n_kv_head
         if groups > 1:  # same head → kv-head map as SDPA's enable_gqa and HF's repeat_kv
@@ -488,6 +513,19 @@ class Block(nn.Module):
         # editing it in place must not change resid_mid
         x = self.hook_resid_post(x + self.hook_mlp_out(self.mlp(self.ln2(mlp_in))))
         return x
+
+    def forward_at(self, x, cos, sin, kv_cache, at: torch.Tensor) -> torch.Tensor:
+        """The block's output [B, d_model] at one position per row, at [B], when no hook inside it but
+        hook_resid_pre is active (GPT.forward_from checks): keys/values of every position, the query, attention
+        output and MLP at `at` only. Same numbers as forward at those rows."""
+        x = self.hook_resid_pre(x)
+        rows = torch.arange(x.size(0), device=x.device)
+        out = x[rows, at][:, None] + self.attn.forward_at(self.ln1(x), cos, sin, kv_cache, at)
+        return (out + self.mlp(self.ln2(out)))[:, 0]
+
+    def watched_inside(self) -> bool:
+        """True when a hook other than hook_resid_pre (the block's input) is active in this block."""
+        return any(_active(m) for m in self.modules() if isinstance(m, HookPoint) and m is not self.hook_resid_pre)
 
     def _split_attn_input(self, x, cfg):
         """TL's split inputs: each head reads its own copy of resid_pre, normed by ln1 (so a hook can
@@ -695,12 +733,7 @@ class GPT(LensMixin, HookedRootModule):
             raise ValueError(f"GPT.forward: idx must be an integer tensor [batch, seq], got {got}")
         B, T = idx.shape
         T0 = 0 if kv_cache is None else kv_cache.get_pos()
-        if T0 + T > self.rotary_len:
-            raise ValueError(
-                f"GPT.forward: positions {T0}..{T0 + T - 1} exceed the rotary table of {self.rotary_len} "
-                f"(10 × sequence_len {self.config.sequence_len})"
-            )
-        self._ensure_rotary(T0 + T)
+        cos, sin = self._rotary(T0, T, kv_cache, "forward")
         if logits_at is not None:
             if targets is not None:
                 raise ValueError("GPT.forward: logits_at returns logits; it cannot be combined with targets")
@@ -712,11 +745,6 @@ class GPT(LensMixin, HookedRootModule):
             raise ValueError(
                 f"GPT.forward: targets shape {tuple(targets.shape)} != idx shape {tuple(idx.shape)}"
             )
-        if kv_cache is not None and kv_cache.left_pad is not None:  # per-row positions, see KVCache
-            positions = rotary_positions(kv_cache.left_pad, T0, T)
-            cos, sin = self.cos[0, positions], self.sin[0, positions]
-        else:
-            cos, sin = self.cos[:, T0 : T0 + T], self.sin[:, T0 : T0 + T]
         if self.cfg.use_hook_tokens:
             idx = self.hook_tokens(idx)
         x = self.hook_embed(norm(self.hook_embed_raw(self.wte(idx)), self.config.norm_eps))
@@ -730,15 +758,7 @@ class GPT(LensMixin, HookedRootModule):
             return None
         if logits_at is not None:
             x = x[torch.arange(B, device=x.device), logits_at.to(x.device)]  # [B, d_model]
-        # Soft-cap in fp32, in place where autograd allows: each [B, T, vocab] temporary costs as much as
-        # the lm_head matmul on CPU (tanh_ saves its output for backward, so the last multiply copies then).
-        # A padded vocabulary unembeds with the real rows only (nanochat crops the logits: same numbers).
-        head = self.lm_head.weight
-        if head.size(0) != self.config.vocab_size:
-            logits = F.linear(x, head[: self.config.vocab_size]).float().div_(SOFTCAP).tanh_()
-        else:
-            logits = self.lm_head(x).float().div_(SOFTCAP).tanh_()
-        logits = logits * SOFTCAP if logits.requires_grad else logits.mul_(SOFTCAP)
+        logits = self._unembed_normed(x)
         if targets is None:
             return logits if return_type == "logits" else self._lens_output(logits, idx, return_type, loss_per_token, pad_mask)
         return F.cross_entropy(
@@ -747,6 +767,81 @@ class GPT(LensMixin, HookedRootModule):
             ignore_index=-1,
             reduction=loss_reduction,
         )
+
+    def _rotary(self, T0: int, T: int, kv_cache, caller: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for positions T0..T0+T-1 (per row when the cache's rows are left-padded, see KVCache)."""
+        if T0 + T > self.rotary_len:
+            raise ValueError(
+                f"GPT.{caller}: positions {T0}..{T0 + T - 1} exceed the rotary table of {self.rotary_len} "
+                f"(10 × sequence_len {self.config.sequence_len})"
+            )
+        self._ensure_rotary(T0 + T)
+        if kv_cache is not None and kv_cache.left_pad is not None:
+            positions = rotary_positions(kv_cache.left_pad, T0, T)
+            return self.cos[0, positions], self.sin[0, positions]
+        return self.cos[:, T0 : T0 + T], self.sin[:, T0 : T0 + T]
+
+    def _unembed_normed(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """lm_head (or `weight`'s rows) on ln_final's output, soft-capped in fp32."""
+        if weight is not None:
+            logits = F.linear(x, weight) if weight.ndim == 2 else torch.einsum("b...d,bkd->b...k", x, weight)
+        elif self.lm_head.weight.size(0) != self.config.vocab_size:
+            # A padded vocabulary unembeds with the real rows only (nanochat crops the logits: same numbers).
+            logits = F.linear(x, self.lm_head.weight[: self.config.vocab_size])
+        else:
+            logits = self.lm_head(x)
+        # Soft-cap in fp32, in place where autograd allows: each [B, T, vocab] temporary costs as much as
+        # the lm_head matmul on CPU (tanh_ saves its output for backward, so the last multiply copies then).
+        logits = logits.float().div_(SOFTCAP).tanh_()
+        return logits * SOFTCAP if logits.requires_grad else logits.mul_(SOFTCAP)
+
+    def logits_from_resid(self, resid: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits as forward ends (ln_final, lm_head, fp32 soft-cap) from residual vectors resid [..., d_model]
+        (the stream entering ln_final, or an earlier layer's for a logit lens), for these rows only.
+        token_ids None: the whole vocabulary, [..., vocab]; [k]: those tokens, [..., k]; [B, k]: per batch row
+        (resid [B, ..., d_model]), [B, ..., k]. A reader of a few positions or tokens (patching, the logit
+        lens) pays for those alone: at a 65k vocabulary the unembedding outweighs a small model's blocks."""
+        weight = self.lm_head.weight
+        if token_ids is not None:
+            if token_ids.ndim not in (1, 2) or token_ids.ndim == 2 and token_ids.size(0) != resid.size(0):
+                raise ValueError(f"GPT.logits_from_resid: token_ids must be [k] or [{resid.size(0)}, k], "
+                                 f"got {tuple(token_ids.shape)}")
+            weight = weight[token_ids.to(weight.device)]
+        x = self.ln_final(resid.to(weight.dtype))
+        return self._unembed_normed(x, None if token_ids is None else weight)
+
+    def forward_from(self, resid: torch.Tensor, layer: int, kv_cache: KVCache | None = None, *,
+                     stop_layer: int | None = None, at: torch.Tensor | None = None) -> torch.Tensor:
+        """Resume the forward at block `layer`. resid [B, T, d_model] is the residual stream entering it (what
+        blocks.{layer}.hook_resid_pre reads) at positions kv_cache.get_pos().. (0 without a cache); kv_cache
+        holds the earlier positions' keys/values of layers layer.. (KVCache.prefill). Runs blocks
+        layer..stop_layer-1 (default: to the end; hooks fire as in forward) and returns their output
+        [B, T, d_model], or with `at` ([B] positions into resid) that output at those positions, [B, d_model];
+        a last block with no hook inside it but its input then computes its query, attention output and MLP
+        there alone. After the last block this is what ln_final reads (logits_from_resid).
+        Activation patching resumes every patch here instead of re-running the unchanged prefix. A
+        nanochat-2026-07 model is refused: its blocks also read x0, value embeddings and the backout residual."""
+        if self.config.is_2026:
+            raise ValueError(f"GPT.forward_from: a {ARCH_2026_07} block also reads x0 (resid/x0 lambdas), value "
+                             "embeddings and, before ln_final, the mid-stack residual (backout), none of which a "
+                             "residual stream carries; run GPT.forward from the first token")
+        n = self.config.n_layer
+        stop_layer = n if stop_layer is None else stop_layer
+        if not 0 <= layer <= stop_layer <= n:
+            raise ValueError(f"GPT.forward_from: need 0 <= layer <= stop_layer <= {n}, got {layer}, {stop_layer}")
+        B, T, _ = resid.shape
+        if at is not None and (at.shape != (B,) or bool(((at < 0) | (at >= T)).any())):
+            raise ValueError(f"GPT.forward_from: at must hold {B} positions in [0, {T}), got {at.tolist()}")
+        x = resid
+        if layer < stop_layer:
+            cos, sin = self._rotary(0 if kv_cache is None else kv_cache.get_pos(), T, kv_cache, "forward_from")
+            last = self.blocks[stop_layer - 1]
+            one_position = at is not None and not last.watched_inside()
+            for block in self.blocks[layer: stop_layer - 1 if one_position else stop_layer]:
+                x = block(x, cos, sin, kv_cache)
+            if one_position:
+                return last.forward_at(x, cos, sin, kv_cache, at)
+        return x if at is None else x[torch.arange(B, device=x.device), at]
 
     def _smear(self, x: torch.Tensor, kv_cache, T0: int) -> torch.Tensor:
         """2026-07 smear on the normed embedding x [B, T, C]: x[t] += λ·sigmoid(smear_gate(x[t, :24]))·x[t-1].

@@ -26,7 +26,6 @@ where the prompts differ, and at layer 0 every position whose token agrees) is a
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 import random
 import re
@@ -34,12 +33,10 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformer_lens.hook_points import HookPoint
 
 from aquainterp.kv_cache import KVCache
-from aquainterp.model import GPT, SOFTCAP, _active, apply_rotary_emb, norm
+from aquainterp.model import GPT
 
 LETTERS = ("A", "B", "C", "D", "E")
 CORRUPTIONS = ("permute", "numbers", "noise")
@@ -62,29 +59,6 @@ SWEEPS: dict[str, tuple[str, tuple[str, ...]]] = {
 # Per-position hooks that come after block l's attention: at the last layer such a patch reaches only its
 # own position, so off the decision position it changes nothing (the cell keeps the base value).
 AFTER_ATTENTION = ("resid_mid", "resid_post", "attn_out", "mlp_out", "z_pos")
-
-
-def _last_block_at(block, x, cos, sin, cache: KVCache, at: torch.Tensor) -> torch.Tensor:
-    """Block.forward's output at one position per row, `at` [rows] (relative to x's first position),
-    for a last block no hook watches: keys/values of every position go into the cache (the query
-    attends to them), but query, attention output and MLP run on that position only. Same ops as the
-    unhooked Block.forward (its norm and MLP modules are called as they are); the one-query attention
-    masks keys after each row's position."""
-    attn, (B, T, _) = block.attn, x.shape
-    rows = torch.arange(B, device=x.device)
-    h = block.ln1(x)
-    k = norm(apply_rotary_emb(attn.c_k(h).view(B, T, attn.n_kv_head, attn.head_dim), cos, sin))
-    v = attn.c_v(h).view(B, T, attn.n_kv_head, attn.head_dim)
-    prefix = cache.get_pos()
-    k, v = cache.insert_kv(attn.layer_idx, k.transpose(1, 2), v.transpose(1, 2))
-    q = attn.c_q(h[rows, at][:, None]).view(B, 1, attn.n_head, attn.head_dim)
-    q = norm(apply_rotary_emb(q, cos[0, at][:, None], sin[0, at][:, None])).transpose(1, 2)
-    visible = torch.arange(k.size(2), device=x.device)[None, :] <= (prefix + at)[:, None]
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None, None, :],
-                                       enable_gqa=attn.n_head != attn.n_kv_head)
-    out = x[rows, at][:, None] + attn.c_proj(y.transpose(1, 2).reshape(B, 1, -1))
-    out = out + block.mlp(block.ln2(out))
-    return out[:, 0]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -348,9 +322,9 @@ class Patcher:
         self.model, self.pairs = model, list(pairs)
         self.batch_size, self.align, self.progress = batch_size, align, progress
         self.skip_identical = skip_identical
-        # The resumed forward (_resumed_logits, _last_block_at) re-runs blocks the 2025-10 way; a 2026-07
-        # model's residual stream also needs x0, the resid/x0 lambdas, value embeddings and backout, so
-        # its patches run the model's own forward from the first token (the reference path, exact).
+        # The resumed forward (GPT.forward_from) refuses a 2026-07 model: its blocks also read x0, value
+        # embeddings and backout, so its patches run the model's own forward from the first token (the
+        # reference path, exact).
         self.reuse_prefix = reuse_prefix and isinstance(model, GPT) and not model.config.is_2026
         self.device = next(model.parameters()).device
         # Noise goes on the raw token embedding (before the embedding RMSNorm renormalises it): our GPT's
@@ -501,47 +475,27 @@ class Patcher:
           output at stop.. is the base run's;
         - the last block, when no patch is inside it (or the patch is its input, hook_resid_pre), runs
           its keys/values on every position but its query, attention output and MLP at the decision
-          position only (_last_block_at)."""
+          position only (GPT.forward_from with `at`)."""
         cached, model, n = self.prefix(run), self.model, len(pair_index)
-        last_layer = self.n_layers - 1
-        cache = KVCache(n, self.n_layers, self.n_pos)
-        shape = (self.n_layers, n, *cached["k"].shape[2:])
-        cache.k = torch.empty(shape, dtype=cached["k"].dtype, device=self.device)
-        cache.v = torch.empty(shape, dtype=cached["v"].dtype, device=self.device)
-        cache.k[layer:, :, :, :start] = cached["k"][layer:, pair_index, :, :start]
-        cache.v[layer:, :, :, :start] = cached["v"][layer:, pair_index, :, :start]
-        cache.pos = start  # the blocks below insert positions start..T-1 behind the cached ones
-        model._ensure_rotary(self.n_pos)  # rotary tables grow lazily (GPT._ensure_rotary)
-        cos, sin = model.cos[:, start: self.n_pos], model.sin[:, start: self.n_pos]
-        at = self.decision_pos[pair_index] - start
-        last = model.blocks[last_layer]
-        input_patch = {name for name, _ in patch_hooks} == {f"blocks.{last_layer}.hook_resid_pre"}
-        decision_only = (layer < last_layer or input_patch) and not any(
-            _active(m) for m in last.modules() if isinstance(m, HookPoint))
+        cache = KVCache(n, self.n_layers, self.n_pos).prefill(
+            cached["k"][layer:, pair_index, :, :start], cached["v"][layer:, pair_index, :, :start], first_layer=layer)
         x = cached["resid"][layer, pair_index, start: stop]
         with model.hooks(fwd_hooks=patch_hooks):
             if stop is not None:  # the patched block on its window, then the base run's later positions
-                window = stop - start
-                x = model.blocks[layer](x, cos[:, :window], sin[:, :window], cache)
-                after = cached["resid"][layer + 1] if layer < last_layer else cached["final"]
+                x = model.forward_from(x, layer, cache, stop_layer=layer + 1)
+                after = cached["resid"][layer + 1] if layer < self.n_layers - 1 else cached["final"]
                 x = torch.cat([x, after[pair_index, stop:]], dim=1)
                 layer += 1
-            if input_patch:
-                x = last.hook_resid_pre(x)  # the patch is the last block's input
-            for block in model.blocks[layer: last_layer if decision_only else self.n_layers]:
-                x = block(x, cos, sin, cache)
-        final = (_last_block_at(last, x, cos, sin, cache, at) if decision_only
-                 else x[torch.arange(n, device=self.device), at])
+            final = model.forward_from(x, layer, cache, at=self.decision_pos[pair_index] - start)
         return self._head(final)
 
     def _head(self, final: torch.Tensor) -> torch.Tensor:
-        """GPT.forward's last steps (final norm, lm_head, fp32 soft-cap) on final residual vectors
-        [rows, d_model], for the letter rows of lm_head only; rows are filled up to batch_size so that
-        every call has the same shapes and an unpatched row reads exactly the unpatched value."""
+        """Letter logits [rows, head_ids] from final residual vectors [rows, d_model] (GPT.logits_from_resid);
+        rows are filled up to batch_size so that every call has the same shapes and an unpatched row reads
+        exactly the unpatched value."""
         n = final.shape[0]
         filled = torch.cat([final, final[:1].expand(max(self.batch_size - n, 0), -1)])[:, None]
-        logits = F.linear(self.model.ln_final(filled), self.model.lm_head.weight[self.head_ids]).float()
-        return (torch.tanh(logits / SOFTCAP) * SOFTCAP)[:n, 0]
+        return self.model.logits_from_resid(filled, self.head_ids)[:n, 0]
 
     def _letter_diff(self, logits: torch.Tensor, pair_index: torch.Tensor) -> torch.Tensor:
         """Clean gold minus foil letter logit, from letter logits [rows, head_ids]."""
@@ -711,7 +665,3 @@ class Patcher:
             labels.append(f"{index}: {text}{'*' if len(tokens) > 1 else ''}")
         return labels
 
-
-def run_sweeps(patcher: Patcher, names=tuple(SWEEPS), directions=("denoise",)) -> list[SweepResult]:
-    """Every requested sweep in every direction, in a stable order."""
-    return [patcher.sweep(name, direction) for direction, name in itertools.product(directions, names)]

@@ -8,10 +8,7 @@ earlier layers it says how far the answer has formed. Gold margin = gold letter 
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
-
-from aquainterp.model import SOFTCAP
 
 
 def lens_letter_logits(model, resid: Tensor, letter_ids: Tensor) -> Tensor:
@@ -20,10 +17,7 @@ def lens_letter_logits(model, resid: Tensor, letter_ids: Tensor) -> Tensor:
     if resid.ndim != 3 or letter_ids.shape != (resid.shape[0], 5):
         raise ValueError(f"lens_letter_logits: expected resid [B, L, d] and letter_ids [B, 5], got "
                          f"{tuple(resid.shape)} and {tuple(letter_ids.shape)}")
-    weight = model.lm_head.weight[letter_ids]  # [B, 5, d]
-    x = model.ln_final(resid.to(weight.dtype))
-    logits = torch.einsum("bld,bod->blo", x, weight).float()
-    return SOFTCAP * torch.tanh(logits / SOFTCAP)
+    return model.logits_from_resid(resid, letter_ids)
 
 
 def gold_margins(letters: Tensor, gold: Tensor) -> Tensor:
