@@ -20,37 +20,88 @@ through non-linear parts: the final RMSNorm and soft-cap, attention patterns tha
 query/key changes, the ReLU² MLP, and most visibly early residual-stream patches at the positions where
 clean and corrupted tokens differ (the whole model lies between the patch and the metric).
 benchmarks/patching.py --method attribution prints its correlation with exact sweeps.
+
+Cost on our GPT (2025-10): the positions before the pairs' first difference run once, without gradients,
+into a key/value cache that both runs continue from (their estimates are exactly 0: nothing differs
+there); the two runs skip the 65k-row unembedding and the base run unembeds its decision position with the
+letter rows only. Other models (a 2026-07 GPT, TransformerLens models) run both prompts from the first
+token.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from aquainterp.kv_cache import SharedPrompt
+from aquainterp.model import GPT, SOFTCAP
 from aquainterp.patching import DIRECTIONS, SWEEPS, Patcher, SweepResult
 
 
+def _first_change(patcher: Patcher, pair_index: torch.Tensor) -> int:
+    """The first position at which any of these pairs' clean and corrupted runs differ (a token, or the
+    noise span), capped at the earliest decision position. Before it both runs compute the same
+    activations bit for bit (causal attention), so every estimate there is exactly 0."""
+    first = []
+    for i in pair_index.tolist():
+        pair = patcher.pairs[i]
+        differs = [j for j, (a, b) in enumerate(zip(pair.clean_ids, pair.corrupted_ids)) if a != b]
+        candidates = [len(pair.clean_ids) - 1, *differs[:1]]
+        if pair.noise_span is not None and patcher.noise is not None:
+            candidates.append(pair.noise_span[0])
+        first.append(min(candidates))
+    return min(first)
+
+
 def _runs(patcher: Patcher, templates: list[str], base: str, other: str, pair_index: torch.Tensor):
-    """(other run's activations, base run's activations, gradients of the summed base letter
-    difference w.r.t. them), each {hook name: tensor [rows, pos, ...]}, for pairs `pair_index`."""
+    """(first position run, other run's activations, base run's activations, gradients of the summed base
+    letter difference w.r.t. them), each {hook name: tensor [rows, pos - first, ...]}, for pairs
+    `pair_index`.
+
+    On our GPT (with Patcher.reuse_prefix, i.e. not 2026-07) the positions before the pairs' first
+    difference run once, without gradients, into a key/value cache both runs continue from (SharedPrompt):
+    their activations are the same in both runs, so their estimates are 0 and need neither a second forward
+    nor a backward. On our GPT the forwards skip the unembedding (return_type=None) and the base run's
+    letter logits are its decision position's final norm times the letter rows of lm_head, soft-capped (as
+    GPT.forward computes them, without the other 65k rows)."""
     model, n_layers = patcher.model, patcher.n_layers
     names = [t.format(layer) for t in templates for layer in range(n_layers)]
-    decision = patcher.decision_pos[pair_index]
+    gpt = isinstance(model, GPT)
+    start = _first_change(patcher, pair_index) if patcher.reuse_prefix else 0
+    cache = None
+    if start > 0:
+        cache = SharedPrompt(n_layers)
+        with torch.no_grad():
+            model(patcher.tokens["clean"][pair_index, :start], kv_cache=cache, return_type=None)
+    decision = patcher.decision_pos[pair_index] - start
     rows = torch.arange(len(pair_index), device=patcher.device)
-    keep = lambda act, hook: act[rows, decision].unsqueeze(1)  # unembed the decision position only
 
     def run(which: str, grad: bool):
         store = {}
 
         def save(act, hook):
             store[hook.name] = act
-        hooks = patcher.corruption_hooks(pair_index) if which == "corrupted" else []
+        hooks = []
+        if which == "corrupted" and patcher.noise is not None:  # Patcher.corruption_hooks, from `start` on
+            noise = patcher.noise[pair_index][:, start:]
+            hooks.append((patcher._embed_hook, lambda act, hook: act + noise[:, : act.shape[1]]))
         if grad:  # a fresh leaf at the embedding: gradients reach every hooked activation, not the weights
-            hooks = hooks + [(patcher._embed_hook, lambda act, hook: act.detach().requires_grad_(True))]
-        hooks = hooks + [(name, save) for name in names] + [("ln_final.hook_normalized", keep)]
+            hooks.append((patcher._embed_hook, lambda act, hook: act.detach().requires_grad_(True)))
+        hooks += [(name, save) for name in names]
+        tokens = patcher.tokens[which][pair_index, start:]
         with torch.set_grad_enabled(grad):
-            logits = model.run_with_hooks(patcher.tokens[which][pair_index], fwd_hooks=hooks)
-        return store, logits[:, 0][:, patcher.head_ids].float()
+            if not gpt:  # any HookedRootModule: unembed the decision position only
+                keep = lambda act, hook: act[rows, decision].unsqueeze(1)
+                logits = model.run_with_hooks(tokens, fwd_hooks=hooks + [("ln_final.hook_normalized", keep)])
+                return store, (logits[:, 0][:, patcher.head_ids].float() if grad else None)
+            if grad:
+                hooks.append(("ln_final.hook_normalized", lambda act, hook: store.__setitem__("final", act[rows, decision])))
+            model.run_with_hooks(tokens, kv_cache=cache, return_type=None, fwd_hooks=hooks)
+            if not grad:
+                return store, None
+            letters = F.linear(store.pop("final"), model.lm_head.weight[patcher.head_ids]).float()
+            return store, torch.tanh(letters / SOFTCAP) * SOFTCAP
 
     with torch.no_grad():
         other_acts, _ = run(other, grad=False)
@@ -58,7 +109,7 @@ def _runs(patcher: Patcher, templates: list[str], base: str, other: str, pair_in
     diff = patcher._letter_diff(letters, pair_index)
     grads = torch.autograd.grad(diff.sum(), [base_acts[n] for n in names], allow_unused=True)
     grads = {n: (torch.zeros_like(base_acts[n]) if g is None else g) for n, g in zip(names, grads)}
-    return other_acts, {n: a.detach() for n, a in base_acts.items()}, grads
+    return start, other_acts, {n: a.detach() for n, a in base_acts.items()}, grads
 
 
 def attribution_sweeps(patcher: Patcher, names=("resid_pre", "attn_out", "mlp_out", "z_pos"),
@@ -78,12 +129,13 @@ def attribution_sweeps(patcher: Patcher, names=("resid_pre", "attn_out", "mlp_ou
               for i in range(0, n_pairs, patcher.batch_size)]
     parts: dict[str, list[list[torch.Tensor]]] = {t: [[] for _ in range(n_layers)] for t in templates}
     for pair_index in tqdm(chunks, desc=f"attribution {direction}", disable=not patcher.progress):
-        other_acts, base_acts, grads = _runs(patcher, templates, base, other, pair_index)
+        start, other_acts, base_acts, grads = _runs(patcher, templates, base, other, pair_index)
         for t in templates:
             for layer in range(n_layers):
                 name = t.format(layer)
                 delta = other_acts[name].float() - base_acts[name].float()
-                parts[t][layer].append((delta * grads[name].float()).sum(-1))
+                effect = (delta * grads[name].float()).sum(-1)  # [rows, pos - start(, heads)]
+                parts[t][layer].append(F.pad(effect, (0, 0) * (effect.dim() - 2) + (start, 0)))
     # effect[template][layer]: [pairs, pos] (per-position hooks) or [pairs, pos, heads] (hook_z)
     effect = {t: [torch.cat(p) for p in parts[t]] for t in templates}
     # each pair's absolute positions on the cell axis (align="end" counts back from the decision)

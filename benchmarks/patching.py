@@ -45,14 +45,18 @@ TL = {"resid_pre": tlp.get_act_patch_resid_pre, "resid_mid": tlp.get_act_patch_r
       "z": tlp.get_act_patch_attn_head_out_all_pos, "z_pos": tlp.get_act_patch_attn_head_out_by_pos}
 
 
+CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = CLOCK["wall"]
+
+
 def timed(device, fn, *args):
     if device.type == "cuda":
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    start = clock()
     out = fn(*args)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return out, time.perf_counter() - start
+    return out, clock() - start
 
 
 ATTRIBUTION_SWEEPS = "resid_pre,attn_out,mlp_out,z_pos"
@@ -113,7 +117,7 @@ def attribution_on_checkpoint(args, device) -> int:
                            partial(greedy_completions, model, tokenizer, max_new_tokens=args.max_new_tokens))
     pairs = got.pairs[: args.n_pairs]
     config = model.config
-    print(f"device {device}, threads {torch.get_num_threads()}, checkpoint {args.checkpoint} step {meta.get('step')}: "
+    print(f"device {device}, threads {torch.get_num_threads()}, clock {args.clock}, checkpoint {args.checkpoint} step {meta.get('step')}: "
           f"depth {config.n_layer} (d_model {config.n_embd}, {config.n_head} heads, vocab {config.vocab_size}); "
           f"{len(pairs)} completion-decision pairs ({len(got.no_marker)} completions without a marker skipped), "
           f"{min(len(p.clean_ids) for p in pairs)}-{max(len(p.clean_ids) for p in pairs)} tokens, noise on "
@@ -143,6 +147,9 @@ def main(argv=None) -> int:
                         help="trained checkpoint folder (attribution only): its own completion decisions as pairs")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="--checkpoint: completion length cap")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per method (the best is kept)")
+    parser.add_argument("--clock", choices=tuple(CLOCK), default="wall",
+                        help="wall: elapsed seconds; cpu: this process's CPU seconds (all its threads), steadier "
+                             "on a shared machine with --threads 1 (CPU only: a GPU's time is not counted)")
     args = parser.parse_args(normalize_flag_spelling(sys.argv[1:] if argv is None else argv))
     if args.checkpoint is not None and args.method != "attribution":
         parser.error("--checkpoint pairs have different lengths, which transformer_lens.patching cannot take; "
@@ -150,6 +157,10 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.clock == "cpu" and device.type != "cpu":
+        parser.error("--clock cpu counts this process's CPU time only; use --clock wall on a GPU")
+    global clock
+    clock = CLOCK[args.clock]
 
     if args.checkpoint is not None:
         return attribution_on_checkpoint(args, device)
@@ -168,7 +179,7 @@ def main(argv=None) -> int:
     length = len(make_pairs(tokenizer, problems[:1], "permute")[0][0].clean_ids)
     pairs = [p for p in make_pairs(tokenizer, problems, "permute")[0] if len(p.clean_ids) == length]
     pairs = pairs[: args.n_pairs]
-    print(f"device {device}, threads {torch.get_num_threads()}, depth {args.depth} (d_model {config.n_embd}, "
+    print(f"device {device}, threads {torch.get_num_threads()}, clock {args.clock}, depth {args.depth} (d_model {config.n_embd}, "
           f"{config.n_head} heads, vocab {config.vocab_size}), {len(pairs)} pairs × {length} tokens, "
           f"batch {args.batch_size}")
 

@@ -3,13 +3,13 @@ gradients as TransformerLens's forward/backward-hook recipe on our GPT."""
 
 import pytest
 import torch
-from test_patching import make_pairs, noise_pairs, random_gpt
+from test_patching import LETTER_IDS, make_pairs, noise_pairs, random_gpt
 from torch import nn
 from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
-from aquainterp.attribution import attribution_sweeps
-from aquainterp.patching import SWEEPS, Patcher
+from aquainterp.attribution import _first_change, attribution_sweeps
+from aquainterp.patching import SWEEPS, Patcher, PatchPair
 
 
 class _Cfg:
@@ -150,3 +150,47 @@ def test_nanochat_2026_model_same_estimates_as_transformer_lens_hooks(name):
     ref = ref.permute(0, 2, 3, 1) if ref.dim() == 4 else ref.permute(0, 2, 1)
     torch.testing.assert_close(approx.logit_diff - patcher.corrupted_ld, ref, atol=1e-4, rtol=1e-3)
     assert ref.abs().max() > 1e-2
+
+
+def late_pairs(kind: str, n=3, length=14, seed=5):
+    """Pairs whose clean and corrupted runs agree up to position 6 (noise on 6..9) or 8 (tokens 8 and 11)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        ids = torch.randint(0, 40, (length,), generator=g).tolist()
+        if kind == "noise":
+            out.append(PatchPair(f"n{i}", tuple(ids), tuple(ids), LETTER_IDS[i % 5], None, LETTER_IDS,
+                                 noise_span=(6, 10)))
+            continue
+        bad = list(ids)
+        bad[8], bad[11] = (bad[8] + 7) % 40, (bad[11] + 3) % 40
+        out.append(PatchPair(f"p{i}", tuple(ids), tuple(bad), LETTER_IDS[i % 5], LETTER_IDS[(i + 1) % 5], LETTER_IDS))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["tokens", "noise"])
+def test_positions_before_the_first_difference_run_once_without_gradients(kind):
+    """On our GPT the prefix both runs share runs once into a key/value cache: the estimates are those of
+    the full three-pass recipe (TransformerLens's hooks for token pairs, the same code without the shared
+    prefix for noise) and exactly 0 before the first difference."""
+    model = random_gpt()
+    pairs = late_pairs(kind)
+    first = 6 if kind == "noise" else 8
+    patcher = Patcher(model, pairs, batch_size=8, progress=False)
+    assert _first_change(patcher, torch.arange(len(pairs))) == first
+    full = Patcher(model, pairs, batch_size=8, progress=False, reuse_prefix=False)  # every run from token 0
+    seen = []
+    handle = model.blocks[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
+    try:
+        approx = attribution_sweeps(patcher, ["resid_pre", "attn_out", "mlp_out", "z_pos"])
+    finally:
+        handle.remove()
+    assert seen == [first, 14 - first, 14 - first]  # the shared prefix, then the other and the base run
+    for a, b in zip(approx, attribution_sweeps(full, [r.name for r in approx])):
+        torch.testing.assert_close(a.logit_diff, b.logit_diff, atol=1e-4, rtol=1e-3)
+        assert (a.logit_diff[:, :first] == patcher.corrupted_ld).all()  # nothing differs there: estimate 0
+        assert (a.logit_diff[:, first:] - patcher.corrupted_ld).abs().max() > 1e-2
+        if kind == "tokens":
+            ref = tl_attribution(model, patcher, SWEEPS[a.name][0])
+            ref = ref.permute(0, 2, 3, 1) if ref.dim() == 4 else ref.permute(0, 2, 1)
+            torch.testing.assert_close(a.logit_diff - patcher.corrupted_ld, ref, atol=1e-4, rtol=1e-3)
