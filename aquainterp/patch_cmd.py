@@ -14,88 +14,90 @@ pairs from the task, runs the sweeps (aquainterp.patching) and writes into --out
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from aquainterp.cliargs import SEED, count_int, data_source, device_name, existing_path, number, positive_int
 from aquainterp.patching import ALIGNMENTS, CORRUPTIONS, DIRECTIONS, STYLES, SWEEPS, Patcher, SweepResult
+from aquainterp.settings import add_arguments as add_setting_flags
+from aquainterp.settings import check_settings, setting
 
 TASKS = ("synthetic", "aqua")
 DECISIONS = ("completion", "prompt")
 METHODS = ("exact", "attribution")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from aquainterp.cliargs import (
-        SEED,
-        count_int,
-        data_source,
-        device_name,
-        existing_path,
-        number,
-        positive_int,
-    )
+@dataclass
+class PatchConfig:
+    """Every setting of one `aquainterp patch` run, each declared once: `run(PatchConfig(...))` is the library
+    entry (the demo calls it), and the command's flags, ranges and help are generated from these fields
+    (aquainterp.settings). Exactly one of checkpoint, hf_dir and checkpoint_series; out is required."""
 
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", type=existing_path("dir"), help="checkpoint folder written by aquainterp.checkpoint")
-    source.add_argument("--hf-dir", type=existing_path("dir"), help="HF NanoChatForCausalLM directory (imported via the bridge)")
-    source.add_argument("--checkpoint-series", type=existing_path("dir"), metavar="RUN_DIR/checkpoints",
-                        help="patch the same pairs on every --every-th saved step of a run (pairs built on the newest "
-                             "selected step): a step x cell view in the report, series.safetensors and metrics.jsonl "
-                             "for the 'Circuit drift' dashboard template")
-    parser.add_argument("--every", type=positive_int(1 << 30), default=1,
-                        help="--checkpoint-series: steps whose number is a multiple of K, plus the newest (default: all)")
-    parser.add_argument("--wandb", choices=("disabled", "offline", "online"), default="disabled",
-                        help="--checkpoint-series: also log the per-step metrics to W&B (always to --out/metrics.jsonl)")
-    parser.add_argument("--step", type=count_int(), default=None, help="checkpoint step (default: the latest)")
-    parser.add_argument("--tokenizer", type=existing_path("dir"), default=None,
-                        help="tokenizer folder, when the checkpoint or HF dir carries none")
-    parser.add_argument("--task", choices=TASKS, default="synthetic", help="problems to pair up")
-    parser.add_argument("--data", type=data_source, default=None,
-                        help="AQuA JSON Lines file or hub id (task aqua; default deepmind/aqua_rat)")
-    parser.add_argument("--split", default=None, help="synthetic: train|eval (default eval); aqua hub split")
-    parser.add_argument("--difficulty", type=int, default=None, choices=(1, 2, 3),
-                        help="synthetic problems of one difficulty (default: the task's mix), e.g. the demo's 1")
-    parser.add_argument("--n-pairs", type=positive_int(100_000), default=8, help="clean/corrupted pairs to patch")
-    parser.add_argument("--batch-size", type=positive_int(1 << 20), default=32, help="patched sequences per forward")
-    parser.add_argument("--device", type=device_name, default="cpu", help="torch device (cpu, cuda, cuda:1, mps)")
-    parser.add_argument("--decision", choices=DECISIONS, default="completion",
-                        help="completion (default): the problem + the model's own greedy completion, teacher-forced "
-                             "and cut right after its answer marker ('Answer:'), where a reasoning model picks its "
-                             "letter; the corrupted run has the corrupted problem and the SAME completion; problems "
-                             "whose completion writes no marker are skipped and counted. prompt: a fixed prompt cut "
-                             "at 'Answer:' (see --style), for models trained to answer in one token")
-    parser.add_argument("--max-new-tokens", type=positive_int(4096), default=128,
-                        help="--decision completion: longest greedy completion, in tokens")
-    parser.add_argument("--corruption", choices=CORRUPTIONS, default=None,
-                        help="permute: the gold option swaps places with another; numbers: one question number "
-                             "changes so another option is right (--decision prompt, style direct); noise: Gaussian "
-                             "noise on the problem's token embeddings (--decision completion: question and options). "
-                             "Default: noise for --decision completion (a model that checks the options in its "
-                             "completion follows its own checks, so permuting the prompt's options hardly moves it), "
-                             "permute for --decision prompt")
-    parser.add_argument("--style", choices=STYLES, default=None,
-                        help="--decision prompt only: decision right after the question (direct, default), after the "
-                             "worked rationale (reasoning) or after the rationale and the option checks (checked; "
-                             "corruption noise)")
-    parser.add_argument("--direction", choices=(*DIRECTIONS, "both"), default="denoise",
-                        help="denoise: clean activation into the corrupted run (what restores the answer); noise: "
-                             "corrupted activation into the clean run (what breaks it); both")
-    parser.add_argument("--sweeps", default=",".join(SWEEPS), help=f"comma list from {','.join(SWEEPS)}")
-    parser.add_argument("--method", choices=METHODS, default="exact",
-                        help="exact: one patched forward per cell and pair (batched); attribution: the gradient "
-                             "estimate of every cell at once (one clean forward, one corrupted forward + backward; "
-                             "exact only where the metric is linear in the activation, see README)")
-    parser.add_argument("--align", choices=ALIGNMENTS, default="end",
-                        help="position axis counts from the prompt start, or back from the decision token")
-    parser.add_argument("--noise-scale", type=number(float, 0.0, 1e3, lo_open=True), default=3.0, help="noise std in embedding stds")
-    parser.add_argument("--seed", type=SEED, default=0, help="problems, corruption order and noise")
-    parser.add_argument("--skip-unalignable", action="store_true",
-                        help="drop problems with no same-length corruption instead of stopping")
-    parser.add_argument("--out", type=Path, required=True,
-                        help="new or empty folder for patching.safetensors, summary.json and patching.html")
+    checkpoint: Path | None = setting(None, "checkpoint folder written by aquainterp.checkpoint",
+                                      type=existing_path("dir"), group="source")
+    hf_dir: Path | None = setting(None, "HF NanoChatForCausalLM directory (imported via the bridge)",
+                                  type=existing_path("dir"), group="source")
+    checkpoint_series: Path | None = setting(
+        None, "patch the same pairs on every --every-th saved step of a run (pairs built on the newest selected "
+        "step): a step x cell view in the report, series.safetensors and metrics.jsonl for the 'Circuit drift' "
+        "dashboard template", type=existing_path("dir"), group="source", metavar="RUN_DIR/checkpoints")
+    every: int = setting(1, "--checkpoint-series: steps whose number is a multiple of K, plus the newest (default: all)",
+                         type=positive_int(1 << 30))
+    wandb: str = setting("disabled", "--checkpoint-series: also log the per-step metrics to W&B (always to "
+                         "--out/metrics.jsonl)", choices=("disabled", "offline", "online"))
+    step: int | None = setting(None, "checkpoint step (default: the latest)", type=count_int())
+    tokenizer: Path | None = setting(None, "tokenizer folder, when the checkpoint or HF dir carries none",
+                                     type=existing_path("dir"))
+    task: str = setting("synthetic", "problems to pair up", choices=TASKS)
+    data: str | None = setting(None, "AQuA JSON Lines file or hub id (task aqua; default deepmind/aqua_rat)",
+                               type=data_source)
+    split: str | None = setting(None, "synthetic: train|eval (default eval); aqua hub split")
+    difficulty: int | None = setting(None, "synthetic problems of one difficulty (default: the task's mix), e.g. "
+                                     "the demo's 1", type=int, choices=(1, 2, 3))
+    n_pairs: int = setting(8, "clean/corrupted pairs to patch", type=positive_int(100_000))
+    batch_size: int = setting(32, "patched sequences per forward", type=positive_int(1 << 20))
+    device: str = setting("cpu", "torch device (cpu, cuda, cuda:1, mps)", type=device_name)
+    decision: str = setting(
+        "completion", "completion (default): the problem + the model's own greedy completion, teacher-forced and "
+        "cut right after its answer marker ('Answer:'), where a reasoning model picks its letter; the corrupted "
+        "run has the corrupted problem and the SAME completion; problems whose completion writes no marker are "
+        "skipped and counted. prompt: a fixed prompt cut at 'Answer:' (see --style), for models trained to "
+        "answer in one token", choices=DECISIONS)
+    max_new_tokens: int = setting(128, "--decision completion: longest greedy completion, in tokens",
+                                  type=positive_int(4096))
+    corruption: str | None = setting(
+        None, "permute: the gold option swaps places with another; numbers: one question number changes so "
+        "another option is right (--decision prompt, style direct); noise: Gaussian noise on the problem's token "
+        "embeddings (--decision completion: question and options). Default: noise for --decision completion (a "
+        "model that checks the options in its completion follows its own checks, so permuting the prompt's "
+        "options hardly moves it), permute for --decision prompt", choices=CORRUPTIONS)
+    style: str | None = setting(None, "--decision prompt only: decision right after the question (direct, "
+                                "default), after the worked rationale (reasoning) or after the rationale and the "
+                                "option checks (checked; corruption noise)", choices=STYLES)
+    direction: str = setting("denoise", "denoise: clean activation into the corrupted run (what restores the "
+                             "answer); noise: corrupted activation into the clean run (what breaks it); both",
+                             choices=(*DIRECTIONS, "both"))
+    sweeps: str = setting(",".join(SWEEPS), f"comma list from {','.join(SWEEPS)}")
+    method: str = setting("exact", "exact: one patched forward per cell and pair (batched); attribution: the "
+                          "gradient estimate of every cell at once (one clean forward, one corrupted forward + "
+                          "backward; exact only where the metric is linear in the activation, see README)",
+                          choices=METHODS)
+    align: str = setting("end", "position axis counts from the prompt start, or back from the decision token",
+                         choices=ALIGNMENTS)
+    noise_scale: float = setting(3.0, "noise std in embedding stds", type=number(float, 0.0, 1e3, lo_open=True))
+    seed: int = setting(0, "problems, corruption order and noise", type=SEED)
+    skip_unalignable: bool = setting(False, "drop problems with no same-length corruption instead of stopping")
+    out: Path | None = setting(None, "new or empty folder for patching.safetensors, summary.json and patching.html",
+                               type=Path, required=True)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_setting_flags(parser, PatchConfig)
 
 
 class LoadFailure(ValueError):
@@ -108,36 +110,36 @@ def fail(message: str, code: int = 2) -> int:
     return code
 
 
-def load(args):
+def load(config):
     """(model, tokenizer, description) from --checkpoint or --hf-dir; ValueError with a plain message."""
-    if args.checkpoint is not None:
+    if config.checkpoint is not None:
         from aquainterp.checkpoint import load_model
 
-        where = f"checkpoint {args.checkpoint}"
+        where = f"checkpoint {config.checkpoint}"
         try:
-            model, tokenizer, meta = load_model(args.checkpoint, args.step, device=args.device)
+            model, tokenizer, meta = load_model(config.checkpoint, config.step, device=config.device)
         except Exception as e:  # the CLI boundary: a bad checkpoint is a message, not a traceback
             raise LoadFailure(f"cannot load {where}: {e}") from e
-        described = {"checkpoint": str(args.checkpoint), "step": meta.get("step", args.step)}
+        described = {"checkpoint": str(config.checkpoint), "step": meta.get("step", config.step)}
     else:
         from aquainterp.bridge import import_hf
 
-        where = f"HF directory {args.hf_dir}"
+        where = f"HF directory {config.hf_dir}"
         try:
-            model = import_hf(args.hf_dir).to(args.device)
+            model = import_hf(config.hf_dir).to(config.device)
         except Exception as e:
             raise LoadFailure(f"cannot load {where}: {e}") from e
         tokenizer = None
-        if (args.hf_dir / "tokenizer.json").is_file() and args.tokenizer is None:
-            args.tokenizer = args.hf_dir
-        described = {"hf_dir": str(args.hf_dir)}
-    if args.tokenizer is not None:
+        if (config.hf_dir / "tokenizer.json").is_file() and config.tokenizer is None:
+            config.tokenizer = config.hf_dir
+        described = {"hf_dir": str(config.hf_dir)}
+    if config.tokenizer is not None:
         from aquainterp.tokenizer import Tokenizer
 
         try:
-            tokenizer = Tokenizer.load(args.tokenizer)
+            tokenizer = Tokenizer.load(config.tokenizer)
         except Exception as e:
-            raise LoadFailure(f"cannot load tokenizer {args.tokenizer}: {e}") from e
+            raise LoadFailure(f"cannot load tokenizer {config.tokenizer}: {e}") from e
     if tokenizer is None:
         raise ValueError(f"{where} carries no tokenizer; pass --tokenizer DIR")
     if tokenizer.vocab_size > model.config.vocab_size:
@@ -147,36 +149,36 @@ def load(args):
     return model.eval(), tokenizer, described
 
 
-def problems(args):
+def problems(config):
     """A stream of problems for the task (more than --n-pairs, since some may not pair up)."""
-    if args.task == "synthetic":
+    if config.task == "synthetic":
         from aquainterp.tasks.synthetic import SyntheticTask
 
-        task = SyntheticTask(seed=args.seed, split=args.split or "eval", difficulty=args.difficulty)
-        return task.problems(args.n_pairs * 4)
+        task = SyntheticTask(seed=config.seed, split=config.split or "eval", difficulty=config.difficulty)
+        return task.problems(config.n_pairs * 4)
     from aquainterp.tasks.aqua import load_aqua
 
-    source = args.data or "deepmind/aqua_rat"
-    return load_aqua(source, split=args.split or "validation")
+    source = config.data or "deepmind/aqua_rat"
+    return load_aqua(source, split=config.split or "validation")
 
 
-def resolve_decision(args) -> None:
+def resolve_decision(config) -> None:
     """Fill --corruption/--style defaults for the chosen --decision; ValueError for combinations that
     cannot work."""
-    if args.decision == "completion":
-        if args.style is not None:
+    if config.decision == "completion":
+        if config.style is not None:
             raise ValueError("--style sets where a fixed prompt is cut (--decision prompt); --decision completion "
                              "cuts the model's own completion at its answer marker")
-        args.corruption = args.corruption or "noise"
-        if args.corruption == "numbers":
+        config.corruption = config.corruption or "noise"
+        if config.corruption == "numbers":
             raise ValueError("--corruption numbers changes the question, so the model's own completion would no "
                              "longer fit it; use noise or permute with --decision completion")
     else:
-        args.style = args.style or "direct"
-        args.corruption = args.corruption or "permute"
+        config.style = config.style or "direct"
+        config.corruption = config.corruption or "permute"
 
 
-def build_pairs(args, tokenizer, pool, model=None):
+def build_pairs(config, tokenizer, pool, model=None):
     """(pairs, skipped sources, no-marker sources, completions by source) for --decision."""
     from functools import partial
 
@@ -184,29 +186,29 @@ def build_pairs(args, tokenizer, pool, model=None):
     from aquainterp.patching import make_pairs
 
     pairs, skipped, no_marker, completions = [], [], [], {}
-    for start in range(0, len(pool), args.n_pairs):
-        chunk = pool[start: start + args.n_pairs]
-        if args.decision == "completion":
-            generate = partial(greedy_completions, model, tokenizer, max_new_tokens=args.max_new_tokens,
-                               batch_size=args.batch_size, progress=True)
-            got = completion_pairs(tokenizer, chunk, args.corruption, generate, seed=args.seed + start,
-                                   skip_unalignable=args.skip_unalignable)
+    for start in range(0, len(pool), config.n_pairs):
+        chunk = pool[start: start + config.n_pairs]
+        if config.decision == "completion":
+            generate = partial(greedy_completions, model, tokenizer, max_new_tokens=config.max_new_tokens,
+                               batch_size=config.batch_size, progress=True)
+            got = completion_pairs(tokenizer, chunk, config.corruption, generate, seed=config.seed + start,
+                                   skip_unalignable=config.skip_unalignable)
             pairs += got.pairs
             skipped += got.unalignable
             no_marker += got.no_marker
             completions.update(got.completions)
         else:
-            got, dropped = make_pairs(tokenizer, chunk, args.corruption, seed=args.seed + start,
-                                      skip_unalignable=args.skip_unalignable, style=args.style)
+            got, dropped = make_pairs(tokenizer, chunk, config.corruption, seed=config.seed + start,
+                                      skip_unalignable=config.skip_unalignable, style=config.style)
             pairs += got
             skipped += dropped
-        if len(pairs) >= args.n_pairs:
+        if len(pairs) >= config.n_pairs:
             break
     if not pairs:
         why = (f"; {len(no_marker)} of the model's completions never wrote the answer marker"
                if no_marker else "")
-        raise ValueError(f"no {args.corruption} pairs could be built from {len(pool)} {args.task} problems{why}")
-    return pairs[: args.n_pairs], skipped, no_marker, completions
+        raise ValueError(f"no {config.corruption} pairs could be built from {len(pool)} {config.task} problems{why}")
+    return pairs[: config.n_pairs], skipped, no_marker, completions
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -279,44 +281,44 @@ def write_report(out: Path, patcher: Patcher, results: list[SweepResult], tokeni
     return summary
 
 
-def run_sweeps(args, patcher: Patcher, names, directions) -> list[SweepResult]:
-    if args.method == "attribution":
+def run_sweeps(config, patcher: Patcher, names, directions) -> list[SweepResult]:
+    if config.method == "attribution":
         from aquainterp.attribution import attribution_sweeps
 
         return [r for d in directions for r in attribution_sweeps(patcher, names, d)]
     return [patcher.sweep(name, d) for d in directions for name in names]
 
 
-def settings_of(args, pairs, skipped, no_marker, directions, names) -> dict:
-    return {"task": args.task, "data": args.data, "decision": args.decision, "method": args.method,
-            "corruption": args.corruption, "style": args.style, "n_pairs": len(pairs), "skipped": skipped,
-            "no_marker": no_marker, "align": args.align, "seed": args.seed,
-            "noise_scale": args.noise_scale if args.corruption == "noise" else None,
+def settings_of(config, pairs, skipped, no_marker, directions, names) -> dict:
+    return {"task": config.task, "data": config.data, "decision": config.decision, "method": config.method,
+            "corruption": config.corruption, "style": config.style, "n_pairs": len(pairs), "skipped": skipped,
+            "no_marker": no_marker, "align": config.align, "seed": config.seed,
+            "noise_scale": config.noise_scale if config.corruption == "noise" else None,
             "directions": list(directions), "sweeps": names}
 
 
-def run_checkpoint_series(args, names) -> int:
+def run_checkpoint_series(config, names) -> int:
     """--checkpoint-series: the same pairs on every selected step (aquainterp.patch_series)."""
     from safetensors.torch import save_file
 
     from aquainterp.logger import Logger
     from aquainterp.patch_series import run_series, series_section, stack
 
-    directions = DIRECTIONS if args.direction == "both" else (args.direction,)
+    directions = DIRECTIONS if config.direction == "both" else (config.direction,)
 
     def build(model, tokenizer):
-        return build_pairs(args, tokenizer, problems(args), model)
+        return build_pairs(config, tokenizer, problems(config), model)
 
     def patch_one(model, pairs):
-        patcher = Patcher(model, pairs, batch_size=args.batch_size, align=args.align, noise_scale=args.noise_scale,
-                          seed=args.seed, progress=False)
-        return patcher, run_sweeps(args, patcher, names, directions)
+        patcher = Patcher(model, pairs, batch_size=config.batch_size, align=config.align, noise_scale=config.noise_scale,
+                          seed=config.seed, progress=False)
+        return patcher, run_sweeps(config, patcher, names, directions)
 
     try:
-        resolve_decision(args)
-        with Logger(args.out, mode=args.wandb, run_name=f"patch-series-{args.out.name}",
-                    config={"checkpoint_series": str(args.checkpoint_series), "every": args.every}) as logger:
-            series = run_series(args, build, patch_one, logger)
+        resolve_decision(config)
+        with Logger(config.out, mode=config.wandb, run_name=f"patch-series-{config.out.name}",
+                    config={"checkpoint_series": str(config.checkpoint_series), "every": config.every}) as logger:
+            series = run_series(config, build, patch_one, logger)
     except (ValueError, FileNotFoundError) as e:
         return fail(str(e))
     if series["last"] is None:
@@ -334,57 +336,66 @@ def run_checkpoint_series(args, names) -> int:
                                                     for s in steps])}
     for key, t in stacked.items():
         tensors[f"{key}/normalized"], tensors[f"{key}/logit_diff"] = t["normalized"], t["logit_diff"]
-    args.out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(args.out / "series.safetensors"),
+    config.out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(config.out / "series.safetensors"),
               metadata={"axes": json.dumps({k: ["step", *t["axes"]] for k, t in stacked.items()})})
-    settings = {"checkpoint_series": str(args.checkpoint_series), "step": series["newest"], "every": args.every,
+    settings = {"checkpoint_series": str(config.checkpoint_series), "step": series["newest"], "every": config.every,
                 "model_config": series["model_config"],
-                **settings_of(args, series["pairs"], series["skipped"], series["no_marker"], directions, names),
+                **settings_of(config, series["pairs"], series["skipped"], series["no_marker"], directions, names),
                 "series": {"steps": steps, "failed": {str(k): v for k, v in series["failed"].items()},
                            "clean_logit_diff_mean": [float(tensors["clean_logit_diff"][i].mean()) for i in range(len(steps))],
                            "corrupted_logit_diff_mean": [float(tensors["corrupted_logit_diff"][i].mean())
                                                          for i in range(len(steps))]}}
-    write_report(args.out, patcher, results, tokenizer, settings, series_section(stacked, steps, series["failed"], positions))
+    write_report(config.out, patcher, results, tokenizer, settings, series_section(stacked, steps, series["failed"], positions))
     print(f"{len(series['pairs'])} pairs on {len(steps)} steps {steps}"
           + (f"; nothing to restore at steps {sorted(series['failed'])}" if series["failed"] else ""))
     for key, t in stacked.items():
         drift = (t["normalized"][-1] - t["normalized"][0]).abs().nan_to_num(0.0).max().item()
         print(f"  {key:22s} largest change of a cell from step {steps[0]} to {steps[-1]}: {drift:.3f}")
-    print(f"wrote {args.out}/series.safetensors, metrics.jsonl, summary.json, patching.html")
+    print(f"wrote {config.out}/series.safetensors, metrics.jsonl, summary.json, patching.html")
     return 0
 
 
-def run(args: argparse.Namespace) -> int:
-    names = [s.strip() for s in args.sweeps.split(",") if s.strip()]
+PATHS = ("checkpoint", "hf_dir", "checkpoint_series", "tokenizer", "out")
+
+
+def run(config: PatchConfig | argparse.Namespace) -> int:
+    """Patch, write the outputs under config.out and print a summary; 0, or after one line on stderr 2 (usage)
+    or 1 (a file that cannot be loaded). `aquainterp patch` passes its parsed flags (the same fields); the
+    caller's config is never modified."""
+    values = vars(config) if isinstance(config, argparse.Namespace) else dataclasses.asdict(config)
+    config = PatchConfig(**{k: Path(v) if k in PATHS and v is not None else v for k, v in values.items()})
+    try:
+        check_settings(config, "aquainterp patch")
+    except ValueError as e:
+        return fail(str(e).removeprefix("aquainterp patch: "))
+    names = [s.strip() for s in config.sweeps.split(",") if s.strip()]
     unknown = [s for s in names if s not in SWEEPS]
     if unknown or not names:
         return fail(f"--sweeps: unknown {unknown or 'empty list'}; choose from {','.join(SWEEPS)}")
-    for flag in ("n_pairs", "batch_size"):
-        if getattr(args, flag) < 1:
-            return fail(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     try:
-        torch.device(args.device)
+        torch.device(config.device)
     except RuntimeError as e:
-        return fail(f"--device {args.device!r}: {e}")
+        return fail(f"--device {config.device!r}: {e}")
     # where the results go is checked before any sweep runs: a folder (or a new path), never an input
     from aquainterp.rundir import check_can_create, check_output
 
-    check_can_create(args.out, "--out")
-    check_output(args.out, [args.checkpoint, args.hf_dir, args.checkpoint_series, args.tokenizer, args.data], "--out")
-    if args.checkpoint_series is not None:
-        return run_checkpoint_series(args, names)
+    check_can_create(config.out, "--out")
+    check_output(config.out, [config.checkpoint, config.hf_dir, config.checkpoint_series, config.tokenizer, config.data], "--out")
+    if config.checkpoint_series is not None:
+        return run_checkpoint_series(config, names)
     try:
-        resolve_decision(args)
-        model, tokenizer, described = load(args)
-        pairs, skipped, no_marker, completions = build_pairs(args, tokenizer, problems(args), model)
-        patcher = Patcher(model, pairs, batch_size=args.batch_size, align=args.align,
-                          noise_scale=args.noise_scale, seed=args.seed)
+        resolve_decision(config)
+        model, tokenizer, described = load(config)
+        pairs, skipped, no_marker, completions = build_pairs(config, tokenizer, problems(config), model)
+        patcher = Patcher(model, pairs, batch_size=config.batch_size, align=config.align,
+                          noise_scale=config.noise_scale, seed=config.seed)
     except (ValueError, FileNotFoundError) as e:
         return fail(str(e), 1 if isinstance(e, (LoadFailure, FileNotFoundError)) else 2)
-    directions = DIRECTIONS if args.direction == "both" else (args.direction,)
-    results = run_sweeps(args, patcher, names, directions)
-    settings = {**described, **settings_of(args, pairs, skipped, no_marker, directions, names)}
-    summary = write_report(args.out, patcher, results, tokenizer, settings)
+    directions = DIRECTIONS if config.direction == "both" else (config.direction,)
+    results = run_sweeps(config, patcher, names, directions)
+    settings = {**described, **settings_of(config, pairs, skipped, no_marker, directions, names)}
+    summary = write_report(config.out, patcher, results, tokenizer, settings)
     if no_marker:
         print(f"{len(no_marker)} problems skipped: their completion never wrote the answer marker "
               f"({', '.join(no_marker[:5])}{', ...' if len(no_marker) > 5 else ''})")
@@ -393,5 +404,5 @@ def run(args: argparse.Namespace) -> int:
     for key, s in summary["sweeps"].items():
         best = s["top_cells"][0]
         print(f"  {key:22s} range [{s['min']:+.3f}, {s['max']:+.3f}]  strongest {best}")
-    print(f"wrote {args.out}/patching.safetensors, summary.json, patching.html")
+    print(f"wrote {config.out}/patching.safetensors, summary.json, patching.html")
     return 0

@@ -10,7 +10,9 @@ and choices, and both the command line and the checks of a config built in Pytho
     check_settings(config, "training.rl")    # the same ranges and choices for run(RLConfig(...)) callers
 
 A bool field becomes a store_true flag (or, with `flag="--no-x"`, a store_false flag for a True default);
-`flag=False` keeps a field off the command line. Only checks that involve one field live here; a config's
+`flag=False` keeps a field off the command line. `required=True` makes the flag required (the field's
+default, None, then means "not given"); fields sharing a `group` name are mutually exclusive flags of
+which exactly one is required (`--checkpoint | --hf-dir`); `metavar` names the value in --help. Only checks that involve one field live here; a config's
 own `validate` adds the rules that tie fields together.
 """
 
@@ -22,9 +24,11 @@ import dataclasses
 from aquainterp.cliargs import Number
 
 
-def setting(default, help: str = "", *, type=None, choices=None, flag: str | bool | None = None):
+def setting(default, help: str = "", *, type=None, choices=None, flag: str | bool | None = None,
+            required: bool = False, group: str | None = None, metavar: str | None = None):
     """A dataclass field with its command-line description (see the module docstring)."""
-    metadata = {"help": help, "type": type, "choices": choices, "flag": flag}
+    metadata = {"help": help, "type": type, "choices": choices, "flag": flag, "required": required,
+                "group": group, "metavar": metavar}
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -36,27 +40,42 @@ def flag_of(field: dataclasses.Field) -> str:
 def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
     """One flag per declared field of `cls` (fields without setting() metadata or with flag=False are
     skipped); defaults are the dataclass defaults."""
+    groups = {}
     for field in dataclasses.fields(cls):
         meta = field.metadata
         if "help" not in meta or meta.get("flag") is False:
             continue
         help_text = meta["help"] or None
+        target = parser
+        if meta.get("group"):
+            if meta["group"] not in groups:
+                groups[meta["group"]] = parser.add_mutually_exclusive_group(required=True)
+            target = groups[meta["group"]]
         if isinstance(field.default, bool):
             action = "store_false" if field.default else "store_true"
-            parser.add_argument(flag_of(field), dest=field.name, action=action, help=help_text)
+            target.add_argument(flag_of(field), dest=field.name, action=action, help=help_text)
             continue
         kwargs = {"default": field.default, "help": help_text}
-        if meta.get("type") is not None:
-            kwargs["type"] = meta["type"]
-        if meta.get("choices") is not None:
-            kwargs["choices"] = meta["choices"]
-        parser.add_argument(flag_of(field), dest=field.name, **kwargs)
+        for key in ("type", "choices", "metavar"):
+            if meta.get(key) is not None:
+                kwargs[key] = meta[key]
+        if meta.get("required"):
+            kwargs["required"] = True
+        target.add_argument(flag_of(field), dest=field.name, **kwargs)
 
 
 def check_settings(config, prog: str) -> None:
-    """ValueError naming the flag for a value outside its declared choices or numeric range."""
+    """ValueError naming the flag for a value outside its declared choices or numeric range, a required
+    setting left None, or a group with not exactly one setting given."""
+    groups: dict[str, list[str]] = {}
     for field in dataclasses.fields(config):
         meta, value = field.metadata, getattr(config, field.name)
+        if meta.get("group"):
+            groups.setdefault(meta["group"], [])
+            if value is not None:
+                groups[meta["group"]].append(flag_of(field))
+        if meta.get("required") and value is None:
+            raise ValueError(f"{prog}: {flag_of(field)} is required")
         if "help" not in meta or value is None or isinstance(value, bool):
             continue
         choices, kind = meta.get("choices"), meta.get("type")
@@ -65,3 +84,8 @@ def check_settings(config, prog: str) -> None:
         if isinstance(kind, Number):
             if not isinstance(value, int | float) or not kind.accepts(value):
                 raise ValueError(f"{prog}: {flag_of(field)} must be {kind.describe()}, got {value!r}")
+    for name, given in groups.items():
+        if len(given) != 1:
+            members = [flag_of(f) for f in dataclasses.fields(config) if f.metadata.get("group") == name]
+            raise ValueError(f"{prog}: exactly one of {', '.join(members)} is needed, got "
+                             f"{', '.join(given) if given else 'none'}")

@@ -16,12 +16,33 @@ import netrc
 import os
 import socket
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
 from dashboards.template import Template, TemplateError, all_templates, get_template, template_names
 
 DEFAULT_BASE_URL = "https://api.wandb.ai"
+
+
+@dataclass
+class DashboardConfig:
+    """One `aquainterp dashboard <action>` as a value: `run(DashboardConfig("html", run=RUN_DIR, output=...))`
+    is the library entry (the demo calls it); the command line fills the same fields from the action's flags
+    (add_arguments), the others keep these defaults. entity/project None: $WANDB_ENTITY / $WANDB_PROJECT or
+    aquainterp, as the export flags."""
+
+    action: str  # list | export | load | push | html | sample
+    template: str = "all"
+    entity: str | None = None
+    project: str | None = None
+    output: str | None = None
+    workspace: str | None = None  # load: the workspace JSON to read
+    run: str | None = None  # html: the run folder to report; sample: the folder to write
+    source: str = "auto"
+    screenshot: str | None = None
+    steps: int = 30
+    mode: str = "disabled"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,10 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser("export", help="write a template's W&B workspace model as JSON (no network)")
     p.add_argument("--template", required=True, help="template name or title, a .json path, or 'all'")
-    p.add_argument("--entity", default=os.environ.get("WANDB_ENTITY", "aquainterp"),
-                   help="W&B entity written into the workspace (default $WANDB_ENTITY or aquainterp)")
-    p.add_argument("--project", default=os.environ.get("WANDB_PROJECT", "aquainterp"),
-                   help="W&B project written into the workspace (default $WANDB_PROJECT or aquainterp)")
+    p.add_argument("--entity", help="W&B entity written into the workspace (default $WANDB_ENTITY or aquainterp)")
+    p.add_argument("--project", help="W&B project written into the workspace (default $WANDB_PROJECT or aquainterp)")
     p.add_argument("-o", "--output", help="output file (a folder for --template all); default stdout")
 
     p = sub.add_parser("load", help="read a W&B workspace JSON back into our template JSON")
@@ -108,17 +127,21 @@ def _reachable(base_url: str, timeout: float = 5.0) -> str | None:
                 "Use `aquainterp dashboard export` to write the workspace JSON offline.")
 
 
-def run(args: argparse.Namespace) -> int:
+def run(config: DashboardConfig | argparse.Namespace) -> int:
+    """Do `config.action`; 0, or after one line on stderr 2 (usage) or 1 (a failed push or page check).
+    `aquainterp dashboard` passes its parsed flags (the same fields)."""
     from aquainterp.cliargs import one_line
 
+    if isinstance(config, argparse.Namespace):
+        config = DashboardConfig(**vars(config))
     try:
-        return _run(args)
+        return _run(config)
     except (TemplateError, FileNotFoundError, ValueError) as e:  # one line, as every command (cliargs)
-        print(f"aquainterp dashboard {args.action}: error: {one_line(str(e))}", file=sys.stderr)
+        print(f"aquainterp dashboard {config.action}: error: {one_line(str(e))}", file=sys.stderr)
         return 2
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: DashboardConfig) -> int:
     if args.action == "list":
         for t in all_templates():
             print(f"{t.name:20s} {t.title} ({len(t.panels)} panels)")
@@ -128,13 +151,15 @@ def _run(args: argparse.Namespace) -> int:
         from dashboards.workspace import workspace_json
 
         templates = _templates(args.template)
+        entity = os.environ.get("WANDB_ENTITY", "aquainterp") if args.entity is None else args.entity
+        project = os.environ.get("WANDB_PROJECT", "aquainterp") if args.project is None else args.project
         if len(templates) == 1:
-            _write(workspace_json(templates[0], args.entity, args.project), args.output)
+            _write(workspace_json(templates[0], entity, project), args.output)
         else:
             if args.output is None:
                 raise ValueError("--template all writes one file per template: give a folder with -o")
             for t in templates:
-                _write(workspace_json(t, args.entity, args.project), str(Path(args.output) / f"{t.name}.json"))
+                _write(workspace_json(t, entity, project), str(Path(args.output) / f"{t.name}.json"))
         return 0
 
     if args.action == "load":

@@ -154,3 +154,30 @@ def test_attribution_method_writes_the_same_outputs(saved, tmp_path, capsys):
     (expect,) = attribution_sweeps(Patcher(model, pairs, align="end", progress=False), ["z"])
     with safe_open(str(tmp_path / "patching.safetensors"), "pt") as f:
         torch.testing.assert_close(f.get_tensor("denoise/z/normalized"), expect.normalized, atol=1e-6, rtol=0)
+
+
+def test_library_entry_equals_the_command_line(saved, tmp_path, capsys):
+    """run(PatchConfig(...)), what the demo calls, writes what `aquainterp patch` writes for the same
+    settings; a config built in Python is checked like the flags, and is not modified."""
+    from aquainterp.patch_cmd import PatchConfig, run
+
+    ckpt, _ = saved
+    code, _, err = run_cli(["--checkpoint", ckpt, *FAST, "--out", tmp_path / "cli"], capsys)
+    assert code == 0, err
+    config = PatchConfig(checkpoint=str(ckpt), task="synthetic", n_pairs=2, batch_size=64, sweeps="resid_pre,z",
+                         decision="prompt", out=tmp_path / "lib")
+    assert run(config) == 0 and config.corruption is None  # the default was filled on a copy
+    with safe_open(str(tmp_path / "cli" / "patching.safetensors"), "pt") as a, \
+            safe_open(str(tmp_path / "lib" / "patching.safetensors"), "pt") as b:
+        assert sorted(a.keys()) == sorted(b.keys())
+        for k in a.keys():
+            assert torch.equal(a.get_tensor(k), b.get_tensor(k)), k
+    summaries = [json.loads((tmp_path / d / "summary.json").read_text()) for d in ("cli", "lib")]
+    assert summaries[0] == summaries[1]
+    capsys.readouterr()
+    assert run(PatchConfig(checkpoint=ckpt, n_pairs=0, out=tmp_path / "bad")) == 2
+    assert "--n-pairs must be" in capsys.readouterr().err
+    assert run(PatchConfig(checkpoint=ckpt, hf_dir=ckpt, out=tmp_path / "bad")) == 2
+    assert "exactly one of --checkpoint, --hf-dir, --checkpoint-series" in capsys.readouterr().err
+    assert run(PatchConfig(checkpoint=ckpt)) == 2
+    assert "--out is required" in capsys.readouterr().err

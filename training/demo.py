@@ -180,13 +180,6 @@ def run_stage(stage: Stage, fresh: bool, body) -> dict:
     return stage.finish(body(), time.time() - t0, time.process_time() - c0)
 
 
-def cli(add_arguments, run, argv: list[str]) -> int:
-    """Run a subcommand exactly as `aquainterp <cmd> argv...` would."""
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    return int(run(parser.parse_args(argv)) or 0)
-
-
 def run_demo(config: DemoConfig) -> dict:
     if config.budget not in BUDGETS:
         raise ValueError(f"--budget must be one of {sorted(BUDGETS)}, got {config.budget!r}")
@@ -281,18 +274,18 @@ def run_demo(config: DemoConfig) -> dict:
 
     # 5. dashboards ----------------------------------------------------------------------------------
     from dashboards import cli as dashboard_cli
+    from dashboards.cli import DashboardConfig
 
     dash_stage = Stage(root, "dashboards", common, rl_stage.key)
 
     def dashboards():
         say("5/6 dashboards: every shipped template as one offline HTML page + W&B workspace JSON")
-        report = dash_stage.dir / "report.html"
-        cli(dashboard_cli.add_arguments, dashboard_cli.run,
-            ["html", "--run", str(rl_stage.dir), "--template", "all", "-o", str(report)])
-        workspaces = dash_stage.dir / "workspaces"
-        cli(dashboard_cli.add_arguments, dashboard_cli.run,
-            ["export", "--template", "all", "--entity", "ENTITY", "--project", "aquainterp-demo",
-             "-o", str(workspaces)])
+        report, workspaces = dash_stage.dir / "report.html", dash_stage.dir / "workspaces"
+        for action in (DashboardConfig("html", run=str(rl_stage.dir), template="all", output=str(report)),
+                       DashboardConfig("export", template="all", entity="ENTITY", project="aquainterp-demo",
+                                       output=str(workspaces))):
+            if dashboard_cli.run(action):
+                raise RuntimeError(f"aquainterp dashboard {action.action} failed")
         exported = sorted(str(p) for p in workspaces.glob("*.json"))
         return {"report": str(report), "workspaces": exported}
 
@@ -309,11 +302,10 @@ def run_demo(config: DemoConfig) -> dict:
     def patching():
         say(f"6/6 patching: {b['patch_pairs']} noise-corrupted problems at the answer step of the final RL "
             "checkpoint's own completions")
-        code = cli(patch_cmd.add_arguments, patch_cmd.run,
-                   ["--checkpoint", str(rl_stage.dir / "checkpoints"), "--task", "synthetic",
-                    "--difficulty", str(b["difficulty"]), "--n-pairs", str(b["patch_pairs"]),
-                    "--decision", "completion", "--corruption", "noise", "--device", config.device,
-                    "--seed", str(config.seed), "--out", str(patch_stage.dir)])
+        code = patch_cmd.run(patch_cmd.PatchConfig(
+            checkpoint=rl_stage.dir / "checkpoints", task="synthetic", difficulty=b["difficulty"],
+            n_pairs=b["patch_pairs"], decision="completion", corruption="noise", device=config.device,
+            seed=config.seed, out=patch_stage.dir))
         if code:
             raise RuntimeError(f"aquainterp patch failed with exit code {code}")
         summary = json.loads((patch_stage.dir / "summary.json").read_text())
