@@ -350,15 +350,21 @@ def load_checkpoint(directory, step: int | None = None, device="cpu", *, verify_
     return Checkpoint(model_state=model_state, optim_state=optim_state, meta=meta, path=path)
 
 
+def key_mismatch(expected, got, shown: int) -> str | None:
+    """"missing [...], unexpected [...]" (at most `shown` names each) when the two key sets differ, else None."""
+    missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+    if not (missing or extra):
+        return None
+    names = lambda keys: f"{keys[:shown]}{' ...' if len(keys) > shown else ''}"
+    return f"missing {names(missing)}, unexpected {names(extra)}"
+
+
 def load_state_into(model, state: dict[str, torch.Tensor], where: Path | str) -> None:
     """model.load_state_dict with errors that name the file, the key and both shapes."""
     own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    extra = sorted(set(state) - set(own))
-    if missing or extra:
-        raise CheckpointError(f"{where}: keys do not match the model: missing {missing[:5]}"
-                              f"{' ...' if len(missing) > 5 else ''}, unexpected {extra[:5]}"
-                              f"{' ...' if len(extra) > 5 else ''}")
+    mismatch = key_mismatch(own, state, 5)
+    if mismatch:
+        raise CheckpointError(f"{where}: keys do not match the model: {mismatch}")
     for k, v in state.items():
         if tuple(v.shape) != tuple(own[k].shape):
             raise CheckpointError(f"{where}: {k!r} has shape {tuple(v.shape)}, the model expects "

@@ -23,7 +23,14 @@ from pathlib import Path
 
 import torch
 
-from aquainterp.checkpoint import META_FILE, MODEL_FILE, CheckpointError, _check_file, _read_meta
+from aquainterp.checkpoint import (
+    META_FILE,
+    MODEL_FILE,
+    CheckpointError,
+    _check_file,
+    _read_meta,
+    key_mismatch,
+)
 
 # Upper bounds on model_config sizes. Generous for real models (nanochat d32: 2048 x 65536 vocab, 32 layers;
 # frontier vocabularies are ~2.6e5) and small enough that a typo or a hostile meta cannot exhaust memory.
@@ -114,12 +121,9 @@ def check_shapes(config_dict: dict, shapes: dict[str, tuple[int, ...]], where: s
     check_bounds(config_dict, where)
     _, model = meta_model(config_dict, where)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(shapes))
-    extra = sorted(set(shapes) - set(expected))
-    if missing or extra:
-        raise CheckpointError(f"{weights}: tensors do not match model_config in {where}: missing {missing[:4]}"
-                              f"{' ...' if len(missing) > 4 else ''}, unexpected {extra[:4]}"
-                              f"{' ...' if len(extra) > 4 else ''}")
+    mismatch = key_mismatch(expected, shapes, 4)
+    if mismatch:
+        raise CheckpointError(f"{weights}: tensors do not match model_config in {where}: {mismatch}")
     for k, shape in expected.items():
         if shapes[k] != shape:
             raise CheckpointError(f"{where}: model_config does not match {weights.name}: {k} shape would be "

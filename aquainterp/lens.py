@@ -17,6 +17,7 @@ those four and refuses with its reason instead of returning a decomposition that
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -429,18 +430,18 @@ class GPTCache(ActivationCache):
             key = self.model.hook_aliases.get(key, key)
         return super().__getitem__(key)
 
-    def decompose_resid(self, *args, **kwargs):
-        self.model.check_residual_decomposition("decompose_resid")
-        return super().decompose_resid(*args, **kwargs)
+    def _checked(name: str):
+        """ActivationCache.<name>, refused first where the model's residual stream does not decompose."""
+        parent = getattr(ActivationCache, name)
 
-    def get_full_resid_decomposition(self, *args, **kwargs):
-        self.model.check_residual_decomposition("get_full_resid_decomposition")
-        return super().get_full_resid_decomposition(*args, **kwargs)
+        @functools.wraps(parent)
+        def method(self, *args, **kwargs):
+            self.model.check_residual_decomposition(name)
+            return parent(self, *args, **kwargs)
+        return method
 
-    def logit_attrs(self, *args, **kwargs):
-        self.model.check_residual_decomposition("logit_attrs")
-        return super().logit_attrs(*args, **kwargs)
-
-    def accumulated_resid(self, *args, **kwargs):
-        self.model.check_residual_decomposition("accumulated_resid")
-        return super().accumulated_resid(*args, **kwargs)
+    decompose_resid = _checked("decompose_resid")
+    get_full_resid_decomposition = _checked("get_full_resid_decomposition")
+    logit_attrs = _checked("logit_attrs")
+    accumulated_resid = _checked("accumulated_resid")
+    del _checked

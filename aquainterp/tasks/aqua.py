@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from aquainterp.tasks.problem import LETTERS, MCProblem
-from aquainterp.tasks.rows import RowError, hub_rows, is_local, load_rows, local_rows, require_fields
+from aquainterp.tasks.rows import RowError, load_rows, require_fields, source_rows
 
 HUB_ID = "deepmind/aqua_rat"
 HUB_CONFIG = "raw"
@@ -50,10 +50,5 @@ def load_aqua(source: str | Path = HUB_ID, split: str = "validation", skip_bad_r
     Bad rows raise a RowError naming file and line (hub: id, split and index); with skip_bad_rows they
     are skipped, counted by kind and reported in one warning.
     """
-    if is_local(source):
-        rows = local_rows(source)
-    elif Path(source).suffix in (".json", ".jsonl"):
-        raise FileNotFoundError(f"load_aqua: AQuA file not found: {source}")
-    else:
-        rows = hub_rows(str(source), HUB_CONFIG, split)
+    rows = source_rows(source, HUB_CONFIG, split, "load_aqua: AQuA file not found")
     return load_rows(source, rows, parse_row, skip_bad_rows)

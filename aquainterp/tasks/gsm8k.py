@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aquainterp.tasks.rows import RowError, hub_rows, is_local, load_rows, local_rows, require_fields
+from aquainterp.tasks.rows import RowError, load_rows, require_fields, source_rows
 
 HUB_ID = "openai/gsm8k"
 HUB_CONFIG = "main"
@@ -50,10 +50,5 @@ def parse_row(where: str, row: Any) -> GSM8KProblem:
 
 def load_gsm8k(source: str | Path = HUB_ID, split: str = "test", skip_bad_rows: bool = False) -> list[GSM8KProblem]:
     """All rows of a GSM8K source: a local JSON Lines path (split ignored) or a hub dataset id."""
-    if is_local(source):
-        rows = local_rows(source)
-    elif Path(source).suffix in (".json", ".jsonl"):
-        raise FileNotFoundError(f"load_gsm8k: GSM8K file not found: {source}")
-    else:
-        rows = hub_rows(str(source), HUB_CONFIG, split)
+    rows = source_rows(source, HUB_CONFIG, split, "load_gsm8k: GSM8K file not found")
     return load_rows(source, rows, parse_row, skip_bad_rows)

@@ -66,6 +66,16 @@ def hub_rows(source: str, config: str | None, split: str) -> Iterator[tuple[str,
         yield f"{source}:{split}:{index}", row
 
 
+def source_rows(source: str | Path, config: str | None, split: str, missing: str) -> Iterator[tuple[str, Any]]:
+    """Rows of a local JSON Lines file (split ignored) or else of a hub dataset; a .json/.jsonl path that does
+    not exist is FileNotFoundError("{missing}: {source}"), never a hub lookup."""
+    if is_local(source):
+        return local_rows(source)
+    if Path(source).suffix in (".json", ".jsonl"):
+        raise FileNotFoundError(f"{missing}: {source}")
+    return hub_rows(str(source), config, split)
+
+
 def load_rows(
     source: str | Path,
     rows: Iterator[tuple[str, Any]],
