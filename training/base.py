@@ -19,17 +19,18 @@ import torch
 
 from training.common import (
     Dist,
+    LearningRates,
+    RunSettings,
     all_reduce_sum,
     autocast,
     claim_run_dir,
     clean_stale_temp,
     open_logger,
-    parse_config,
     resolve_flag,
     resume,
-    run_cli,
     seed_everything,
     setup_distributed,
+    stage_main,
     teardown_distributed,
 )
 from training.data import PackedBatches, PackedRows, documents, text_encoder
@@ -38,7 +39,9 @@ from training.optim import build_optimizers, lr_multiplier
 
 
 @dataclass
-class BaseConfig:
+class BaseConfig(LearningRates, RunSettings):
+    """Every flag of `python -m training.base` (its own, then the optimizer's and the run's, training.common)."""
+
     run_dir: str = "runs/base"
     tokenizer_dir: str = "runs/tokenizer"
     data: str = "synthetic"
@@ -55,24 +58,10 @@ class BaseConfig:
     total_batch_tokens: int = 524288
     max_steps: int = -1  # -1: target_param_data_ratio × params tokens
     target_param_data_ratio: float = 20.0
-    matrix_lr: float = 0.02
-    embedding_lr: float = 0.2
-    unembedding_lr: float = 0.004
-    weight_decay: float = 0.0
     warmup_ratio: float = 0.0
     warmdown_ratio: float = 0.2
     final_lr_frac: float = 0.0
     eval_every: int = 250
-    save_every: int = 1000
-    device: str = "auto"
-    bf16: str = "auto"
-    compile: str = "auto"
-    seed: int = 42
-    resume: bool = False
-    overwrite: bool = False  # replace an earlier run's checkpoints + metrics in run_dir
-    skip_nonfinite: bool = False
-    wandb: str = "disabled"
-    run_name: str | None = None
 
 
 def build_model(config, vocab_size: int, device):
@@ -192,8 +181,7 @@ def run(config: BaseConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_cli(run, parse_config(BaseConfig, argv, __doc__.split("\n")[0], prog="python -m training.base"),
-            "python -m training.base")
+    stage_main(run, BaseConfig, __doc__, "training.base", argv)
 
 
 if __name__ == "__main__":

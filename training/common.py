@@ -22,7 +22,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +40,33 @@ from aquainterp.checkpoint import (
     set_rng_state,
 )
 from aquainterp.model import unwrap
+
+
+@dataclass
+class LearningRates:
+    """The optimizer settings base, mid and SFT share (nanochat's defaults; training.optim)."""
+
+    matrix_lr: float = 0.02
+    embedding_lr: float = 0.2
+    unembedding_lr: float = 0.004
+    weight_decay: float = 0.0
+
+
+@dataclass
+class RunSettings:
+    """Run management base, mid and SFT share: checkpoint cadence, device and precision, seed, what to do
+    with an earlier run in run_dir, W&B."""
+
+    save_every: int = 1000
+    device: str = "auto"
+    bf16: str = "auto"
+    compile: str = "auto"
+    seed: int = 42
+    resume: bool = False
+    overwrite: bool = False  # replace an earlier run's checkpoints + metrics in run_dir
+    skip_nonfinite: bool = False
+    wandb: str = "disabled"
+    run_name: str | None = None
 
 
 class NonFiniteLossError(RuntimeError):
@@ -413,11 +440,24 @@ FLAG_HELP = {
 }
 
 
+def flag_order(cls) -> list[str]:
+    """A stage config's field names, the stage's own first, then those of each class it inherits
+    (MixtureSettings, LearningRates, RunSettings) in that order: the order of its --help."""
+    origin = {}
+    for klass in reversed(cls.__mro__):  # a field belongs to the first class that declares it
+        for name in getattr(klass, "__annotations__", {}):
+            origin.setdefault(name, klass)
+    rank = {klass: i for i, klass in enumerate(cls.__mro__)}
+    names = [f.name for f in fields(cls)]
+    return sorted(names, key=lambda n: rank[origin[n]])
+
+
 def add_arguments(parser: argparse.ArgumentParser, defaults) -> None:
     """One flag per config field, kebab-case (snake_case accepted by normalize_flag_spelling), with its
     type and range (flag_types) and its meaning (FLAG_HELP)."""
     types = flag_types()
-    for name, value in vars(defaults).items():
+    for name in flag_order(type(defaults)):
+        value = getattr(defaults, name)
         flag = "--" + name.replace("_", "-")
         meaning = FLAG_HELP.get(name, "")
         if isinstance(value, bool):
@@ -428,6 +468,12 @@ def add_arguments(parser: argparse.ArgumentParser, defaults) -> None:
                 "all" if name.endswith("_limit") and value == -1 else value
             parser.add_argument(flag, type=kind, default=value, choices=FLAG_CHOICES.get(name),
                                 help=f"{meaning} (default: {shown})".strip())
+
+
+def stage_main(run, cls, doc: str, module: str, argv: list[str] | None = None):
+    """`python -m <module>`: flags -> cls (parse_config), then run it at the command-line boundary (run_cli)."""
+    prog = f"python -m {module}"
+    return run_cli(run, parse_config(cls, argv, doc.split("\n")[0], prog=prog), prog)
 
 
 def parse_config(cls, argv: list[str] | None, description: str, prog: str | None = None):

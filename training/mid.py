@@ -14,66 +14,36 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from training.common import (
+    LearningRates,
+    RunSettings,
     claim_run_dir,
     clean_stale_temp,
     init_from,
     open_logger,
-    parse_config,
     resolve_flag,
     resume,
-    run_cli,
     seed_everything,
     setup_distributed,
+    stage_main,
     teardown_distributed,
 )
 from training.data import PackedBatches, PackedRows, conversation_encoder
 from training.loop import LoopSpec, train
-from training.mixture import MixtureSpec, build_mixture, parse_styles
+from training.mixture import MixtureSettings, build_mixture, mixture_spec
 from training.optim import build_optimizers, lr_multiplier
 
 
 @dataclass
-class MidConfig:
+class MidConfig(MixtureSettings, LearningRates, RunSettings):
+    """Every flag of `python -m training.mid` (its own, then the mixture's, the optimizer's and the run's)."""
+
     init_from: str = "runs/base/checkpoints"
     run_dir: str = "runs/mid"
-    synthetic: int = 20000
-    synthetic_seed: int = 0
-    synthetic_difficulty: int = 0  # 1-3; 0 = the task's mix of levels
-    aqua: str | None = None
-    aqua_split: str = "train"
-    aqua_limit: int = -1
-    gsm8k: str | None = None
-    gsm8k_split: str = "train"
-    gsm8k_limit: int = -1
-    styles: str = "reasoning,direct"
     device_batch_size: int = 32
     total_batch_tokens: int = 524288
     max_steps: int = -1  # -1: one pass over the mixture
-    matrix_lr: float = 0.02
-    embedding_lr: float = 0.2
-    unembedding_lr: float = 0.004
-    weight_decay: float = 0.0
     init_lr_frac: float = 1.0
     warmdown_ratio: float = 0.2
-    save_every: int = 1000
-    device: str = "auto"
-    bf16: str = "auto"
-    compile: str = "auto"
-    seed: int = 42
-    resume: bool = False
-    overwrite: bool = False  # replace an earlier run's checkpoints + metrics in run_dir
-    skip_nonfinite: bool = False
-    wandb: str = "disabled"
-    run_name: str | None = None
-
-
-def mixture_spec(config) -> MixtureSpec:
-    return MixtureSpec(synthetic=config.synthetic, synthetic_seed=config.synthetic_seed,
-                       synthetic_difficulty=config.synthetic_difficulty or None, aqua=config.aqua,
-                       aqua_split=config.aqua_split, aqua_limit=None if config.aqua_limit < 0 else config.aqua_limit,
-                       gsm8k=config.gsm8k, gsm8k_split=config.gsm8k_split,
-                       gsm8k_limit=None if config.gsm8k_limit < 0 else config.gsm8k_limit,
-                       styles=parse_styles(config.styles), seed=config.seed)
 
 
 def finetune_setup(config, dist):
@@ -136,8 +106,7 @@ def run(config: MidConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_cli(run, parse_config(MidConfig, argv, __doc__.split("\n")[0], prog="python -m training.mid"),
-            "python -m training.mid")
+    stage_main(run, MidConfig, __doc__, "training.mid", argv)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,33 @@ class MixtureSpec:
     seed: int = 0
 
 
+@dataclass
+class MixtureSettings:
+    """The conversation-mixture settings of mid-training and SFT as flags (-1 limit = all rows, difficulty
+    0 = the task's mix, styles a comma list); mixture_spec turns them into a MixtureSpec."""
+
+    synthetic: int = 20000
+    synthetic_seed: int = 0
+    synthetic_difficulty: int = 0  # 1-3 for train (and SFT's eval) problems; 0 = the task's mix of levels
+    aqua: str | None = None
+    aqua_split: str = "train"
+    aqua_limit: int = -1
+    gsm8k: str | None = None
+    gsm8k_split: str = "train"
+    gsm8k_limit: int = -1
+    styles: str = "reasoning,direct"
+
+
+def mixture_spec(config) -> MixtureSpec:
+    """A stage config's MixtureSettings (and its seed) as the MixtureSpec build_mixture takes."""
+    return MixtureSpec(synthetic=config.synthetic, synthetic_seed=config.synthetic_seed,
+                       synthetic_difficulty=config.synthetic_difficulty or None, aqua=config.aqua,
+                       aqua_split=config.aqua_split, aqua_limit=None if config.aqua_limit < 0 else config.aqua_limit,
+                       gsm8k=config.gsm8k, gsm8k_split=config.gsm8k_split,
+                       gsm8k_limit=None if config.gsm8k_limit < 0 else config.gsm8k_limit,
+                       styles=parse_styles(config.styles), seed=config.seed)
+
+
 def gsm8k_conversation(problem) -> dict:
     return {"messages": [{"role": "user", "content": problem.question},
                          {"role": "assistant", "content": f"{problem.solution}\nAnswer: {problem.answer}"}]}

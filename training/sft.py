@@ -14,57 +14,38 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from training.common import (
+    LearningRates,
+    RunSettings,
     claim_run_dir,
     open_logger,
-    parse_config,
     resolve_flag,
-    run_cli,
     seed_everything,
     setup_distributed,
+    stage_main,
     teardown_distributed,
 )
 from training.data import ConversationBatches
 from training.loop import LoopSpec, train
-from training.mid import finetune_setup, mixture_spec
-from training.mixture import build_mixture
+from training.mid import finetune_setup
+from training.mixture import MixtureSettings, build_mixture, mixture_spec
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(MixtureSettings, LearningRates, RunSettings):
+    """Every flag of `python -m training.sft` (its own, then the mixture's, the optimizer's and the run's)."""
+
     init_from: str = "runs/mid/checkpoints"
     run_dir: str = "runs/sft"
-    synthetic: int = 20000
-    synthetic_seed: int = 1
-    synthetic_difficulty: int = 0  # 1-3 for train and eval problems; 0 = the task's mix of levels
-    aqua: str | None = None
-    aqua_split: str = "train"
-    aqua_limit: int = -1
-    gsm8k: str | None = None
-    gsm8k_split: str = "train"
-    gsm8k_limit: int = -1
+    synthetic_seed: int = 1  # MixtureSettings' fields, SFT's defaults
     styles: str = "direct,reasoning"
     device_batch_size: int = 4
     examples_per_step: int = 32
     num_epochs: int = 1
     max_steps: int = -1  # -1: num_epochs passes over the mixture
-    matrix_lr: float = 0.02
-    embedding_lr: float = 0.2
-    unembedding_lr: float = 0.004
-    weight_decay: float = 0.0
     init_lr_frac: float = 0.02
     eval_every: int = 100
     eval_synthetic: int = 500  # held-out synthetic problems for categorical accuracy
     eval_aqua: str | None = None  # e.g. deepmind/aqua_rat or a local dev.json
-    save_every: int = 1000
-    device: str = "auto"
-    bf16: str = "auto"
-    compile: str = "auto"
-    seed: int = 42
-    resume: bool = False
-    overwrite: bool = False  # replace an earlier run's checkpoints + metrics in run_dir
-    skip_nonfinite: bool = False
-    wandb: str = "disabled"
-    run_name: str | None = None
 
 
 def make_evaluator(config, model, tokenizer):
@@ -130,8 +111,7 @@ def run(config: SFTConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_cli(run, parse_config(SFTConfig, argv, __doc__.split("\n")[0], prog="python -m training.sft"),
-            "python -m training.sft")
+    stage_main(run, SFTConfig, __doc__, "training.sft", argv)
 
 
 if __name__ == "__main__":
