@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from aquainterp.kv_cache import SharedPrompt
-from aquainterp.model import GPT, SOFTCAP
+from aquainterp.model import GPT, SOFTCAP, norm
 from aquainterp.patching import DIRECTIONS, SWEEPS, Patcher, SweepResult
 
 
@@ -69,6 +69,12 @@ def _runs(patcher: Patcher, templates: list[str], base: str, other: str, pair_in
     names = [t.format(layer) for t in templates for layer in range(n_layers)]
     gpt = isinstance(model, GPT)
     start = _first_change(patcher, pair_index) if patcher.reuse_prefix else 0
+    # The last block at the decision position only (GPT.forward_from with `at`): its head outputs, attention
+    # and MLP outputs elsewhere never reach the metric (their gradient is exactly 0), so neither run computes
+    # them; its hooks there are read from its c_proj and MLP (_DecisionOnly).
+    last = n_layers - 1
+    at_decision = patcher.reuse_prefix and set(templates) <= {*_LAST_AT_DECISION, "blocks.{}.hook_resid_pre"}
+    tl_names = [n for n in names if not (at_decision and n in {t.format(last) for t in _LAST_AT_DECISION})]
     cache = None
     if start > 0:
         cache = SharedPrompt(n_layers)
@@ -88,9 +94,14 @@ def _runs(patcher: Patcher, templates: list[str], base: str, other: str, pair_in
             hooks.append((patcher._embed_hook, lambda act, hook: act + noise[:, : act.shape[1]]))
         if grad:  # a fresh leaf at the embedding: gradients reach every hooked activation, not the weights
             hooks.append((patcher._embed_hook, lambda act, hook: act.detach().requires_grad_(True)))
-        hooks += [(name, save) for name in names]
+        hooks += [(name, save) for name in tl_names]
         tokens = patcher.tokens[which][pair_index, start:]
         with torch.set_grad_enabled(grad):
+            if at_decision:
+                with model.hooks(fwd_hooks=hooks), _DecisionOnly(model.blocks[last], templates, store):
+                    x = model.hook_embed(norm(model.hook_embed_raw(model.wte(tokens)), model.config.norm_eps))
+                    final = model.forward_from(x, 0, cache, at=decision)
+                return store, (model.logits_from_resid(final, patcher.head_ids) if grad else None)
             if not gpt:  # any HookedRootModule: unembed the decision position only
                 keep = lambda act, hook: act[rows, decision].unsqueeze(1)
                 logits = model.run_with_hooks(tokens, fwd_hooks=hooks + [("ln_final.hook_normalized", keep)])
@@ -109,7 +120,54 @@ def _runs(patcher: Patcher, templates: list[str], base: str, other: str, pair_in
     diff = patcher._letter_diff(letters, pair_index)
     grads = torch.autograd.grad(diff.sum(), [base_acts[n] for n in names], allow_unused=True)
     grads = {n: (torch.zeros_like(base_acts[n]) if g is None else g) for n, g in zip(names, grads)}
-    return start, other_acts, {n: a.detach() for n, a in base_acts.items()}, grads
+    base_acts = {n: a.detach() for n, a in base_acts.items()}
+    if at_decision:  # the last block's decision-only activations back on the position axis (0 elsewhere)
+        n_pos = patcher.n_pos - start
+        for name in set(names) - set(tl_names):
+            for acts in (other_acts, base_acts, grads):
+                one = acts[name]  # [rows, 1, ...]
+                if one.shape[1] != 1:
+                    raise RuntimeError(f"attribution: {name} ran on {one.shape[1]} positions, expected the decision "
+                                       "position alone (a hook inside the last block made forward_from run it whole)")
+                acts[name] = one.new_zeros(one.shape[0], n_pos, *one.shape[2:])
+                acts[name][rows, decision] = one[:, 0]
+    return start, other_acts, base_acts, grads
+
+
+# hooks of the last block that GPT.forward_from(at=...) computes at the decision position only
+_LAST_AT_DECISION = ("blocks.{}.attn.hook_z", "blocks.{}.hook_attn_out", "blocks.{}.hook_mlp_out")
+
+
+class _DecisionOnly:
+    """While active, the last block's decision-position forward (Block.forward_at, which fires no hook
+    inside the block) stores hook_z (c_proj's input, [rows, 1, heads, d_head]), hook_attn_out (c_proj's
+    output) and hook_mlp_out (the MLP's output) of `templates` under their hook names, as tensors the
+    forward goes on with (so gradients reach them). Torch module hooks on c_proj and the MLP, removed on exit."""
+
+    def __init__(self, block, templates, store: dict):
+        self.block, self.store, self.handles = block, store, []
+        self.want = {t: t.format(block.attn.layer_idx) for t in templates if t in _LAST_AT_DECISION}
+
+    def __enter__(self):
+        attn, want, store = self.block.attn, self.want, self.store
+        if "blocks.{}.attn.hook_z" in want:
+            def z_in(module, args):
+                (y,) = args
+                z = y.view(*y.shape[:-1], attn.n_head, attn.head_dim)
+                store[want["blocks.{}.attn.hook_z"]] = z
+                return (z.flatten(-2),)
+            self.handles.append(attn.c_proj.register_forward_pre_hook(z_in))
+        if "blocks.{}.hook_attn_out" in want:
+            self.handles.append(attn.c_proj.register_forward_hook(
+                lambda module, args, out: store.__setitem__(want["blocks.{}.hook_attn_out"], out)))
+        if "blocks.{}.hook_mlp_out" in want:
+            self.handles.append(self.block.mlp.register_forward_hook(
+                lambda module, args, out: store.__setitem__(want["blocks.{}.hook_mlp_out"], out)))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
 
 
 def attribution_sweeps(patcher: Patcher, names=("resid_pre", "attn_out", "mlp_out", "z_pos"),
