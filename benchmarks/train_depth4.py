@@ -28,10 +28,11 @@ from aquainterp.rundir import RunDirError, remove_owned, write_marker  # noqa: E
 
 OWNER = "benchmarks/train_depth4.py"
 # depth 4 × aspect ratio 32 = width 128, 4 heads of 32 (the demo: depth 2 × 64, 4 heads of 32): twice the
-# demo's compute per token, so tokenizer + base + SFT fit in a few minutes of one CPU thread
+# demo's compute per token. The demo's 250 SFT steps left seed 0 at 0.36 held-out greedy accuracy; 500 steps
+# reach 0.86 (measured, 1 thread: base 84 s, SFT 271 s of CPU), so 500 it is
 SETTINGS = dict(difficulty=1, vocab_size=512, tok_chars=1_000_000, depth=4, architecture="nanochat-2025-10",
                 aspect_ratio=32, head_dim=32, seq_len=128, base_steps=300, base_batch_tokens=2048,
-                base_device_batch=16, sft_examples=8000, sft_steps=250, sft_batch=32, sft_device_batch=32,
+                base_device_batch=16, sft_examples=8000, sft_steps=500, sft_batch=32, sft_device_batch=32,
                 sft_lr_frac=0.5, sft_styles="direct,checked", eval_n=200, gen_eval_n=200, rl_new_tokens=48)
 
 
