@@ -23,7 +23,10 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from aquainterp.patching import LETTERS, PatchPair, _swap_gold
+from aquainterp.patching import PatchPair
+from aquainterp.tasks import LETTERS, answer_step, letter_token_ids
+from aquainterp.tasks.chat import generation_prompt, question_span
+from aquainterp.tasks.problem import moved_gold
 
 COMPLETION_CORRUPTIONS = ("permute", "noise")
 GENERATION_STYLE = "reasoning"  # "reasoning" and "checked" share this generation prompt
@@ -43,36 +46,14 @@ class CompletionPairs:
         return self.unalignable + self.no_marker
 
 
-def _prompt(tokenizer, problem) -> list[int]:
-    from aquainterp.tasks import conversation
-
-    return list(tokenizer.render_for_completion(conversation(problem, GENERATION_STYLE)))
-
-
-def _problem_span(tokenizer, problem, ids: list[int]) -> tuple[int, int]:
-    """[start, end) of the problem statement in a generation prompt: after the last <|user_start|>, up to
-    the end of option E (question and options, what the noise corruption blurs)."""
-    from aquainterp.tasks import option_spans
-
-    prompt, spans = option_spans(tokenizer, problem, GENERATION_STYLE)
-    user_start = tokenizer.encode_special("<|user_start|>")
-    starts = [i for i, t in enumerate(ids) if t == user_start]
-    if list(prompt) != list(ids) or not starts or spans[-1][1] <= starts[-1] + 1:
-        raise ValueError(f"pair {problem.source}: cannot find the question tokens in the generation prompt")
-    return starts[-1] + 1, spans[-1][1]
-
-
 def corrupted_prompts(tokenizer, problem, corruption: str, rng: random.Random):
     """(corrupted problem, its generation prompt) with the clean prompt's token count and letter tokens,
     or None: permute tries the other letters in a seeded order; noise is the clean prompt itself."""
-    ids = _prompt(tokenizer, problem)
+    ids = generation_prompt(tokenizer, problem, GENERATION_STYLE)
     if corruption == "noise":
         return problem, ids
-    others = [x for x in LETTERS if x != problem.correct and problem.options[LETTERS.index(x)] != problem.answer_text]
-    rng.shuffle(others)
-    for letter in others:
-        corrupted = _swap_gold(problem, letter)
-        c_ids = _prompt(tokenizer, corrupted)
+    for corrupted in moved_gold(problem, rng):
+        c_ids = generation_prompt(tokenizer, corrupted, GENERATION_STYLE)
         if len(c_ids) == len(ids):
             return corrupted, c_ids
     return None
@@ -106,8 +87,6 @@ def completion_pairs(tokenizer, problems, corruption: str, completions, *, seed:
     listed in `unalignable`); noise: the same prompt, the embeddings of the question and options are blurred at
     run time.
     Problems whose completion has no answer marker are listed in `no_marker`."""
-    from aquainterp.tasks import answer_step, letter_token_ids
-
     if corruption not in COMPLETION_CORRUPTIONS:
         why = (" ('numbers' changes the question, so the model's own completion would no longer fit it)"
                if corruption == "numbers" else "")
@@ -125,7 +104,7 @@ def completion_pairs(tokenizer, problems, corruption: str, completions, *, seed:
                                  "to drop it")
             result.unalignable.append(problem.source)
             continue
-        found.append((problem, _prompt(tokenizer, problem), *got))
+        found.append((problem, generation_prompt(tokenizer, problem, GENERATION_STYLE), *got))
     prompts = [clean for _, clean, _, _ in found]
     written = completions(prompts) if callable(completions) else completions
     if len(written) != len(found):
@@ -142,7 +121,7 @@ def completion_pairs(tokenizer, problems, corruption: str, completions, *, seed:
         gold = letter_ids[LETTERS.index(problem.correct)]
         if corruption == "noise":
             pair = PatchPair(problem.source, tuple(clean + said), tuple(clean + said), gold, None,
-                             tuple(letter_ids), noise_span=_problem_span(tokenizer, problem, clean),
+                             tuple(letter_ids), noise_span=question_span(tokenizer, problem, clean, GENERATION_STYLE, with_options=True),
                              completion_start=len(clean), stated_letter_id=stated)
         else:
             pair = PatchPair(problem.source, tuple(clean + said), tuple(c_ids + said), gold,

@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 
 from aquainterp.cliargs import SEED, count_int, data_source, device_name, existing_path, number, positive_int
-from aquainterp.patching import ALIGNMENTS, CORRUPTIONS, DIRECTIONS, STYLES, SWEEPS, Patcher, SweepResult
+from aquainterp.patching import ALIGNMENTS, CORRUPTIONS, DIRECTIONS, SWEEPS, Patcher, SweepResult
 from aquainterp.settings import add_arguments as add_setting_flags
 from aquainterp.settings import check_settings, setting
+from aquainterp.tasks.chat import STYLES
 
 TASKS = ("synthetic", "aqua")
 DECISIONS = ("completion", "prompt")

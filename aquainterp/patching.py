@@ -25,10 +25,8 @@ where the prompts differ, and at layer 0 every position whose token agrees) is a
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import random
-import re
 import warnings
 from dataclasses import dataclass
 
@@ -37,12 +35,14 @@ from tqdm.auto import tqdm
 
 from aquainterp.kv_cache import KVCache
 from aquainterp.model import GPT
+from aquainterp.tasks import LETTERS, STYLES, decision_prompt, reasoning_decision_prompt
+from aquainterp.tasks.chat import question_span
+from aquainterp.tasks.problem import moved_gold
+from aquainterp.tasks.synthetic import counterfactuals, rationale_chain
 
-LETTERS = ("A", "B", "C", "D", "E")
 CORRUPTIONS = ("permute", "numbers", "noise")
 DIRECTIONS = ("denoise", "noise")
 ALIGNMENTS = ("start", "end")
-STYLES = ("direct", "reasoning", "checked")
 
 # sweep name -> (hook name of layer l, axes of one cell). Axes follow transformer_lens.patching:
 # get_act_patch_resid_pre is [layer, pos], get_act_patch_attn_head_out_all_pos is [layer, head],
@@ -106,111 +106,6 @@ class PatchPair:
                                  f"{len(self.clean_ids)}-token prompt")
 
 
-def _swap_gold(problem, target: str):
-    """The problem with the gold option moved to `target` (the two options swap places)."""
-    gold, new = LETTERS.index(problem.correct), LETTERS.index(target)
-    options = list(problem.options)
-    options[gold], options[new] = options[new], options[gold]
-    return dataclasses.replace(problem, options=tuple(options), correct=target)
-
-
-def _question_span(tokenizer, problem, ids: list[int], with_options: bool = False) -> tuple[int, int]:
-    """Token range of the user's question: after the last <|user_start|>, before option A (with_options:
-    up to the end of option E)."""
-    from aquainterp.tasks import option_spans
-
-    user_start = tokenizer.encode_special("<|user_start|>")
-    starts = [i for i, t in enumerate(ids) if t == user_start]
-    span_ids, spans = option_spans(tokenizer, problem)
-    if not starts or list(span_ids[: spans[-1][1]]) != list(ids[: spans[-1][1]]):
-        raise ValueError(f"pair {problem.source}: cannot find the question tokens (no <|user_start|> "
-                         "or option spans that disagree with the decision prompt)")
-    start, end = starts[-1] + 1, spans[-1][1] if with_options else spans[0][0]
-    if end <= start:
-        raise ValueError(f"pair {problem.source}: option A starts at token {end}, before the question "
-                         f"at {start}")
-    return start, end
-
-
-_STEP = re.compile(r"^\s*(\d+)\s*([-+*/])\s*(\d+)\s*=\s*(\d+)\s*$")
-_OPS = {"+": lambda x, y: x + y, "-": lambda x, y: x - y, "*": lambda x, y: x * y,
-        "/": lambda x, y: x // y if y and x % y == 0 else None}
-
-
-def _chain(problem):
-    """The rationale as a computation over the question's numbers, or None if it is not one.
-
-    Each rationale line "x op y = v" becomes (op, ref, ref); a ref is ("q", value) for a number of the
-    question, ("s", k) for the result of step k. A literal that could be both is ambiguous: None."""
-    numbers = {int(m) for m in re.findall(r"\d+", problem.question)}
-    steps, results = [], []
-    for line in problem.rationale.splitlines():
-        m = _STEP.match(line)
-        if m is None:
-            return None
-        refs = []
-        for literal in (int(m.group(1)), int(m.group(3))):
-            is_step, is_question = literal in results, literal in numbers
-            if is_step == is_question:
-                return None
-            refs.append(("s", results.index(literal)) if is_step else ("q", literal))
-        steps.append((m.group(2), *refs))
-        results.append(int(m.group(4)))
-    return steps or None
-
-
-def _evaluate(steps, values: dict[int, int]) -> int | None:
-    """Run a chain with question numbers remapped by `values`; None if a step leaves the naturals."""
-    results = []
-    for op, *refs in steps:
-        x, y = (values.get(v, v) if kind == "q" else results[v] for kind, v in refs)
-        out = _OPS[op](x, y)
-        if out is None or out < 0:
-            return None
-        results.append(out)
-    return results[-1]
-
-
-def _counterfactuals(problem, rng: random.Random, tries: int = 200):
-    """Synthetic problems with one question number changed (same digit count, options untouched) so
-    that another option is the answer: the "counterfactual numbers" corruption, in a seeded order."""
-    steps = _chain(problem)
-    if steps is None:
-        return
-    numbers = sorted({int(m) for m in re.findall(r"\d+", problem.question)})
-    candidates = [(old, new) for old in numbers
-                  for new in range(10 ** (len(str(old)) - 1) if old >= 10 else 0, 10 ** len(str(old)))
-                  if new != old and new not in numbers]
-    rng.shuffle(candidates)
-    option_letter = {text.strip(): letter for letter, text in zip(LETTERS, problem.options)}
-    for old, new in candidates[:tries]:
-        answer = _evaluate(steps, {old: new})
-        letter = option_letter.get(str(answer))
-        if letter is not None and letter != problem.correct:
-            question = re.sub(rf"\b{old}\b", str(new), problem.question)
-            yield dataclasses.replace(problem, question=question, correct=letter)
-
-
-def reasoning_decision_prompt(tokenizer, problem, style: str = "reasoning") -> tuple[list[int], list[int]]:
-    """Like tasks.decision_prompt, after the worked rationale: the "reasoning" conversation up to
-    "...rationale\nAnswer:", so the letter is read where a reasoning model commits to it. Style "checked"
-    also keeps the option checks ("A) 5 no", ..., "C) 21 yes") that a model trained on the checked style
-    writes before its answer (plain reasoning where the problem has none, as tasks.chat does)."""
-    from aquainterp.tasks import conversation
-    from aquainterp.tasks.chat import ANSWER_PREFIX, letter_token_ids, option_check
-
-    answer_ids, letters = letter_token_ids(tokenizer)
-    check = option_check(problem) if style == "checked" else None
-    text = problem.rationale if check is None else f"{problem.rationale}\n{check}"
-    head = tokenizer.render_for_completion(conversation(problem, style))
-    said = tokenizer.encode(f"{text}\n{ANSWER_PREFIX}")
-    whole = tokenizer.encode(f"{text}\n{ANSWER_PREFIX} {problem.correct}")
-    if whole[: len(said)] != said:
-        raise ValueError(f"pair {problem.source}: the {style} answer and '{ANSWER_PREFIX}' tokenise differently "
-                         "inside the full answer; cannot cut the prompt at the decision position")
-    return head + said + answer_ids[len(tokenizer.encode(ANSWER_PREFIX)):], letters
-
-
 def make_pairs(tokenizer, problems, corruption: str, *, seed: int = 0, skip_unalignable: bool = False,
                style: str = "direct") -> tuple[list[PatchPair], list[str]]:
     """Clean/corrupted pairs from multiple-choice problems; returns (pairs, names of skipped problems).
@@ -225,8 +120,6 @@ def make_pairs(tokenizer, problems, corruption: str, *, seed: int = 0, skip_unal
     their checks stop at the gold option, so moving the gold changes the length, and the model's answer
     after its own checks hardly moves when only the question is blurred.
     """
-    from aquainterp.tasks import decision_prompt as direct_prompt
-
     if corruption not in CORRUPTIONS:
         raise ValueError(f"make_pairs: corruption must be one of {CORRUPTIONS}, got {corruption!r}")
     if style not in STYLES:
@@ -239,31 +132,28 @@ def make_pairs(tokenizer, problems, corruption: str, *, seed: int = 0, skip_unal
                          "checks the options up to the gold one, so clean and corrupted prompts never have the "
                          "same length; use corruption 'noise' with style 'checked'")
     if style == "direct":
-        decision_prompt = direct_prompt
+        prompt = decision_prompt
     else:
-        decision_prompt = lambda tokenizer, problem: reasoning_decision_prompt(tokenizer, problem, style)
+        prompt = lambda tokenizer, problem: reasoning_decision_prompt(tokenizer, problem, style)
     rng = random.Random(seed)
     pairs, skipped = [], []
     for problem in problems:
-        ids, letter_ids = decision_prompt(tokenizer, problem)
+        ids, letter_ids = prompt(tokenizer, problem)
         gold_id = letter_ids[LETTERS.index(problem.correct)]
         if corruption == "noise":
             pairs.append(PatchPair(problem.source, tuple(ids), tuple(ids), gold_id, None, tuple(letter_ids),
-                                   _question_span(tokenizer, problem, ids, with_options=style == "checked")))
+                                   question_span(tokenizer, problem, ids, with_options=style == "checked")))
             continue
         if corruption == "permute":
-            others = [x for x in LETTERS if x != problem.correct
-                      and problem.options[LETTERS.index(x)] != problem.answer_text]
-            rng.shuffle(others)
-            candidates = [_swap_gold(problem, x) for x in others]
+            candidates = moved_gold(problem, rng)
         else:
-            if _chain(problem) is None:
+            if rationale_chain(problem) is None:
                 raise ValueError(f"pair {problem.source}: corruption 'numbers' needs a rationale of "
                                  "'x op y = v' lines over the question's numbers (the synthetic task)")
-            candidates = _counterfactuals(problem, rng)
+            candidates = counterfactuals(problem, rng)
         found = None
         for corrupted in candidates:
-            c_ids, c_letter_ids = decision_prompt(tokenizer, corrupted)
+            c_ids, c_letter_ids = prompt(tokenizer, corrupted)
             if len(c_ids) == len(ids) and list(c_letter_ids) == list(letter_ids):
                 found = PatchPair(problem.source, tuple(ids), tuple(c_ids), gold_id,
                                   letter_ids[LETTERS.index(corrupted.correct)], tuple(letter_ids))

@@ -5,8 +5,8 @@ import torch
 from tasks_tokenizer import trained_tokenizer
 
 from aquainterp.completion_pairs import completion_pairs, greedy_completions
-from aquainterp.patching import LETTERS, Patcher
-from aquainterp.tasks import conversation, letter_token_ids
+from aquainterp.patching import Patcher
+from aquainterp.tasks import LETTERS, conversation, letter_token_ids
 from aquainterp.tasks.synthetic import SyntheticTask
 
 

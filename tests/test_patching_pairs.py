@@ -8,10 +8,10 @@ import torch
 from tasks_tokenizer import trained_tokenizer
 from test_patching import random_gpt
 
-from aquainterp.patching import LETTERS, Patcher, _counterfactuals, make_pairs
-from aquainterp.tasks import MCProblem, decision_prompt
+from aquainterp.patching import Patcher, make_pairs
+from aquainterp.tasks import LETTERS, MCProblem, decision_prompt, reasoning_decision_prompt
 from aquainterp.tasks.aqua import load_aqua
-from aquainterp.tasks.synthetic import SyntheticTask
+from aquainterp.tasks.synthetic import SyntheticTask, counterfactuals
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_numbers_counterfactual_lands_on_another_option(seed):
                         "2 + 8 = 10\n10 * 9 = 90\n90 - 84 = 6", "B", "t:bags"), _bags_answer)]
     for problem, answer in cases:
         assert answer(problem.question) == int(problem.answer_text)
-        found = list(_counterfactuals(problem, random.Random(seed)))
+        found = list(counterfactuals(problem, random.Random(seed)))
         assert found
         for c in found[:10]:
             assert c.options == problem.options and c.correct != problem.correct
@@ -130,7 +130,6 @@ def test_sweep_on_real_pairs_with_token_labels(tok, problems):
 
 
 def test_reasoning_style_cuts_the_sft_answer_right_before_the_letter(tok, problems):
-    from aquainterp.patching import reasoning_decision_prompt
     from aquainterp.tasks import conversation
 
     for problem in problems[:6]:
@@ -148,7 +147,6 @@ def test_reasoning_style_cuts_the_sft_answer_right_before_the_letter(tok, proble
 
 
 def test_checked_style_cuts_after_the_option_checks_and_blurs_question_and_options(tok, problems):
-    from aquainterp.patching import reasoning_decision_prompt
     from aquainterp.tasks import conversation
     from aquainterp.tasks.chat import option_check, option_lines
 

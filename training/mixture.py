@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-STYLES = ("direct", "reasoning", "checked")  # see aquainterp.tasks.chat
+from aquainterp.tasks.chat import STYLES
 
 
 @dataclass

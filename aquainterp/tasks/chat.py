@@ -27,6 +27,7 @@ INSTRUCTIONS = {
     "reasoning": "Work it out step by step, then give the letter.",
 }
 INSTRUCTIONS["checked"] = INSTRUCTIONS["reasoning"]
+STYLES = tuple(INSTRUCTIONS)  # ("direct", "reasoning", "checked")
 ANSWER_PREFIX = "Answer:"
 
 
@@ -105,6 +106,29 @@ def decision_prompt(tokenizer, problem: MCProblem) -> tuple[list[int], list[int]
     return ids + answer_ids, letters
 
 
+def reasoning_decision_prompt(tokenizer, problem: MCProblem, style: str = "reasoning") -> tuple[list[int], list[int]]:
+    """Like decision_prompt, after the worked rationale: the "reasoning" conversation up to
+    "...rationale\nAnswer:", so the letter is read where a reasoning model commits to it. Style "checked"
+    also keeps the option checks ("A) 5 no", ..., "C) 21 yes") that a model trained on the checked style
+    writes before its answer (plain reasoning where the problem has none, as conversation does).
+    Activation patching cuts its reasoning pairs here; the prompt is this module's chat format."""
+    answer_ids, letters = letter_token_ids(tokenizer)
+    check = option_check(problem) if style == "checked" else None
+    text = problem.rationale if check is None else f"{problem.rationale}\n{check}"
+    head = tokenizer.render_for_completion(conversation(problem, style))
+    said = tokenizer.encode(f"{text}\n{ANSWER_PREFIX}")
+    whole = tokenizer.encode(f"{text}\n{ANSWER_PREFIX} {problem.correct}")
+    if whole[: len(said)] != said:
+        raise ValueError(f"pair {problem.source}: the {style} answer and '{ANSWER_PREFIX}' tokenise differently "
+                         "inside the full answer; cannot cut the prompt at the decision position")
+    return head + said + answer_ids[len(tokenizer.encode(ANSWER_PREFIX)):], letters
+
+
+def generation_prompt(tokenizer, problem: MCProblem, style: str = "reasoning") -> list[int]:
+    """The conversation of `style` rendered up to the assistant's turn: the prompt a completion continues."""
+    return list(tokenizer.render_for_completion(conversation(problem, style)))
+
+
 def answer_step(completion: list[int], marker: list[int]) -> int | None:
     """How many tokens of `completion` to keep so that its next token is the stated letter: the end of
     the LAST answer marker in it (the marker ids are `letter_token_ids(tokenizer)[0]`, "Answer:" plus
@@ -137,7 +161,7 @@ def option_spans(tokenizer, problem: MCProblem, style: str = "direct") -> tuple[
     if style == "direct":
         ids, _ = decision_prompt(tokenizer, problem)
     else:
-        ids = list(tokenizer.render_for_completion(conversation(problem, style)))
+        ids = generation_prompt(tokenizer, problem, style)
     user = user_message(problem, style)
     user_ids, offsets = tokenizer.encode_with_offsets(user)
     start_token = tokenizer.encode_special("<|user_start|>")
@@ -155,3 +179,22 @@ def option_spans(tokenizer, problem: MCProblem, style: str = "direct") -> tuple[
         spans.append((base + inside[0], base + inside[-1] + 1))
         line_start = line_end + 1
     return ids, spans
+
+
+def question_span(tokenizer, problem: MCProblem, ids: list[int], style: str = "direct",
+                  with_options: bool = False) -> tuple[int, int]:
+    """[start, end) of the user's question in `ids`, a prompt of `style` (direct: a decision prompt, possibly
+    continued after the rationale; other styles: a generation prompt): after the last <|user_start|>, before
+    option A (with_options: up to the end of option E). What activation patching's noise corruption blurs."""
+    prompt, spans = option_spans(tokenizer, problem, style)
+    user_start = tokenizer.encode_special("<|user_start|>")
+    starts = [i for i, t in enumerate(ids) if t == user_start]
+    if not starts or list(prompt[: spans[-1][1]]) != list(ids[: spans[-1][1]]):
+        kind = "decision" if style == "direct" else "generation"
+        raise ValueError(f"pair {problem.source}: cannot find the question tokens (no <|user_start|> "
+                         f"or option spans that disagree with the {kind} prompt)")
+    start, end = starts[-1] + 1, spans[-1][1] if with_options else spans[0][0]
+    if end <= start:
+        raise ValueError(f"pair {problem.source}: option A starts at token {end}, before the question "
+                         f"at {start}")
+    return start, end

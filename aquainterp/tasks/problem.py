@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import random
 from dataclasses import dataclass
 
 LETTERS = ("A", "B", "C", "D", "E")
@@ -35,3 +37,19 @@ class MCProblem:
     @property
     def answer_text(self) -> str:
         return self.options[self.answer_index]
+
+
+def moved_gold(problem: MCProblem, rng: random.Random) -> list[MCProblem]:
+    """The problem with its gold option swapped into each other slot whose text differs from the gold's,
+    in an order shuffled by `rng` (one shuffle). The "permute" corruption of activation patching: it only
+    rearranges a problem, so it lives with the problem record."""
+    others = [x for x in LETTERS
+              if x != problem.correct and problem.options[LETTERS.index(x)] != problem.answer_text]
+    rng.shuffle(others)
+    gold, moved = problem.answer_index, []
+    for target in others:
+        new = LETTERS.index(target)
+        options = list(problem.options)
+        options[gold], options[new] = options[new], options[gold]
+        moved.append(dataclasses.replace(problem, options=tuple(options), correct=target))
+    return moved

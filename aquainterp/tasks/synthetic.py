@@ -22,6 +22,7 @@ split, so train and eval can never share a question, whatever the seeds.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
 import re
@@ -185,3 +186,65 @@ def corpus(n: int, seed: int = 0, difficulty: int | None = None) -> Iterator[str
     task = SyntheticTask(seed=seed, split="train", difficulty=difficulty)
     for i in range(n):
         yield document(task.problem(i))
+
+
+# Reading a rationale back: the "x op y = v" lines SyntheticTask writes, as a computation over the question's
+# numbers, so that activation patching can change one number and know which option becomes the answer.
+
+_STEP = re.compile(r"^\s*(\d+)\s*([-+*/])\s*(\d+)\s*=\s*(\d+)\s*$")
+_OPS = {"+": lambda x, y: x + y, "-": lambda x, y: x - y, "*": lambda x, y: x * y,
+        "/": lambda x, y: x // y if y and x % y == 0 else None}
+
+
+def rationale_chain(problem: MCProblem):
+    """The rationale as a computation over the question's numbers, or None if it is not one.
+
+    Each rationale line "x op y = v" becomes (op, ref, ref); a ref is ("q", value) for a number of the
+    question, ("s", k) for the result of step k. A literal that could be both is ambiguous: None."""
+    numbers = {int(m) for m in re.findall(r"\d+", problem.question)}
+    steps, results = [], []
+    for line in problem.rationale.splitlines():
+        m = _STEP.match(line)
+        if m is None:
+            return None
+        refs = []
+        for literal in (int(m.group(1)), int(m.group(3))):
+            is_step, is_question = literal in results, literal in numbers
+            if is_step == is_question:
+                return None
+            refs.append(("s", results.index(literal)) if is_step else ("q", literal))
+        steps.append((m.group(2), *refs))
+        results.append(int(m.group(4)))
+    return steps or None
+
+
+def _evaluate(steps, values: dict[int, int]) -> int | None:
+    """Run a chain with question numbers remapped by `values`; None if a step leaves the naturals."""
+    results = []
+    for op, *refs in steps:
+        x, y = (values.get(v, v) if kind == "q" else results[v] for kind, v in refs)
+        out = _OPS[op](x, y)
+        if out is None or out < 0:
+            return None
+        results.append(out)
+    return results[-1]
+
+
+def counterfactuals(problem: MCProblem, rng: random.Random, tries: int = 200) -> Iterator[MCProblem]:
+    """Synthetic problems with one question number changed (same digit count, options untouched) so
+    that another option is the answer: the "counterfactual numbers" corruption, in a seeded order."""
+    steps = rationale_chain(problem)
+    if steps is None:
+        return
+    numbers = sorted({int(m) for m in re.findall(r"\d+", problem.question)})
+    candidates = [(old, new) for old in numbers
+                  for new in range(10 ** (len(str(old)) - 1) if old >= 10 else 0, 10 ** len(str(old)))
+                  if new != old and new not in numbers]
+    rng.shuffle(candidates)
+    option_letter = {text.strip(): letter for letter, text in zip(LETTERS, problem.options)}
+    for old, new in candidates[:tries]:
+        answer = _evaluate(steps, {old: new})
+        letter = option_letter.get(str(answer))
+        if letter is not None and letter != problem.correct:
+            question = re.sub(rf"\b{old}\b", str(new), problem.question)
+            yield dataclasses.replace(problem, question=question, correct=letter)
