@@ -290,10 +290,11 @@ def init_from(directory: Path, device) -> tuple:
 class Progress:
     """A tqdm bar on rank 0 showing loss, tokens/s and ETA (tqdm computes the ETA from the step rate)."""
 
-    def __init__(self, start: int, total: int, dist: Dist, desc: str):
+    def __init__(self, start: int, total: int, dist: Dist, desc: str, enabled: bool = True):
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=total, initial=start, desc=desc, disable=not dist.is_main, dynamic_ncols=True)
+        self.bar = tqdm(total=total, initial=start, desc=desc, disable=not (dist.is_main and enabled),
+                        dynamic_ncols=True)
         self.t0 = time.perf_counter()
 
     def tick(self) -> float:

@@ -30,7 +30,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as torch_dist
-from tqdm.auto import tqdm
 
 from aquainterp import settings
 from aquainterp.cliargs import SEED, Number, count_int, data_source, device_name, existing_path, positive_int
@@ -536,7 +535,7 @@ def _run(config: RLConfig, ddp: Dist, policy: tuple | None = None) -> dict:
     stop_tokens = {end_id, tokenizer.bos_token_id}
     run_config = {**common.config_dict(config), "world_size": ddp.world_size,
                   **source, "train_pool": len(train), "held_out": len(held_out), "stage": "rl"}
-    logger = Logger(out, run_name=config.run_name, mode=config.wandb, config=run_config, rank=ddp.rank)
+    logger = common.open_logger(out, run_config, ddp, config.wandb, config.run_name)
     suite = None
     if config.probes:
         from probes.suite import ProbeSuite
@@ -556,9 +555,8 @@ def _run(config: RLConfig, ddp: Dist, policy: tuple | None = None) -> dict:
         before = evaluate_policy(model, tokenizer, held_out, config)
         logger.log(before, step=0)
     history = []
-    bar = tqdm(range(start_step, config.max_steps), desc="rl", disable=not ddp.is_main or not config.progress,
-               initial=start_step, total=config.max_steps, dynamic_ncols=True)
-    for step in bar:
+    progress = common.Progress(start_step, config.max_steps, ddp, "rl", enabled=config.progress)
+    for step in range(start_step, config.max_steps):
         if step > 0 and config.eval_every and step % config.eval_every == 0:
             logger.log(evaluate_policy(model, tokenizer, held_out, config), step=step)
         matrix_lr = apply_schedule(optimizers, 1.0 - step / config.max_steps, None)  # nanochat: linear to 0
@@ -579,13 +577,14 @@ def _run(config: RLConfig, ddp: Dist, policy: tuple | None = None) -> dict:
         if config.table_every and step % config.table_every == 0:
             logger.log_table("rl/samples", ["prompt", "completion", "predicted", "gold", "reward"],
                              table_rows(rollouts, tokenizer, config.table_rows), step=step)
-        bar.set_postfix(acc=f"{metrics['rl/acc']:.3f}", reward=f"{metrics['rl/mean_reward']:.3f}")
+        progress.update(metrics["rl/loss"], metrics["rl/num_tokens"] / progress.tick(), acc=metrics["rl/acc"],
+                        reward=metrics["rl/mean_reward"])
         done = step + 1
         if (config.save_every and done % config.save_every == 0) or done == config.max_steps:
             common.save(ckpt_dir, done, model, optimizers, {"stage": "rl", "before": before,
                                                             "config": common.config_dict(config)},
                         ddp, tokenizer=tokenizer)
-    bar.close()
+    progress.close()
     after = evaluate_policy(model, tokenizer, held_out, config)
     logger.log(after, step=config.max_steps)
     if suite is not None:
