@@ -102,14 +102,14 @@ def test_small_budget_trains_the_full_budgets_policy_and_a_shorter_grpo():
         assert full[key] > small[key]
 
 
-# The small budget's run: seed 1, whose SFT policy leaves room (greedy 0.645 after 250 SFT steps; seed 0's
-# is at 0.365 and GRPO collapses it onto one letter, see the README's demo section). The gain it must show
-# (GRPO with the probes on, held-out greedy accuracy, points) is below the measured one (SMALL_GAIN_MEASURED
-# points, 2-core x86 CPU, torch 2.15) by a margin for other torch/MKL builds; the demo pins its numerics
-# (training.demo.NUMERICS_ENV), so on the same build the run is the same, bit for bit.
+# The small budget's run: seed 1 (greedy 0.645 after 250 SFT steps on 200 held-out problems, 0.600 on the
+# small budget's 100). The gain it must show (GRPO with the probes on, held-out greedy accuracy, points) is
+# below the measured one (SMALL_GAIN_MEASURED points, 2-core x86 CPU, torch 2.15) by a margin for other
+# torch/MKL builds; the demo pins its numerics (training.demo.NUMERICS_ENV), so on the same build the run is
+# the same, bit for bit.
 SMALL_SEED = "1"
-SMALL_GAIN_MEASURED = 13.0  # 0.600 -> 0.730 on 100 held-out problems
-SMALL_MIN_GAIN = 8.0
+SMALL_GAIN_MEASURED = 17.0  # 0.600 -> 0.770 on 100 held-out problems (60 GRPO steps of 16 x 8, KL 0.2)
+SMALL_MIN_GAIN = 10.0  # the issue's bar for the demo's GRPO stage
 
 
 def _demo(out: Path, *extra: str) -> subprocess.CompletedProcess:
