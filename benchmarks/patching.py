@@ -1,6 +1,7 @@
 """Batched activation patching vs one forward per patch, same model, same pairs, same run.
 
     python benchmarks/patching.py [--depth 4] [--n-pairs 8] [--batch-size 128] [--device cpu] [--threads 0]
+                                  [--clock wall|cpu] [--method exact|attribution|all] [--checkpoint DIR]
 
 Three ways to compute the same sweeps (resid_pre per layer × position, hook_z per layer × position × head):
 - batched: aquainterp.patching.Patcher, --batch-size patched sequences per forward, each resumed at its
@@ -21,7 +22,8 @@ corrupted forward + backward for every cell) with the exact batched sweep of the
 speed ratio, Pearson correlation of the normalised cells and of the per-pair logit differences, overlap
 of the 10 strongest cells, and per layer where the estimate breaks (correlation, worst cell). With
 --checkpoint DIR the model is a trained checkpoint and the pairs are its own completion decisions
-(noise on question and options, as `aquainterp patch` does by default). --method all runs both tables.
+(noise on question and options, as `aquainterp patch` does by default); the README's trained depth-4 model is
+benchmarks/train_depth4.py's (--checkpoint runs/depth4/sft/checkpoints). --method all runs both tables.
 """
 
 from __future__ import annotations
