@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from aquainterp.kv_cache import SharedPrompt
-from aquainterp.model import GPT, SOFTCAP, norm
+from aquainterp.model import GPT, norm
 from aquainterp.patching import DIRECTIONS, SWEEPS, Patcher, SweepResult
 
 
@@ -63,8 +63,8 @@ def _runs(patcher: Patcher, templates: list[str], base: str, other: str, pair_in
     difference run once, without gradients, into a key/value cache both runs continue from (SharedPrompt):
     their activations are the same in both runs, so their estimates are 0 and need neither a second forward
     nor a backward. On our GPT the forwards skip the unembedding (return_type=None) and the base run's
-    letter logits are its decision position's final norm times the letter rows of lm_head, soft-capped (as
-    GPT.forward computes them, without the other 65k rows)."""
+    letter logits are its decision position's final norm through GPT.logits_from_resid with the letter rows
+    only (forward's unembedding and soft-cap, without the other 65k rows)."""
     model, n_layers = patcher.model, patcher.n_layers
     names = [t.format(layer) for t in templates for layer in range(n_layers)]
     gpt = isinstance(model, GPT)
@@ -111,8 +111,7 @@ def _runs(patcher: Patcher, templates: list[str], base: str, other: str, pair_in
             model.run_with_hooks(tokens, kv_cache=cache, return_type=None, fwd_hooks=hooks)
             if not grad:
                 return store, None
-            letters = F.linear(store.pop("final"), model.lm_head.weight[patcher.head_ids]).float()
-            return store, torch.tanh(letters / SOFTCAP) * SOFTCAP
+            return store, model.logits_from_resid(store.pop("final"), patcher.head_ids, normed=True)
 
     with torch.no_grad():
         other_acts, _ = run(other, grad=False)

@@ -795,19 +795,21 @@ class GPT(LensMixin, HookedRootModule):
         logits = logits.float().div_(SOFTCAP).tanh_()
         return logits * SOFTCAP if logits.requires_grad else logits.mul_(SOFTCAP)
 
-    def logits_from_resid(self, resid: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def logits_from_resid(self, resid: torch.Tensor, token_ids: torch.Tensor | None = None, *,
+                          normed: bool = False) -> torch.Tensor:
         """Logits as forward ends (ln_final, lm_head, fp32 soft-cap) from residual vectors resid [..., d_model]
         (the stream entering ln_final, or an earlier layer's for a logit lens), for these rows only.
         token_ids None: the whole vocabulary, [..., vocab]; [k]: those tokens, [..., k]; [B, k]: per batch row
         (resid [B, ..., d_model]), [B, ..., k]. A reader of a few positions or tokens (patching, the logit
-        lens) pays for those alone: at a 65k vocabulary the unembedding outweighs a small model's blocks."""
+        lens) pays for those alone: at a 65k vocabulary the unembedding outweighs a small model's blocks.
+        normed=True: resid is ln_final's output already (what ln_final.hook_normalized holds)."""
         weight = self.lm_head.weight
         if token_ids is not None:
             if token_ids.ndim not in (1, 2) or token_ids.ndim == 2 and token_ids.size(0) != resid.size(0):
                 raise ValueError(f"GPT.logits_from_resid: token_ids must be [k] or [{resid.size(0)}, k], "
                                  f"got {tuple(token_ids.shape)}")
             weight = weight[token_ids.to(weight.device)]
-        x = self.ln_final(resid.to(weight.dtype))
+        x = resid.to(weight.dtype) if normed else self.ln_final(resid.to(weight.dtype))
         return self._unembed_normed(x, None if token_ids is None else weight)
 
     def forward_from(self, resid: torch.Tensor, layer: int, kv_cache: KVCache | None = None, *,

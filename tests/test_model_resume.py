@@ -19,6 +19,7 @@ def run_cache(model, idx):
     """(logits, {hook name: activation}) of a plain forward."""
     names = [f"blocks.{l}.{n}" for l in range(model.config.n_layer)
              for n in ("hook_resid_pre", "attn.hook_rot_k", "attn.hook_v", "hook_resid_post")]
+    names.append("ln_final.hook_normalized")
     logits, cache = model.run_with_cache(idx, names_filter=names)
     return logits, cache
 
@@ -72,6 +73,10 @@ def test_logits_from_resid_rows_and_tokens(model):
     assert torch.equal(model.logits_from_resid(final), logits)  # the same ops as the end of forward
     ids = torch.tensor([3, 7, 60])
     torch.testing.assert_close(model.logits_from_resid(final, ids), logits[..., ids], atol=1e-5, rtol=0)
+    # from ln_final's output (what ln_final.hook_normalized holds): the same numbers
+    assert torch.equal(model.logits_from_resid(cache["ln_final.hook_normalized"], normed=True), logits)
+    torch.testing.assert_close(model.logits_from_resid(cache["ln_final.hook_normalized"], ids, normed=True),
+                               logits[..., ids], atol=1e-5, rtol=0)
     per_row = torch.tensor([[1, 2], [5, 9], [0, 63]])
     got = model.logits_from_resid(final, per_row)
     assert got.shape == (3, 8, 2)
