@@ -23,7 +23,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from aquainterp.patching import PatchPair
+from aquainterp.patch_pairs import PatchPair
 from aquainterp.tasks import LETTERS, answer_step, letter_token_ids
 from aquainterp.tasks.chat import generation_prompt, question_span
 from aquainterp.tasks.problem import moved_gold

@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from aquainterp.cliargs import SEED, count_int, data_source, device_name, existing_path, number, positive_int
-from aquainterp.patching import ALIGNMENTS, CORRUPTIONS, DIRECTIONS, SWEEPS, Patcher, SweepResult
+from aquainterp.patch_pairs import CORRUPTIONS
+from aquainterp.patching import ALIGNMENTS, DIRECTIONS, SWEEPS, Patcher, SweepResult
 from aquainterp.settings import add_arguments as add_setting_flags
 from aquainterp.settings import check_settings, setting
 from aquainterp.tasks.chat import STYLES
@@ -184,7 +185,7 @@ def build_pairs(config, tokenizer, pool, model=None):
     from functools import partial
 
     from aquainterp.completion_pairs import completion_pairs, greedy_completions
-    from aquainterp.patching import make_pairs
+    from aquainterp.patch_pairs import make_pairs
 
     pairs, skipped, no_marker, completions = [], [], [], {}
     for start in range(0, len(pool), config.n_pairs):

@@ -38,7 +38,8 @@ import transformer_lens.patching as tlp
 
 from aquainterp.cli import normalize_flag_spelling
 from aquainterp.model import GPT, GPTConfig
-from aquainterp.patching import Patcher, make_pairs
+from aquainterp.patch_pairs import make_pairs
+from aquainterp.patching import Patcher
 from aquainterp.tasks.synthetic import SyntheticTask, corpus
 from aquainterp.tokenizer import Tokenizer
 

@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aquainterp.model import GPT, GPTConfig
-from aquainterp.patching import SWEEPS, Patcher, PatchPair
+from aquainterp.patch_pairs import PatchPair
+from aquainterp.patching import SWEEPS, Patcher
 
 LETTER_IDS = (40, 41, 42, 43, 44)
 

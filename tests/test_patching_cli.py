@@ -141,7 +141,8 @@ def test_completion_decision_counts_completions_without_a_marker(saved, tmp_path
 def test_attribution_method_writes_the_same_outputs(saved, tmp_path, capsys):
     from aquainterp.attribution import attribution_sweeps
     from aquainterp.checkpoint import load_model
-    from aquainterp.patching import Patcher, make_pairs
+    from aquainterp.patch_pairs import make_pairs
+    from aquainterp.patching import Patcher
     from aquainterp.tasks.synthetic import SyntheticTask
 
     ckpt, _ = saved

@@ -8,7 +8,8 @@ import torch
 from test_patching import LETTER_IDS, make_pairs, noise_pairs, random_gpt
 
 from aquainterp.model import GPT, GPTConfig
-from aquainterp.patching import SWEEPS, Patcher, PatchPair
+from aquainterp.patch_pairs import PatchPair
+from aquainterp.patching import SWEEPS, Patcher
 
 
 @pytest.fixture(scope="module")

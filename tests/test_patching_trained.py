@@ -13,7 +13,8 @@ import torch
 from tasks_tokenizer import trained_tokenizer
 
 from aquainterp.model import GPT, GPTConfig
-from aquainterp.patching import Patcher, make_pairs
+from aquainterp.patch_pairs import make_pairs
+from aquainterp.patching import Patcher
 from aquainterp.tasks import conversation
 from aquainterp.tasks.synthetic import SyntheticTask
 
