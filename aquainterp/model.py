@@ -183,6 +183,14 @@ class GPTConfig:
         return cls(**d)
 
 
+def _check_positions(what: str, positions, B: int, T: int) -> None:
+    """One position per row (forward's logits_at, forward_from's at): an integer tensor [B] in [0, T)."""
+    if (not isinstance(positions, torch.Tensor) or positions.shape != (B,) or positions.is_floating_point()
+            or bool(((positions < 0) | (positions >= T)).any())):
+        got = positions.tolist() if isinstance(positions, torch.Tensor) else positions
+        raise ValueError(f"{what} must be an integer tensor of {B} positions in [0, {T}), got {got}")
+
+
 def norm(x: torch.Tensor, eps: float | None = None) -> torch.Tensor:
     """Parameter-free RMSNorm over the last dim; eps None = torch's default (as nanochat)."""
     return F.rms_norm(x, (x.size(-1),), eps=eps)
@@ -737,10 +745,7 @@ class GPT(LensMixin, HookedRootModule):
         if logits_at is not None:
             if targets is not None:
                 raise ValueError("GPT.forward: logits_at returns logits; it cannot be combined with targets")
-            if (not isinstance(logits_at, torch.Tensor) or logits_at.shape != (B,) or logits_at.is_floating_point()
-                    or bool(((logits_at < 0) | (logits_at >= T)).any())):
-                raise ValueError(f"GPT.forward: logits_at must be an integer tensor of {B} positions in [0, {T}), "
-                                 f"got {logits_at if not isinstance(logits_at, torch.Tensor) else logits_at.tolist()}")
+            _check_positions("GPT.forward: logits_at", logits_at, B, T)
         if targets is not None and targets.shape != idx.shape:
             raise ValueError(
                 f"GPT.forward: targets shape {tuple(targets.shape)} != idx shape {tuple(idx.shape)}"
@@ -832,8 +837,8 @@ class GPT(LensMixin, HookedRootModule):
         if not 0 <= layer <= stop_layer <= n:
             raise ValueError(f"GPT.forward_from: need 0 <= layer <= stop_layer <= {n}, got {layer}, {stop_layer}")
         B, T, _ = resid.shape
-        if at is not None and (at.shape != (B,) or bool(((at < 0) | (at >= T)).any())):
-            raise ValueError(f"GPT.forward_from: at must hold {B} positions in [0, {T}), got {at.tolist()}")
+        if at is not None:
+            _check_positions("GPT.forward_from: at", at, B, T)
         x = resid
         if layer < stop_layer:
             cos, sin = self._rotary(0 if kv_cache is None else kv_cache.get_pos(), T, kv_cache, "forward_from")

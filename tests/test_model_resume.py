@@ -89,8 +89,10 @@ def test_bad_arguments_and_the_2026_preset_are_refused(model):
     x = torch.zeros(1, 4, model.config.n_embd)
     with pytest.raises(ValueError, match="layer <= stop_layer"):
         model.forward_from(x, 2, stop_layer=1)
-    with pytest.raises(ValueError, match="at must hold 1 positions"):
+    with pytest.raises(ValueError, match=r"at must be an integer tensor of 1 positions in \[0, 4\), got \[4\]"):
         model.forward_from(x, 0, at=torch.tensor([4]))
+    with pytest.raises(ValueError, match=r"at must be an integer tensor of 1 positions in \[0, 4\), got \[1.0\]"):
+        model.forward_from(x, 0, at=torch.tensor([1.0]))
     with pytest.raises(ValueError, match="KVCache.prefill"):
         KVCache(2, 3, 8).prefill(torch.zeros(2, 2, 2, 4, 16), torch.zeros(2, 2, 2, 4, 16), first_layer=0)
     new = random_2026(n_layer=2)
