@@ -40,7 +40,7 @@ from aquainterp.rundir import RunDirError, foreign, remove_owned, write_marker
 # Settings per budget, chosen by measurement (README, "What the demo shows, seed by seed"). "full" is the
 # README's demo: 250 SFT steps leave the policy at 0.37-0.65 held-out greedy accuracy for seeds 0-2 (the
 # arithmetic is right, the option checks are not yet), and 120 GRPO steps of 32 problems × 8 samples at 0.3
-# of the base learning rates, with a KL penalty of 0.2 to the SFT policy, add 26-39 points. Without the KL
+# of the base learning rates, with a KL penalty of 0.2 to the SFT policy, add 26.0-32.0 points. Without the KL
 # term seed 0's weaker policy (0.365) drifted into answering without the checks and collapsed onto one letter
 # (0.205 after 80 steps); with it, 80 steps of a 160-step schedule reached 0.56. "small" (the slow test)
 # trains the same tokenizer, base and SFT policy and runs a shorter GRPO stage on fewer held-out problems;
