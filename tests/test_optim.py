@@ -1,13 +1,17 @@
-"""torch.optim.Muon against a plain re-implementation of nanochat's Muon, plus the schedules."""
+"""Our Muon against a plain float64 re-implementation of nanochat's maths, its DDP split, the recipes' split
+of parameters into groups, and the schedules. (Against nanochat's own code: tests/test_muon_nanochat.py.)"""
 
 import math
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from training.muon import MUON_RECIPES, Muon
 from training.optim import (
     apply_schedule,
     build_optimizers,
@@ -16,73 +20,149 @@ from training.optim import (
     muon_momentum,
     split_parameters,
 )
+from training.orthogonalize import POLAR_EXPRESS, orthogonalize, orthogonalize_dtype
 
 
-def naive_newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """Keller Jordan's quintic iteration written out term by term, as nanochat's muon.py does, but in
-    float64: the exact value that torch's bf16 iteration approximates."""
-    a, b, c = 3.4445, -4.7750, 2.0315
-    x = g.double()
-    tall = g.size(0) > g.size(1)
+def naive_polar_express(u: torch.Tensor, margin: float, row_equilibrate: bool) -> torch.Tensor:
+    """One matrix in float64, term by term: MuonEq (optional), scale, five Polar Express steps on X X^T."""
+    x = u.double()
+    if row_equilibrate:
+        x = x * (x.norm() / x.size(0) ** 0.5) / x.norm(dim=1, keepdim=True)
+    tall = x.size(0) > x.size(1)
     if tall:
         x = x.T
-    x = x / (x.norm() + 1e-7)
-    for _ in range(steps):
+    x = x / (x.norm() * margin + 1e-6)
+    for a, b, c in POLAR_EXPRESS:
         gram = x @ x.T
-        poly = b * gram + c * (gram @ gram)
-        x = a * x + poly @ x
+        x = a * x + b * gram @ x + c * gram @ gram @ x
     return x.T if tall else x
 
 
-def naive_muon_step(p, g, buf, lr, momentum, nesterov=True, shape_scale=True):
-    buf.mul_(momentum).add_(g, alpha=1 - momentum)  # == buf.lerp_(g, 1 - momentum)
-    update = (1 - momentum) * g + momentum * buf if nesterov else buf
-    o = naive_newton_schulz(update).to(p.dtype)
-    scale = max(1.0, p.size(0) / p.size(1)) ** 0.5 if shape_scale else 1.0
-    p.sub_(lr * scale * o)
+def naive_muon_step(p, g, buf, second, recipe, lr, mu, wd):
+    """nanochat's Muon step for one matrix in float64; buf and second (per row or column) updated in place."""
+    buf.mul_(mu).add_((1 - mu) * g)
+    u = (1 - mu) * g + mu * buf
+    x = naive_polar_express(u, recipe.spectral_margin, recipe.row_equilibrate)
+    if recipe.renormalize:
+        x = x * min(x.shape) ** 0.5 / x.norm()
+    dim = 1 if p.size(0) >= p.size(1) else 0  # per row for square and tall matrices, per column for wide
+    second.mul_(recipe.beta2).add_((1 - recipe.beta2) * x.square().mean(dim=dim, keepdim=True))
+    y = x / second.sqrt()
+    y = y * x.norm() / y.norm()
+    step = lr * max(1.0, p.size(0) / p.size(1)) ** 0.5
+    p.sub_(step * (y + wd * p * ((y * p) >= 0)))
 
 
-def _relative_step_errors(shape, **variant):
-    """Per step: |torch update - naive update| / |naive update|, from the same parameters and gradient."""
-    torch.manual_seed(0)
-    p = nn.Parameter(torch.randn(shape))
-    buf = torch.zeros(shape)
-    opt = torch.optim.Muon([p], lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.0, adjust_lr_fn="original")
+def _run_against_naive(shapes, recipe_name, wd=0.1, steps=3, seed=0, naive=None):
+    gen = torch.Generator().manual_seed(seed)
+    params = [nn.Parameter(torch.randn(s, generator=gen) / s[1] ** 0.5) for s in shapes]
+    ref = [p.detach().double().clone() for p in params]
+    bufs = [torch.zeros_like(r) for r in ref]
+    seconds = [torch.zeros(r.size(0), 1, dtype=torch.float64) if r.size(0) >= r.size(1)
+               else torch.zeros(1, r.size(1), dtype=torch.float64) for r in ref]
+    opt = Muon(params, recipe=recipe_name, lr=0.02, momentum=0.95, weight_decay=wd)
     errors = []
-    for _ in range(6):
-        g = torch.randn(shape)
-        before = p.detach().clone()
-        reference = before.clone()
-        naive_muon_step(reference, g, buf.clone(), 0.02, 0.95, **variant)
-        naive_muon_step(before.clone(), g, buf, 0.02, 0.95)  # advance the reference buffer
-        p.grad = g.clone()
+    for _ in range(steps):
+        grads = [torch.randn(s, generator=gen) * 0.01 for s in shapes]
+        before = [r.clone() for r in ref]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
         opt.step()
-        want = reference - before
-        errors.append(((p.detach() - before - want).norm() / want.norm()).item())
-        assert torch.allclose(opt.state[p]["momentum_buffer"], buf, atol=1e-6)
+        for i, g in enumerate(grads):
+            naive_muon_step(ref[i], g.double(), bufs[i], seconds[i], MUON_RECIPES[naive or recipe_name], 0.02, 0.95, wd)
+            want = ref[i] - before[i]
+            errors.append(((params[i].detach().double() - ref[i]).norm() / want.norm()).item())
     return errors
 
 
-@pytest.mark.parametrize("shape", [(16, 16), (48, 16), (16, 48), (64, 256)])
-def test_torch_muon_matches_naive(shape):
-    # torch runs Newton-Schulz in bf16: ~1.5% off the exact float64 value; a wrong algorithm is far off
-    assert max(_relative_step_errors(shape)) < 0.04
+SHAPES = [(32, 32), (32, 32), (16, 32), (128, 32), (32, 128), (1, 12)]
 
 
-def test_naive_comparison_detects_wrong_variants():
-    assert max(_relative_step_errors((48, 16), shape_scale=False)) > 0.3
-    assert max(_relative_step_errors((32, 32), nesterov=False)) > 0.1
+@pytest.mark.parametrize("recipe", sorted(MUON_RECIPES))
+def test_muon_matches_naive_float64(recipe):
+    # fp32 against float64, over 3 steps of momentum and NorMuon state, every shape kind nanochat has
+    assert max(_run_against_naive(SHAPES, recipe)) < 1e-4
+
+
+def test_naive_comparison_tells_the_recipes_apart():
+    """Each recipe's optimizer against the other recipe's maths is far off: the check has teeth."""
+    assert min(_run_against_naive(SHAPES, "nanochat-2025-10", naive="nanochat-2026-07")) > 0.01
+    assert min(_run_against_naive(SHAPES, "nanochat-2026-07", naive="nanochat-2025-10")) > 0.01
+
+
+def test_orthogonalize_bf16_is_close_to_fp32_and_dtype_rule():
+    g = torch.randn(3, 64, 48, generator=torch.Generator().manual_seed(2))
+    fp32 = orthogonalize(g, dtype=torch.float32)
+    bf16 = orthogonalize(g, dtype=torch.bfloat16)
+    assert fp32.dtype == torch.float32 and bf16.dtype == torch.bfloat16
+    rel = ((bf16.float() - fp32).norm() / fp32.norm()).item()
+    assert 1e-4 < rel < 0.05  # bf16 really ran, and computes the same thing
+    assert orthogonalize_dtype(torch.device("cpu")) == torch.float32
+    with pytest.raises(ValueError, match="steps must be 1..5"):
+        orthogonalize(g, steps=6)
 
 
 @settings(max_examples=15, deadline=None)
 @given(rows=st.integers(4, 64), cols=st.integers(4, 64), seed=st.integers(0, 1000))
-def test_newton_schulz_roughly_orthogonalises(rows, cols, seed):
-    """Singular values of the Muon update land near 1 (Keller: roughly in [0.5, 1.5]), whatever the input scale."""
+def test_polar_express_orthogonalises(rows, cols, seed):
+    """Singular values of the update land near 1 whatever the input scale (Polar Express with 2% safety)."""
     g = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * 10 ** (seed % 7 - 3)
-    s = torch.linalg.svdvals(naive_newton_schulz(g).float())
-    assert s.max() < 1.3
-    assert s.min() > 0.25 or min(rows, cols) > 0.8 * max(rows, cols)  # near-square random matrices have tiny modes
-    assert s.median() > 0.6
+    s = torch.linalg.svdvals(orthogonalize(g, margin=1.02, row_equilibrate=False).double())
+    assert s.max() < 1.25
+    assert s.median() > 0.7
+    assert s.min() > 0.2 or min(rows, cols) > 0.8 * max(rows, cols)  # near-square random matrices have tiny modes
+
+
+def test_muon_groups_by_shape_and_refuses_what_it_cannot_train():
+    a, b, c = (nn.Parameter(torch.randn(8, 4)) for _ in range(3))
+    d = nn.Parameter(torch.randn(4, 8))
+    opt = Muon([a, d, b, c])
+    assert [g["params"] for g in opt.param_groups] == [[d], [a, b, c]]  # by shape, in a fixed order
+    with pytest.raises(ValueError, match=r"2D parameters only, got shapes \[\(4,\)\]"):
+        Muon([nn.Parameter(torch.zeros(4))])
+    with pytest.raises(ValueError, match="recipe must be one of"):
+        Muon([a], recipe="nanochat-1999")
+    a.grad = torch.zeros_like(a)
+    d.grad = torch.zeros_like(d)
+    with pytest.raises(ValueError, match=r"2 of 3 parameters of shape \(8, 4\) have no gradient"):
+        opt.step()
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, out: str, recipe: str):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        torch.save(_three_steps(recipe), f"{out}/rank{rank}.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _three_steps(recipe):
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(32, 16)] * 5 + [(16, 32)] * 2 + [(8, 8)]  # 5 and 2 and 1 matrices: uneven shares, an idle rank
+    params = [nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    opt = Muon(params, recipe=recipe, weight_decay=0.2)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+    return [p.detach() for p in params], opt.state_dict()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", sorted(MUON_RECIPES))
+def test_ddp_split_equals_one_process(tmp_path, recipe):
+    """Two gloo ranks, each orthogonalising its share: both end with one process's parameters and state."""
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path), recipe), nprocs=2, join=True)
+    single_params, single_state = _three_steps(recipe)
+    for rank in (0, 1):
+        params, state = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        for got, want in zip(params, single_params):
+            assert torch.allclose(got, want, rtol=0, atol=1e-6)
+        for key, value in single_state["state"].items():
+            for name, tensor in value.items():
+                assert torch.allclose(state["state"][key][name], tensor, rtol=0, atol=1e-6), (key, name)
 
 
 class _Toy(nn.Module):
@@ -95,14 +175,23 @@ class _Toy(nn.Module):
 
 def test_split_and_lr_scaling():
     model = _Toy(d=3072)
-    muon, adam = build_optimizers(model, d_model=3072)
-    assert isinstance(muon, torch.optim.Muon) and isinstance(adam, torch.optim.AdamW)
-    assert len(muon.param_groups[0]["params"]) == 2
+    muon, adam = build_optimizers(model, d_model=3072, weight_decay=0.3)
+    assert isinstance(muon, Muon) and isinstance(adam, torch.optim.AdamW)
+    assert muon.recipe.name == "nanochat-2025-10"  # a model without a config: the 2025-10 recipe
+    assert sum(len(g["params"]) for g in muon.param_groups) == 2
     head, emb = adam.param_groups
     assert head["params"][0] is model.lm_head.weight and emb["params"][0] is model.wte.weight
     assert dmodel_lr_scale(768) == 1.0
     assert math.isclose(head["lr"], 0.004 * 0.5) and math.isclose(emb["lr"], 0.2 * 0.5)
-    assert muon.param_groups[0]["lr"] == 0.02  # Muon is not width-scaled; its shape scale is inside the step
+    assert head["betas"] == (0.8, 0.95) and head["weight_decay"] == 0.0  # 2c4473d: no AdamW weight decay
+    assert all(g["lr"] == 0.02 and g["weight_decay"] == 0.3 for g in muon.param_groups)  # wd is Muon's
+    muon, adam = build_optimizers(model, d_model=3072, optimizer="nanochat-2026-07")
+    head, emb = adam.param_groups
+    assert muon.recipe.name == "nanochat-2026-07"
+    assert (head["betas"], head["weight_decay"], emb["betas"], emb["weight_decay"]) == ((0.8, 0.96), 0.01,
+                                                                                        (0.8, 0.995), 0.001)
+    with pytest.raises(ValueError, match="optimizer must be auto or one of"):
+        build_optimizers(model, d_model=3072, optimizer="adam")
 
 
 def test_split_rejects_non_matrix_block_params():
@@ -123,5 +212,5 @@ def test_schedules():
     model = _Toy()
     opts = build_optimizers(model, d_model=768)
     lr = apply_schedule(opts, 0.5, 0.9)
-    assert lr == 0.01 and opts[0].param_groups[0]["momentum"] == 0.9
+    assert lr == 0.01 and all(g["momentum"] == 0.9 for g in opts[0].param_groups)
     assert math.isclose(opts[1].param_groups[1]["lr"], 0.1)

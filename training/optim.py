@@ -1,24 +1,28 @@
-"""nanochat's optimiser split and schedules.
+"""nanochat's optimiser split, one recipe per architecture preset, and the schedules.
 
-- Muon for every 2D matrix inside the transformer blocks (attention and MLP projections).
-- AdamW for the token embedding and for the lm_head, each with its own learning rate, both scaled by
-  1/sqrt(d_model/768) so the tuned d12 rates carry to other widths (nanochat's `dmodel_lr_scale`).
+- Muon (training/muon.py) for every 2D matrix inside the transformer blocks (attention, MLP, ve_gate).
+- AdamW for the token embedding, the lm_head and (2026-07) the value embeddings and scalars, each group with
+  its own learning rate; embeddings and lm_head scaled by 1/sqrt(d_model/768) so the tuned d12 rates carry
+  to other widths (nanochat's `dmodel_lr_scale`).
 
-`torch.optim.Muon` (torch >= 2.9) does what nanochat's Muon does: nesterov momentum as
-`buf.lerp_(g, 1-m); g.lerp(buf, m)`, Keller Jordan's quintic Newton-Schulz (3.4445, -4.7750, 2.0315)
-for 5 steps in bf16 on the (transposed when tall) Frobenius-normalised matrix, and the shape-based step
-scale sqrt(max(1, rows/cols)) (`adjust_lr_fn="original"`). The one difference is numerical: torch
-divides by max(norm, eps) where nanochat divides by norm + eps. tests/test_optim.py checks it step by
-step against a plain re-implementation. So we use it rather than carry our own copy.
+The recipe is the architecture's unless asked otherwise (`--optimizer`):
+- nanochat-2025-10 = nanochat 2c4473d's `setup_optimizers`: Muon with Polar Express, NorMuon (beta2 0.95)
+  and cautious weight decay; AdamW betas (0.8, 0.95), no AdamW weight decay.
+- nanochat-2026-07 = nanochat HEAD 92d63d4's `setup_optimizer`: Muon adds MuonEq and Muon+ (NorMuon beta2
+  0.9); AdamW betas and weight decay per group (lm_head (0.8, 0.96) / 0.01, wte (0.8, 0.995) / 0.001, ...).
+`weight_decay` is Muon's cautious weight decay in both (nanochat's --weight_decay). Both are checked against
+nanochat's own optimizer code: tests/test_muon_nanochat.py.
 
-Under DDP every rank holds the full optimiser and applies the same update to the all-reduced gradients
-(nanochat's DistMuon shards the Newton-Schulz work across ranks instead; same maths, less compute).
+Under DDP every rank holds the full optimiser and state; Muon splits its orthogonalisation across ranks
+(training/muon.py says how, and what it costs against nanochat's sharding).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from training.muon import Muon
 
 ADAM_BETAS = (0.8, 0.95)
 ADAM_EPS = 1e-10
@@ -50,13 +54,25 @@ def split_parameters(model: nn.Module) -> tuple[list, list, list]:
 
 
 SCALAR_LR = 0.5  # nanochat 92d63d4's scalar_lr
+RECIPES = ("nanochat-2025-10", "nanochat-2026-07")
 
 
-def nanochat_2026_groups(model: nn.Module, embedding_lr: float, init_lr_frac: float = 1.0) -> list[dict]:
+def recipe_for(model: nn.Module, optimizer: str = "auto") -> str:
+    """The optimizer recipe: the model's architecture preset for "auto", else the one named."""
+    name = getattr(getattr(model, "config", None), "architecture", "nanochat-2025-10") if optimizer == "auto" \
+        else optimizer
+    if name not in RECIPES:
+        raise ValueError(f"optimizer must be auto or one of {list(RECIPES)}, got {optimizer!r}")
+    return name
+
+
+def nanochat_2026_groups(model: nn.Module, embedding_lr: float, init_lr_frac: float = 1.0,
+                         head_recipe: bool = True) -> list[dict]:
     """AdamW groups of a nanochat-2026-07 model's additions, with nanochat 92d63d4's settings: value
-    embeddings at half the (scaled) embedding lr, weight decay 0.01; resid_lambdas lr 0.005, decay 0.05;
-    x0_lambdas lr 0.5 with beta1 0.96; smear_gate/smear_lambda/backout_lambda lr 0.2. Empty for 2025-10
-    (the ve_gates are block matrices and go to Muon, as in nanochat)."""
+    embeddings at half the (scaled) embedding lr, betas (0.8, 0.995), weight decay 0.01; resid_lambdas lr
+    0.005, decay 0.05; x0_lambdas lr 0.5 with beta1 0.96; smear_gate/smear_lambda/backout_lambda lr 0.2.
+    With head_recipe False (the 2025-10 recipe on this model) every group gets that recipe's betas (0.8, 0.95)
+    and no weight decay. Empty for a 2025-10 model."""
     if not hasattr(model, "resid_lambdas"):
         return []
     value_embeds = [p for p in model.value_embeds.parameters() if p.requires_grad]
@@ -68,6 +84,8 @@ def nanochat_2026_groups(model: nn.Module, embedding_lr: float, init_lr_frac: fl
         {"params": [model.x0_lambdas], "lr": SCALAR_LR * init_lr_frac, "betas": (0.96, 0.95), "weight_decay": 0.0},
         {"params": smear, "lr": 0.2 * init_lr_frac, "betas": (0.8, 0.95), "weight_decay": 0.0},
     ]
+    if not head_recipe:
+        groups = [{**g, "betas": ADAM_BETAS, "weight_decay": 0.0} for g in groups]
     return [g for g in groups if g["params"]]
 
 
@@ -76,22 +94,28 @@ def dmodel_lr_scale(d_model: int) -> float:
 
 
 def build_optimizers(model: nn.Module, *, d_model: int, matrix_lr: float = 0.02, embedding_lr: float = 0.2,
-                     unembedding_lr: float = 0.004, weight_decay: float = 0.0,
-                     init_lr_frac: float = 1.0) -> list[torch.optim.Optimizer]:
-    """[Muon, AdamW] as nanochat builds them; every group remembers its `initial_lr` for the schedule."""
+                     unembedding_lr: float = 0.004, weight_decay: float = 0.0, init_lr_frac: float = 1.0,
+                     optimizer: str = "auto", ns_dtype: torch.dtype | None = None) -> list[torch.optim.Optimizer]:
+    """[Muon, AdamW] as nanochat builds them for the recipe (recipe_for); every group remembers its
+    `initial_lr` for the schedule. weight_decay is Muon's (cautious); AdamW's is the recipe's."""
+    recipe = recipe_for(model, optimizer)
+    head_recipe = recipe == "nanochat-2026-07"
     matrices, embeddings, head = split_parameters(model)
     scale = dmodel_lr_scale(d_model)
-    extra = nanochat_2026_groups(model, embedding_lr * scale * init_lr_frac, init_lr_frac)
+    extra = nanochat_2026_groups(model, embedding_lr * scale * init_lr_frac, init_lr_frac, head_recipe)
     taken = {id(p) for group in extra for p in group["params"]}
     head = [p for p in head if id(p) not in taken]
     embeddings = [p for p in embeddings if id(p) not in taken]
+    head_betas, head_wd, emb_betas, emb_wd = ((0.8, 0.96), 0.01, (0.8, 0.995), 0.001) if head_recipe \
+        else (ADAM_BETAS, 0.0, ADAM_BETAS, 0.0)
     adam = torch.optim.AdamW(
-        [{"params": head, "lr": unembedding_lr * scale * init_lr_frac},
-         {"params": embeddings, "lr": embedding_lr * scale * init_lr_frac}, *extra],
-        betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=weight_decay, fused=False, foreach=False,
+        [{"params": head, "lr": unembedding_lr * scale * init_lr_frac, "betas": head_betas, "weight_decay": head_wd},
+         {"params": embeddings, "lr": embedding_lr * scale * init_lr_frac, "betas": emb_betas,
+          "weight_decay": emb_wd}, *extra],
+        betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=0.0, fused=False, foreach=False,
     )
-    muon = torch.optim.Muon(matrices, lr=matrix_lr * init_lr_frac, momentum=MUON_MOMENTUM_END, nesterov=True,
-                            weight_decay=0.0, adjust_lr_fn="original")
+    muon = Muon(matrices, recipe=recipe, lr=matrix_lr * init_lr_frac, momentum=MUON_MOMENTUM_END,
+                weight_decay=weight_decay, ns_dtype=ns_dtype)
     optimizers = [muon, adam]
     for opt in optimizers:
         for group in opt.param_groups:
@@ -124,7 +148,7 @@ def apply_schedule(optimizers: list[torch.optim.Optimizer], lrm: float, momentum
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] * lrm
-            if isinstance(opt, torch.optim.Muon):
+            if isinstance(opt, Muon):
                 muon_lr = group["lr"]
                 if momentum is not None:
                     group["momentum"] = momentum
