@@ -53,16 +53,18 @@ import torch
 from aquainterp.model import unwrap
 from aquainterp.scoring import completion_logits
 from aquainterp.tasks import LETTERS, conversation, extract_letter
+from probes.consistency import classify, consistency_metrics
 from probes.counts import letter_counts
 from probes.decision import ATTENTION_PROBES, read_decisions, reference_letters
 from probes.entropy import entropy_metrics
+from probes.faith import faith_metrics
 from probes.kl import kl_from_logits, kl_metrics, sequence_kl
 from probes.logit_lens import gold_margins, lens_metrics
 from probes.margin import letter_margins, margin_metrics
 from probes.option_mass import completion_mass_metrics, option_mass_metrics, pick_option
 from probes.probe_set import ProbeItem, answer_marker, build_probe_set, completion_row, direct_row
 
-PROBE_NAMES = ("entropy", "option_mass", "margin", "kl", "counts", "logit_lens")
+PROBE_NAMES = ("entropy", "option_mass", "margin", "kl", "counts", "logit_lens", "faith")
 DECISIONS = ("completion", "direct")
 
 
@@ -144,7 +146,7 @@ class ProbeSuite:
                  entropy_window: int = 8, kl_sequences: int = 8, max_new_tokens: int = 64,
                  completion_style: str = "reasoning", hardest_k: int = 5, table_completions: bool = True,
                  table_every: int = 50, progress: bool = True, decision: str = "completion",
-                 rollout_letters: int = 64):
+                 rollout_letters: int = 64, faith_every: int = 1, seed: int = 0):
         """problems: the fixed probe set, MCProblems (or ProbeItems from build_probe_set, to share one).
         reference_model: the frozen pre-RL policy (freeze_reference), needed by "kl". kl_sequences: how
         many probe problems get a greedy completion for sequence KL when the caller passes none.
@@ -155,7 +157,9 @@ class ProbeSuite:
         batches (shown when there are 4 or more). decision: where the letter and attention probes read,
         "completion" (the answer step of the policy's own greedy completion; needs the tokenizer) or
         "direct" (right after "Answer:" in a prompt without rationale). rollout_letters: at most this
-        many of a run's rollouts get the letter probes."""
+        many of a run's rollouts get the letter probes. faith_every: the "faith" family (probes.faith,
+        probes.consistency) runs on steps that are multiples of it (default 1: every run; 0 = never).
+        seed: the faith family's seeded choices (inserted mistakes, option permutations, probe folds)."""
         self.model = unwrap(model)
         self.tokenizer = tokenizer
         self.probes = parse_probes(probes)
@@ -166,12 +170,17 @@ class ProbeSuite:
                              f"got {table_every}")
         if decision not in DECISIONS:
             raise ValueError(f"ProbeSuite: decision must be one of {DECISIONS}, got {decision!r}")
+        if faith_every < 0:
+            raise ValueError(f"ProbeSuite: faith_every must be >= 0 (0 = no faith probes), got {faith_every}")
         if rollout_letters < 0:
             raise ValueError(f"ProbeSuite: rollout_letters must be >= 0, got {rollout_letters}")
         if decision == "completion" and self.probes and tokenizer is None:
             raise ValueError("ProbeSuite: decision='completion' generates and reads the policy's completions, "
                              "so it needs the tokenizer (or use decision='direct')")
+        if "faith" in self.probes and tokenizer is None:
+            raise ValueError("ProbeSuite: the 'faith' probes generate and read completions, so they need the tokenizer")
         self.decision, self.rollout_letters = decision, rollout_letters
+        self.faith_every, self.seed = faith_every, seed
         self.batch_size = batch_size
         self.device = torch.device(device) if device is not None else _device_of(self.model)
         self.reference = None
@@ -206,12 +215,14 @@ class ProbeSuite:
 
     # ---- the run -----------------------------------------------------------------------------------
 
-    def run(self, step: int, completions=None, table: bool | None = None, rollouts=None) -> dict[str, float]:
+    def run(self, step: int, completions=None, table: bool | None = None, rollouts=None,
+            faith: bool | None = None) -> dict[str, float]:
         """Metrics for this step (design names). completions: sampled (prompt, completion) token pairs
         (or engine Generations) for sequence KL; None = greedy completions of the first `kl_sequences`
         probe problems. rollouts: this step's samples (RL Rollouts, or (prompt, completion, problem)
         triples) for the rollout letter metrics; None = none. table: build the hardest-questions table (needs "margin"); None = on steps that
-        are multiples of `table_every`. Raw arrays for histograms/heatmaps/tables land in `self.last_raw`."""
+        are multiples of `table_every`. faith: run the "faith" family (if selected); None = on steps that
+        are multiples of `faith_every`. Raw arrays for histograms/heatmaps/tables land in `self.last_raw`."""
         if not self.probes or _rank() != 0:
             self.last_raw = {}
             return {}
@@ -221,12 +232,14 @@ class ProbeSuite:
         model.eval()
         try:
             with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+                run_faith = "faith" in self.probes and (due(step, self.faith_every) if faith is None
+                                                        else faith and self.faith_every > 0)
                 return self._measure(step, completions, rollouts,
-                                     due(step, self.table_every) if table is None else table)
+                                     due(step, self.table_every) if table is None else table, run_faith)
         finally:
             model.train(was_training)
 
-    def _measure(self, step, completions, rollouts, table: bool) -> dict[str, float]:
+    def _measure(self, step, completions, rollouts, table: bool, run_faith: bool = False) -> dict[str, float]:
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         n = len(self.items)
@@ -240,6 +253,9 @@ class ProbeSuite:
         else:
             texts, written = {}, [None] * n
             rows = [direct_row(it) for it in self.items]
+            if run_faith:  # the faith family reads the policy's own completions whatever the decision
+                generated = self._greedy(range(n))
+                texts = {i: self.tokenizer.decode(c) for i, c in generated.items()}
         timings["generate"] = time.perf_counter() - t0
         answered = [i for i, row in enumerate(rows) if row is not None]
         self._last_prefixes = {i: rows[i].ids for i in answered}
@@ -276,6 +292,10 @@ class ProbeSuite:
             t3 = time.perf_counter()
             metrics.update(self._rollout_metrics(rollouts))
             timings["rollouts"] = time.perf_counter() - t3
+        if run_faith:
+            t5 = time.perf_counter()
+            metrics.update(self._faith(generated, texts, raw))
+            timings["faith"] = time.perf_counter() - t5
         if table and "margin" in self.probes and self.hardest_k > 0:
             t4 = time.perf_counter()
             raw["hardest"] = self._hardest_table(raw, generated, texts)
@@ -327,6 +347,30 @@ class ProbeSuite:
             lens_margin = gold_margins(collected["lens_letters"], gold)  # [N, L]
             metrics.update(lens_metrics(lens_margin))
             raw["logit_lens_gold_margin"] = lens_margin.numpy()
+        return metrics
+
+    def _faith(self, generated: dict[int, list[int]], texts: dict[int, str], raw: dict) -> dict[str, float]:
+        """The faith family on the probe set's greedy completions: rationale consistency (text), then
+        early answering, an inserted mistake, an option shuffle and the pre-reasoning probe (probes.faith)."""
+        readings = [classify(it.problem, texts[it.index]) for it in self.items]
+        raw["consistency"] = [r.case for r in readings]
+        written = [None if r.stated is None else LETTERS.index(r.stated) for r in readings]
+        if self.decision == "completion":  # the decision read already has the top letter at each answer step
+            final_top = dict(zip(raw["answered"], (int(p) for p in raw.get("predicted", []))))
+        else:
+            rows = {it.index: completion_row(it.prompt, generated[it.index], self._marker, it.letter_ids, it.gold)
+                    for it in self.items}
+            rows = {i: row for i, row in rows.items() if row is not None}
+            final_top = {}
+            if rows:
+                letters = read_decisions(self.model, list(rows.values()), (), batch_size=self.batch_size,
+                                         pad_id=self.pad_id, device=self.device)["letters"]
+                final_top = dict(zip(rows, letters.argmax(-1).tolist()))
+        metrics = consistency_metrics(readings)
+        metrics.update(faith_metrics(self.model, self.tokenizer, self.items, generated, written, final_top,
+                                     marker=self._marker, batch_size=self.batch_size, pad_id=self.pad_id,
+                                     device=self.device, max_new_tokens=self.max_new_tokens,
+                                     completion_style=self.completion_style, seed=self.seed))
         return metrics
 
     def _rollout_metrics(self, rollouts) -> dict[str, float]:
@@ -439,11 +483,13 @@ class ProbeSuite:
                 letter = raw["written"][i]
             else:
                 letter = int(predicted[i])
+            text = texts.get(i, "")
             rows.append([i, problem.question, options, "" if letter is None else LETTERS[letter], problem.correct,
                          round(float(gold_margin[i]), 4) if i in gold_margin else None,
-                         round(float(margin[i]), 4) if i in margin else None, texts.get(i, "")])
+                         round(float(margin[i]), 4) if i in margin else None, text,
+                         classify(problem, text).case if text else ""])
         columns = ["index", "question", "options", "model_letter", "gold_letter", "gold_margin", "margin",
-                   "completion"]
+                   "completion", "consistency"]
         return {"columns": columns, "rows": rows}
 
     # ---- logging and figures ---------------------------------------------------------------------------

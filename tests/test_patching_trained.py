@@ -19,14 +19,16 @@ from aquainterp.tasks import conversation
 from aquainterp.tasks.synthetic import SyntheticTask
 
 
-def train_checked(tokenizer, steps=80, batch=32, lr=3e-3, seed=0) -> GPT:
+def train_checked(tokenizer, steps=80, batch=32, lr=3e-3, seed=0, make_conversation=None) -> GPT:
     """A depth-2 GPT fine-tuned from nanochat's init on checked conversations (loss on the assistant's
-    tokens only), AdamW with the last 30% of steps decaying linearly to 0."""
+    tokens only), AdamW with the last 30% of steps decaying linearly to 0. make_conversation: another
+    MCProblem -> conversation recipe (tests/faith_policies.py trains policies with known habits)."""
     torch.manual_seed(seed)
     model = GPT(GPTConfig.from_depth(2, vocab_size=tokenizer.vocab_size, sequence_len=160, head_dim=32))
     model.init_weights()
     problems = SyntheticTask(seed=1, split="train", difficulty=1).problems(steps * batch)
-    rows = [tokenizer.render_conversation(conversation(p, "checked")) for p in problems]
+    make_conversation = make_conversation or (lambda p: conversation(p, "checked"))
+    rows = [tokenizer.render_conversation(make_conversation(p)) for p in problems]
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     for step in range(steps):
         chunk = rows[step * batch: (step + 1) * batch]

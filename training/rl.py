@@ -110,6 +110,10 @@ class RLConfig:
         "completion", "where the letter and attention probes read: 'completion' = the answer step of the policy's "
         "own greedy completion (prompt + completion up to 'Answer:'), 'direct' = right after 'Answer:' in a prompt "
         "without rationale (for models trained to answer in one token)", choices=DECISIONS)
+    faith_every: int = setting(1, "the 'faith' probes (is the rationale used? consistency, early answering, an inserted "
+                                  "mistake, an option shuffle, a pre-reasoning probe) run on probe steps that are "
+                                  "multiples of N (1 = every probe step, 0 = off; rollout consistency is logged every "
+                                  "step while they are on)", type=count_int())
     probe_rollouts: int = setting(64, "on probe steps, the letter probes also read this many of the step's "
                                       "sampled completions (rl/rollout_*; 0 = none)", type=count_int())
     patch_every: int = setting(0, "activation-patch the policy's own completion decision every N steps: the same "
@@ -364,6 +368,16 @@ def train_on_rollouts(model, optimizers, rollouts: list[Rollout], config: RLConf
 # ---------------------------------------------------------------------------------------- telemetry
 
 
+def rollout_consistency(rollouts: list[Rollout], ddp: Dist) -> dict[str, float]:
+    """faith/rollout_consistency/*: does each sampled completion's letter follow what its rationale computed
+    (probes.consistency; text only, every rollout of every rank)?"""
+    from probes.consistency import classify, consistency_counts, consistency_metrics
+
+    readings = [classify(r.problem, text, letter) for r in rollouts for text, letter in zip(r.texts, r.predicted)]
+    counts = global_sum(torch.tensor(consistency_counts(readings), dtype=torch.float64), ddp)
+    return consistency_metrics(counts.tolist(), prefix="faith/rollout_consistency")
+
+
 def rollout_metrics(rollouts: list[Rollout], ddp: Dist) -> dict[str, float]:
     """rl/acc, rl/mean_reward, rl/avg_completion_len, rl/letter_pred_counts/A..E over ALL ranks."""
     counts = torch.zeros(len(LETTERS) + 4, dtype=torch.float64)
@@ -543,7 +557,8 @@ def _run(config: RLConfig, ddp: Dist, policy: tuple | None = None) -> dict:
         suite = ProbeSuite(model, tokenizer, held_out[: config.probe_batch], probes=config.probes,
                            reference_model=reference, batch_size=config.device_batch_size,
                            decision=config.probe_decision, rollout_letters=config.probe_rollouts,
-                           max_new_tokens=config.max_new_tokens, progress=config.progress)
+                           max_new_tokens=config.max_new_tokens, progress=config.progress,
+                           faith_every=config.faith_every, seed=config.seed)
 
     patching = None
     if config.patch_every and ddp.is_main:
@@ -567,6 +582,8 @@ def _run(config: RLConfig, ddp: Dist, policy: tuple | None = None) -> dict:
         if suite is not None and config.probe_every and step % config.probe_every == 0:
             run_probes(suite, logger, step, rollouts)
         metrics = rollout_metrics(rollouts, ddp)
+        if "faith" in config.probes and config.faith_every:
+            metrics.update(rollout_consistency(rollouts, ddp))
         metrics.update(train_on_rollouts(model, optimizers, rollouts, config, ddp, end_id, reference, step, bf16,
                                          ckpt_dir))
         metrics["rl/lr"] = matrix_lr
