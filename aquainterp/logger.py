@@ -16,8 +16,16 @@ inside one W&B run still plot correctly. We never pass `step=` to `wandb.log` fo
 
 Logging must never kill a training run: if W&B cannot start online (no login, no network) the logger
 falls back to offline with one warning, and any later W&B error is warned about once while local
-logging goes on. Wrong arguments (a non-number value, a non-integer step) are programming errors and
-raise at once with the name of the metric. On ranks other than 0 the logger does nothing.
+logging goes on. A row that cannot be written to metrics.jsonl (a full disk) is never silent either: the
+file is cut back to its last whole row, the first failure is warned about at once, and `finish` warns
+with how many rows were lost. Wrong arguments (a non-number value, a non-integer step) are programming
+errors and raise at once with the name of the metric. On ranks other than 0 the logger does nothing.
+
+Resuming (`truncate_from=S`, what the stages pass on --resume): the record is restored to the checkpoint
+first. Rows with step >= S were logged after it; they, and a partial last line a kill or a full disk left,
+are moved to metrics.rolled-back-<n>.jsonl (said on the console) before anything new is written, and the
+W&B run of the folder resumes under the same id (offline: a new offline-run folder with that id, which
+`wandb sync` appends to the same run; dashboards.wandb_run reads the folders as one history).
 """
 
 from __future__ import annotations
@@ -39,11 +47,11 @@ METRICS_FILE = "metrics.jsonl"
 MEDIA_DIR = "media"
 
 # Families whose x-axis is another family's step (probes run inside the RL loop).
-STEP_FAMILY = {"attn": "rl", "probe": "rl"}
+STEP_FAMILY = {"attn": "rl", "probe": "rl", "faith": "rl"}
 
 
 def step_metric_for(name: str) -> str | None:
-    """The W&B step metric a metric plots against: 'rl/acc' -> 'rl/step', 'attn/x' and 'probe/x' -> 'rl/step'."""
+    """The W&B step metric a metric plots against: 'rl/acc' -> 'rl/step', 'attn/x', 'probe/x' and 'faith/x' -> 'rl/step'."""
     family, sep, _rest = name.partition("/")
     if not sep or not family:
         return None
@@ -117,7 +125,7 @@ class Logger:
     """W&B + metrics.jsonl with the same names and an explicit step. See the module docstring."""
 
     def __init__(self, run_dir: str | os.PathLike, project: str = "aquainterp", run_name: str | None = None,
-                 mode: str = "offline", config: dict | None = None, rank: int = 0):
+                 mode: str = "offline", config: dict | None = None, rank: int = 0, truncate_from: int | None = None):
         if mode not in MODES:
             raise ValueError(f"Logger: mode must be one of {', '.join(MODES)}, got {mode!r}")
         self.run_dir = Path(run_dir)
@@ -127,16 +135,25 @@ class Logger:
         self._warned: set[str] = set()
         self._defined_families: set[str] = set()
         self._file = None
+        self.rows_written = 0
+        self.rows_lost = 0
+        self._first_error: str | None = None
+        self.rolled_back: Path | None = None
         if not self.active:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115 (closed in finish)
+        self.rolled_back = restore_metrics(self.run_dir / METRICS_FILE, truncate_from)
+        path = self.run_dir / METRICS_FILE
+        self._file = open(path, "ab", buffering=0)  # noqa: SIM115 (closed in finish); unbuffered: whole rows or none
+        self._size = self._file.seek(0, os.SEEK_END)
         if mode != "disabled":
-            self.wandb_run = self._start_wandb(project, run_name, mode, config)
+            resume_id = previous_wandb_id(self.run_dir) if truncate_from is not None else None
+            self.wandb_run = self._start_wandb(project, run_name, mode, config, resume_id)
 
     # ----------------------------------------------------------------------------------------- W&B
-    def _start_wandb(self, project, run_name, mode, config):
-        """wandb.init in the requested mode; online failing falls back to offline with one warning."""
+    def _start_wandb(self, project, run_name, mode, config, resume_id=None):
+        """wandb.init in the requested mode; online failing falls back to offline with one warning.
+        With `resume_id` (a resumed run), the W&B run of that id continues."""
         try:
             import wandb
         except Exception as e:  # a broken install must not stop training
@@ -148,8 +165,9 @@ class Logger:
         attempts = [mode] if mode == "offline" else ["online", "offline"]
         for attempt in attempts:
             try:
+                same = {"id": resume_id, "resume": "allow"} if resume_id else {}
                 return wandb.init(project=project, name=run_name, dir=str(self.run_dir), mode=attempt,
-                                  config=config, settings=settings, reinit="create_new")
+                                  config=config, settings=settings, reinit="create_new", **same)
             except Exception as e:
                 if attempt == "online":
                     self._warn_once("online", f"Logger: W&B could not start online ({type(e).__name__}: "
@@ -192,11 +210,24 @@ class Logger:
 
     # -------------------------------------------------------------------------------------- local
     def _write(self, row: dict) -> None:
+        """One whole row or none: a failed or short write is cut back off the file, counted and warned."""
+        data = (json.dumps(row) + "\n").encode("utf-8")
         try:
-            self._file.write(json.dumps(row) + "\n")
-            self._file.flush()
-        except Exception as e:
-            self._warn_once("file", f"Logger: could not write {self.run_dir / METRICS_FILE} ({e})")
+            written = self._file.write(data)
+            if written != len(data):
+                raise OSError(f"short write ({written} of {len(data)} bytes)")
+            self._size += len(data)
+            self.rows_written += 1
+        except OSError as e:
+            self.rows_lost += 1
+            try:
+                os.truncate(self.run_dir / METRICS_FILE, self._size)  # no partial row stays behind
+            except OSError:
+                pass
+            if self._first_error is None:
+                self._first_error = f"{type(e).__name__}: {e}"
+                self._warn_once("file", f"Logger: could not write a row to {self.run_dir / METRICS_FILE} "
+                                f"({self._first_error}); rows are being lost (counted at finish)")
 
     # --------------------------------------------------------------------------------- public API
     def log(self, metrics: Mapping[str, Any], step: int) -> None:
@@ -292,6 +323,10 @@ class Logger:
         if self._file is not None:
             self._file.close()
             self._file = None
+            if self.rows_lost:
+                self._warn_once("lost", f"Logger: {self.rows_lost} of {self.rows_lost + self.rows_written} rows "
+                                f"could not be written to {self.run_dir / METRICS_FILE} (first error: "
+                                f"{self._first_error})")
         if self.wandb_run is not None:
             run, self.wandb_run = self.wandb_run, None
             try:
@@ -327,6 +362,64 @@ class Logger:
 
     def __exit__(self, *exc) -> None:
         self.finish()
+
+
+ASIDE_NAME = "metrics.rolled-back-{}.jsonl"
+
+
+def restore_metrics(path: Path, truncate_from: int | None) -> Path | None:
+    """Before appending to `path`: move its rows with step >= truncate_from (None: none) and a partial
+    last line to the next free metrics.rolled-back-<n>.jsonl beside it, say so on stdout, and return that
+    file (None when nothing moved). The kept rows are rewritten through a temp file and a rename."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    keep, aside, moved_steps, partial = [], [], [], 0
+    for line in data.splitlines(keepends=True):
+        if not line.endswith(b"\n"):
+            aside.append(line + b"\n")
+            partial = len(line)
+            continue
+        step = None
+        if truncate_from is not None:
+            try:
+                row = json.loads(line)
+                step = row.get("step") if isinstance(row, dict) else None
+            except ValueError:
+                step = None
+        if isinstance(step, int) and step >= truncate_from:
+            aside.append(line)
+            moved_steps.append(step)
+        else:
+            keep.append(line)
+    if not aside:
+        return None
+    n = 1
+    while (path.parent / ASIDE_NAME.format(n)).exists():
+        n += 1
+    target = path.parent / ASIDE_NAME.format(n)
+    target.write_bytes(b"".join(aside))
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    tmp.write_bytes(b"".join(keep))
+    os.replace(tmp, path)
+    said = []
+    if moved_steps:
+        said.append(f"{len(moved_steps)} rows logged after the checkpoint (steps {min(moved_steps)}-{max(moved_steps)})")
+    if partial:
+        said.append(f"a partial last line ({partial} bytes, cut off mid-write)")
+    print(f"Logger: moved {' and '.join(said)} of {path} to {target}", flush=True)
+    return target
+
+
+def previous_wandb_id(run_dir: Path) -> str | None:
+    """The id of the latest W&B run in run_dir/wandb (offline-run-<time>-<id> or run-<time>-<id>)."""
+    found = []
+    for p in (run_dir / "wandb").glob("*run-*-*"):
+        m = re.fullmatch(r"(?:offline-)?run-(\d{8}_\d{6})-([a-z0-9]+)", p.name)
+        if m and p.is_dir():
+            found.append((m.group(1), m.group(2)))
+    return max(found)[1] if found else None
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
@@ -371,20 +464,33 @@ _BLOCK = 32768
 _FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
 
 
-def find_wandb_file(path: str | Path) -> Path:
-    """The .wandb file for a run dir, a wandb/ dir holding one offline run, or the file itself."""
+def find_wandb_files(path: str | Path) -> list[Path]:
+    """The .wandb file(s) of one W&B run, oldest first: a run dir, its wandb/ folder, or the file itself.
+    A resumed run has one folder per segment, all with its id; runs with different ids are refused."""
     path = Path(path)
     if path.is_file():
-        return path
+        return [path]
     found = list(path.glob("run-*.wandb")) or list(path.glob("*/run-*.wandb")) \
         or list(path.glob("wandb/*/run-*.wandb"))
     candidates = sorted({c.resolve() for c in found})  # wandb/latest-run is a link to one of them
     if not candidates:
         raise FileNotFoundError(f"no W&B run file (run-*.wandb) in {path} or its wandb/ folder")
-    if len(candidates) > 1:
+    ids = sorted({c.stem.removeprefix("run-") for c in candidates})
+    if len(ids) > 1:
         names = ", ".join(str(c.parent.name) for c in candidates)
-        raise ValueError(f"{path} holds {len(candidates)} W&B runs ({names}); pass one run directory")
-    return candidates[0]
+        raise ValueError(f"{path} holds {len(ids)} W&B runs ({names}); pass one run directory")
+
+    def started(c: Path) -> str:  # folder names: [offline-]run-<YYYYmmdd_HHMMSS>-<id>
+        m = re.search(r"run-(\d{8}_\d{6})-", c.parent.name)
+        return m.group(1) if m else c.parent.name
+
+    return sorted(candidates, key=lambda c: (started(c), c.parent.name))
+
+
+def find_wandb_file(path: str | Path) -> Path:
+    """The .wandb file for a run dir, a wandb/ dir holding one offline run, or the file itself (a resumed
+    run: its latest segment; find_wandb_files gives them all)."""
+    return find_wandb_files(path)[-1]
 
 
 def iter_wandb_records(path: str | Path) -> Iterator[bytes]:
