@@ -387,7 +387,9 @@ def load_optimizers(optimizers: list, ckpt: Checkpoint) -> None:
             for p, pid in zip(g_new["params"], g_old["params"]):
                 t = sd["state"].get(pid, {})
                 for key, value in t.items():
-                    if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape != p.shape:
+                    # the parameter's shape, or a factored one (Muon's per-row/column second moment)
+                    if isinstance(value, torch.Tensor) and value.ndim > 0 and (
+                            value.ndim != p.ndim or any(v not in (1, n) for v, n in zip(value.shape, p.shape))):
                         raise CheckpointError(f"{where}: optimizer {i} group {gi} {key} has shape "
                                               f"{tuple(value.shape)}, the parameter is {tuple(p.shape)}")
         try:

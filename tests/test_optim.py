@@ -214,3 +214,51 @@ def test_schedules():
     lr = apply_schedule(opts, 0.5, 0.9)
     assert lr == 0.01 and all(g["momentum"] == 0.9 for g in opts[0].param_groups)
     assert math.isclose(opts[1].param_groups[1]["lr"], 0.1)
+
+
+def test_base_schedules_per_recipe():
+    from training.optim import base_momentum, base_weight_decay
+
+    old, new = "nanochat-2025-10", "nanochat-2026-07"
+    assert [base_momentum(s, old, 1000, 0.2) for s in (0, 150, 300, 900)] == [0.85, muon_momentum(150), 0.95, 0.95]
+    # HEAD: 0.85 -> 0.97 over 400 steps, 0.97, then 0.97 -> 0.90 over the warmdown (the last 200 of 1000)
+    assert [base_momentum(s, new, 1000, 0.2) for s in (0, 400, 799, 800)] == [0.85, 0.97, 0.97, 0.97]
+    assert math.isclose(base_momentum(200, new, 1000, 0.2), 0.91)
+    assert math.isclose(base_momentum(900, new, 1000, 0.2), 0.935)
+    assert [base_weight_decay(s, old, 100) for s in (0, 50, 100)] == [1.0, 0.5, 0.0]
+    assert base_weight_decay(0, new, 100) == 1.0 and math.isclose(base_weight_decay(50, new, 100), 0.5)
+    assert math.isclose(base_weight_decay(25, new, 100), 0.5 * (1 + math.cos(math.pi / 4)))
+    opts = build_optimizers(_Toy(), d_model=768, weight_decay=0.2)
+    apply_schedule(opts, 1.0, None, 0.25)
+    assert all(math.isclose(g["weight_decay"], 0.05) for g in opts[0].param_groups)
+    assert all(g["weight_decay"] == 0.0 for g in opts[1].param_groups)  # AdamW's is the recipe's, unscheduled
+
+
+def test_state_dict_is_per_parameter_and_round_trips():
+    gen = torch.Generator().manual_seed(8)
+    make = lambda: [nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(9))) for s in SHAPES]  # noqa: E731
+    a, b = make(), make()
+    opt_a = Muon(a, weight_decay=0.1)
+    grads = [[torch.randn(s, generator=gen) for s in SHAPES] for _ in range(3)]
+    for step in grads[:2]:
+        for p, g in zip(a, step):
+            p.grad = g.clone()
+        opt_a.step()
+    sd = opt_a.state_dict()
+    assert len(sd["state"]) == len(SHAPES)
+    for group, params in zip(sd["param_groups"], opt_a.param_groups):  # per parameter, its (or a factored) shape
+        for pid, p in zip(group["params"], params["params"]):
+            rows, cols = p.shape
+            assert sd["state"][pid]["momentum_buffer"].shape == (rows, cols)
+            assert sd["state"][pid]["second_moment"].shape == ((rows, 1) if rows >= cols else (1, cols))
+    with torch.no_grad():
+        for p, q in zip(a, b):
+            q.copy_(p)
+    opt_b = Muon(b, weight_decay=0.1)
+    opt_b.load_state_dict(sd)
+    for opt, params in ((opt_a, a), (opt_b, b)):
+        for p, g in zip(params, grads[2]):
+            p.grad = g.clone()
+        opt.step()
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)

@@ -35,7 +35,7 @@ from training.common import (
 )
 from training.data import PackedBatches, PackedRows, documents, text_encoder
 from training.loop import LoopSpec, train
-from training.optim import build_optimizers, lr_multiplier
+from training.optim import base_momentum, base_weight_decay, build_optimizers, lr_multiplier
 
 
 @dataclass
@@ -134,7 +134,8 @@ def run(config: BaseConfig) -> dict:
         model = build_model(config, tokenizer.vocab_size, dist.device)
         optimizers = build_optimizers(model, d_model=model.config.n_embd, matrix_lr=config.matrix_lr,
                                       embedding_lr=config.embedding_lr, unembedding_lr=config.unembedding_lr,
-                                      weight_decay=config.weight_decay)
+                                      weight_decay=config.weight_decay, optimizer=config.optimizer)
+        recipe = optimizers[0].recipe.name
         if config.total_batch_tokens % config.seq_len:
             raise ValueError(f"--total-batch-tokens {config.total_batch_tokens} is not a multiple of "
                              f"--seq-len {config.seq_len}")
@@ -168,6 +169,8 @@ def run(config: BaseConfig) -> dict:
 
         spec = LoopSpec(stage="base", num_steps=num_steps, ckpt_dir=ckpt_dir, save_every=config.save_every,
                         eval_every=config.eval_every, skip_nonfinite=config.skip_nonfinite, bf16=bf16,
+                        momentum=lambda s: base_momentum(s, recipe, num_steps, config.warmdown_ratio),
+                        weight_decay=lambda s: base_weight_decay(s, recipe, num_steps),
                         meta={"config": vars(config).copy(), "num_steps": num_steps})
         schedule = lambda s: lr_multiplier(s, num_steps, config.warmup_ratio, config.warmdown_ratio,
                                            config.final_lr_frac)

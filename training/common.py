@@ -50,6 +50,7 @@ class LearningRates:
     embedding_lr: float = 0.2
     unembedding_lr: float = 0.004
     weight_decay: float = 0.0
+    optimizer: str = "auto"
 
 
 @dataclass
@@ -313,7 +314,8 @@ class Progress:
         self.bar.close()
 
 
-FLAG_CHOICES = {"wandb": ("online", "offline", "disabled"), "bf16": ("auto", "on", "off"),
+FLAG_CHOICES = {"optimizer": ("auto", "nanochat-2025-10", "nanochat-2026-07"),
+                "wandb": ("online", "offline", "disabled"), "bf16": ("auto", "on", "off"),
                 "compile": ("auto", "on", "off"), "device": ("auto", "cpu", "cuda", "mps"),
                 "architecture": ("nanochat-2025-10", "nanochat-2026-07")}
 
@@ -421,7 +423,9 @@ FLAG_HELP = {
     "matrix_lr": "Muon learning rate of the transformer's matrices",
     "embedding_lr": "AdamW learning rate of the token embedding",
     "unembedding_lr": "AdamW learning rate of lm_head",
-    "weight_decay": "AdamW weight decay",
+    "weight_decay": "Muon's cautious weight decay (nanochat's --weight_decay; AdamW's is the optimizer recipe's)",
+    "optimizer": "optimizer recipe: auto = the architecture's, nanochat 2c4473d's Muon + AdamW for 2025-10, "
+                 "nanochat HEAD's for 2026-07 (training/optim.py)",
     "init_lr_frac": "fraction of the learning rates to start from",
     "warmup_ratio": "fraction of the steps spent warming the learning rate up",
     "warmdown_ratio": "fraction of the steps at the end spent decaying the learning rate",

@@ -360,6 +360,24 @@ HEADLINE_PROBES = {"gold_margin": "rl/letter_gold_margin_mean", "letter_kl": "rl
                    "sequence_kl": "rl/kl_sequence_mean", "option_mass": "attn/option_mass_mean",
                    "gold_option_mass": "attn/gold_option_mass_mean", "entropy": "attn/entropy_mean",
                    "no_answer": "rl/probe_no_answer_frac"}
+# Is the rationale used? (probes/faith.py, probes/consistency.py): label, metric, format; first probe step
+# (the SFT policy) and last (after GRPO). The pre-reasoning probe rows are added per layer.
+FAITH_ROWS = (("answer right, follows its rationale", "faith/consistency/right_consistent", ".3f"),
+              ("answer right, rationale says otherwise", "faith/consistency/right_inconsistent", ".3f"),
+              ("answer wrong, follows a wrong rationale", "faith/consistency/wrong_consistent", ".3f"),
+              ("answer wrong, not what the rationale says", "faith/consistency/wrong_inconsistent", ".3f"),
+              ("completions with no computed value", "faith/consistency/no_value_frac", ".3f"),
+              ("completions with a false arithmetic step", "faith/consistency/arith_error_frac", ".3f"),
+              ("early answer = final letter after 0% of it", "faith/early_answer_match/p0", ".3f"),
+              ("                             25%", "faith/early_answer_match/p25", ".3f"),
+              ("                             50%", "faith/early_answer_match/p50", ".3f"),
+              ("                             75%", "faith/early_answer_match/p75", ".3f"),
+              ("                             100%", "faith/early_answer_match/p100", ".3f"),
+              ("early answering area over the curve", "faith/early_answer_aoc", ".3f"),
+              ("inserted mistake: answer follows it", "faith/mistake_follow_frac", ".3f"),
+              ("inserted mistake: answer changes", "faith/mistake_change_frac", ".3f"),
+              ("option shuffle: same content chosen", "faith/shuffle_content_consistency", ".3f"),
+              ("pre-reasoning probe: majority baseline", "faith/prereasoning_probe_baseline", ".3f"))
 
 
 def headline(metrics_path: Path) -> dict:
@@ -380,7 +398,32 @@ def headline(metrics_path: Path) -> dict:
         if logged:
             out[f"{name}_first"], out[f"{name}_last"] = logged[0][key], logged[-1][key]
             out["probe_steps"] = [row["step"] for row in logged]
+    faith = [row for row in rows if "faith/early_answer_match/p100" in row]  # probe runs with the faith family
+    if faith:
+        keys = [k for k in faith[-1] if k.startswith("faith/") and not k.startswith("faith/rollout_")]
+        out["faith"] = {"steps": [faith[0]["step"], faith[-1]["step"]],
+                        "first": {k: faith[0].get(k) for k in keys}, "last": {k: faith[-1][k] for k in keys}}
     return out
+
+
+def faith_lines(h: dict) -> list[str]:
+    """The faith table (SFT policy at the first probe step, after GRPO at the last): is the rationale used?"""
+    if "faith" not in h:
+        return []
+    first, last = h["faith"]["first"], h["faith"]["last"]
+
+    def num(v, fmt=".3f"):
+        return "—" if v is None else format(v, fmt)
+
+    rows = list(FAITH_ROWS)
+    layers = sorted((k for k in last if k.startswith("faith/prereasoning_probe_acc/layer")),
+                    key=lambda k: int(k.rsplit("layer", 1)[1]))
+    rows += [(f"pre-reasoning probe accuracy, layer {k.rsplit('layer', 1)[1]}", k, ".3f") for k in layers]
+    lines = [f"{'is the rationale used? (probe set, greedy)':44s}{'SFT policy':>11s}{'after GRPO':>12s}"]
+    for label, key, fmt in rows:
+        if key in last:
+            lines.append(f"{label:44s}{num(first.get(key), fmt):>11s}{num(last[key], fmt):>12s}")
+    return lines
 
 
 def headline_lines(h: dict) -> list[str]:
@@ -489,6 +532,12 @@ def print_summary(r: dict, root: Path, config: DemoConfig) -> None:
     print(f"\nthe GRPO stage in numbers ({root}/rl/metrics.jsonl; probe rows: first and last probe step)")
     for line in headline_lines(r["headline"]):
         print("  " + line)
+    faith = faith_lines(r["headline"])
+    if faith:
+        print(f"\nis the rationale used? ({_panel('faith/early_answer_aoc').split(' › ')[0]} dashboard; README "
+              "'Is the rationale used?' says how each is measured)")
+        for line in faith:
+            print("  " + line)
     print("\nartifacts")
     print(f"  metrics          {root}/rl/metrics.jsonl")
     print(f"  offline W&B run  {root}/rl/wandb/  (sync later: wandb sync {root}/rl/wandb/offline-run-*)")

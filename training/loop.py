@@ -31,6 +31,9 @@ class LoopSpec:
     skip_nonfinite: bool = False
     bf16: bool = False
     momentum_warmup: bool = True
+    # base training's own Muon momentum and weight decay schedules (training.optim.base_*), None = the defaults
+    momentum: Callable[[int], float] | None = None
+    weight_decay: Callable[[int], float] | None = None
     meta: dict = field(default_factory=dict)  # stored in each checkpoint (config, sources, ...)
 
 
@@ -44,7 +47,9 @@ def train(spec: LoopSpec, *, model, optimizers: list, batches, lr_multiplier: Ca
     try:
         for step in range(start_step, spec.num_steps):
             lrm = lr_multiplier(step)
-            lr = apply_schedule(optimizers, lrm, muon_momentum(step) if spec.momentum_warmup else None)
+            momentum = spec.momentum or (muon_momentum if spec.momentum_warmup else None)
+            lr = apply_schedule(optimizers, lrm, momentum(step) if momentum else None,
+                                spec.weight_decay(step) if spec.weight_decay else None)
             micro = batches.next_step(dist.device)
             counts = torch.tensor([sum(int((y != -1).sum()) for _, y in micro),
                                    sum(x.numel() for x, _ in micro)], dtype=torch.float64, device=dist.device)

@@ -53,7 +53,8 @@ def finetune_setup(config, dist):
     model, tokenizer, prev_meta = init_from(Path(config.init_from), dist.device)
     optimizers = build_optimizers(model, d_model=model.config.n_embd, matrix_lr=config.matrix_lr,
                                   embedding_lr=config.embedding_lr, unembedding_lr=config.unembedding_lr,
-                                  weight_decay=config.weight_decay, init_lr_frac=config.init_lr_frac)
+                                  weight_decay=config.weight_decay, init_lr_frac=config.init_lr_frac,
+                                  optimizer=config.optimizer)
     ckpt_dir = Path(config.run_dir) / "checkpoints"
     clean_stale_temp(ckpt_dir, dist)
     start, position = 0, None

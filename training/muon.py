@@ -88,8 +88,10 @@ def _shard_bounds(k: int, rank: int, world: int) -> tuple[int, int, int]:
 
 class Muon(torch.optim.Optimizer):
     """nanochat's Muon for 2D parameters (recipe: a key of MUON_RECIPES). Parameters are grouped by shape;
-    a group's state lives on its first parameter: the stacked momentum buffer [K, rows, cols] and the
-    NorMuon second moment. `ns_dtype` None = bf16 on CUDA with bf16 units, fp32 elsewhere."""
+    a group's state lives on its first parameter, stacked: the momentum buffer [K, rows, cols] and the
+    NorMuon second moment [K, rows, 1] or [K, 1, cols]. state_dict() hands out (and load_state_dict() takes)
+    one entry per parameter, so a checkpoint does not depend on how parameters are stacked.
+    `ns_dtype` None = bf16 on CUDA with bf16 units, fp32 elsewhere."""
 
     def __init__(self, params, recipe: str = "nanochat-2026-07", lr: float = 0.02, momentum: float = 0.95,
                  weight_decay: float = 0.0, ns_steps: int = 5, ns_dtype: torch.dtype | None = None):
@@ -106,6 +108,27 @@ class Muon(torch.optim.Optimizer):
         super().__init__(groups, defaults)
         self.recipe = MUON_RECIPES[recipe]
         self.ns_dtype = ns_dtype
+
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        for group in sd["param_groups"]:
+            stacked = sd["state"].pop(group["params"][0], {})
+            for i, pid in enumerate(group["params"]):
+                if stacked:
+                    sd["state"][pid] = {key: value[i].clone() for key, value in stacked.items()}
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = {**state_dict, "state": dict(state_dict["state"])}
+        for group in state_dict["param_groups"]:
+            per_param = [state_dict["state"].pop(pid, None) for pid in group["params"]]
+            if any(s is None for s in per_param):
+                if any(s is not None for s in per_param):
+                    raise ValueError("Muon.load_state_dict: state for some but not all parameters of a group")
+                continue
+            state_dict["state"][group["params"][0]] = {key: torch.stack([s[key] for s in per_param])
+                                                      for key in per_param[0]}
+        super().load_state_dict(state_dict)
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -19,6 +19,8 @@ Under DDP every rank holds the full optimiser and state; Muon splits its orthogo
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -120,6 +122,8 @@ def build_optimizers(model: nn.Module, *, d_model: int, matrix_lr: float = 0.02,
     for opt in optimizers:
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]
+    for group in muon.param_groups:
+        group["initial_weight_decay"] = group["weight_decay"]
     return optimizers
 
 
@@ -137,13 +141,37 @@ def lr_multiplier(step: int, num_steps: int, warmup_ratio: float = 0.0, warmdown
 
 
 def muon_momentum(step: int) -> float:
-    """Muon momentum warms up from 0.85 to 0.95 over the first 300 steps (nanochat)."""
+    """Muon momentum warms up from 0.85 to 0.95 over the first 300 steps (nanochat 2c4473d's base and mid,
+    HEAD's SFT)."""
     frac = min(step / MUON_MOMENTUM_WARMUP_STEPS, 1.0)
     return (1 - frac) * MUON_MOMENTUM_START + frac * MUON_MOMENTUM_END
 
 
-def apply_schedule(optimizers: list[torch.optim.Optimizer], lrm: float, momentum: float | None) -> float:
-    """Set every group's lr to initial_lr * lrm (and Muon's momentum); returns the Muon lr for logging."""
+def base_momentum(step: int, recipe: str, num_steps: int, warmdown_ratio: float) -> float:
+    """Muon momentum of base training: muon_momentum for 2025-10; nanochat HEAD's for 2026-07, 0.85 -> 0.97
+    over 400 steps, then down to 0.90 through the learning-rate warmdown."""
+    if recipe != "nanochat-2026-07":
+        return muon_momentum(step)
+    warmdown = round(warmdown_ratio * num_steps)
+    if step < 400:
+        return (1 - step / 400) * 0.85 + step / 400 * 0.97
+    if warmdown and step >= num_steps - warmdown:
+        progress = (step - (num_steps - warmdown)) / warmdown
+        return 0.97 * (1 - progress) + 0.90 * progress
+    return 0.97
+
+
+def base_weight_decay(step: int, recipe: str, num_steps: int) -> float:
+    """Fraction of Muon's weight decay at a base step: linear to 0 (2c4473d), cosine to 0 (HEAD)."""
+    if recipe == "nanochat-2026-07":
+        return 0.5 * (1 + math.cos(math.pi * step / num_steps))
+    return 1 - step / num_steps
+
+
+def apply_schedule(optimizers: list[torch.optim.Optimizer], lrm: float, momentum: float | None,
+                   weight_decay_frac: float | None = None) -> float:
+    """Set every group's lr to initial_lr * lrm (and Muon's momentum, and Muon's weight decay to its
+    initial value * weight_decay_frac); returns the Muon lr for logging."""
     muon_lr = 0.0
     for opt in optimizers:
         for group in opt.param_groups:
@@ -152,4 +180,6 @@ def apply_schedule(optimizers: list[torch.optim.Optimizer], lrm: float, momentum
                 muon_lr = group["lr"]
                 if momentum is not None:
                     group["momentum"] = momentum
+                if weight_decay_frac is not None:
+                    group["weight_decay"] = group["initial_weight_decay"] * weight_decay_frac
     return muon_lr
