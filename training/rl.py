@@ -94,7 +94,9 @@ class RLConfig:
     matrix_lr: float = setting(0.02, "Muon learning rate of the matrices", type=_LR)
     embedding_lr: float = setting(0.2, "AdamW learning rate of the embedding", type=_LR)
     unembedding_lr: float = setting(0.004, "AdamW learning rate of lm_head", type=_LR)
-    weight_decay: float = setting(0.0, "AdamW weight decay", type=Number(float, 0.0, 10.0))
+    weight_decay: float = setting(0.0, "Muon's cautious weight decay (nanochat)", type=Number(float, 0.0, 10.0))
+    optimizer: str = setting("auto", "optimizer recipe: auto = the architecture's (training/optim.py)",
+                             choices=("auto", "nanochat-2025-10", "nanochat-2026-07"))
     init_lr_frac: float = setting(0.05, "fraction of the base learning rates",
                                   type=Number(float, 0.0, 1.0, lo_open=True))
     # eval / telemetry
@@ -534,7 +536,8 @@ def _run(config: RLConfig, ddp: Dist, policy: tuple | None = None) -> dict:
         reference = freeze_reference(model, device)  # the pre-RL policy, before any resume
     optimizers = build_optimizers(model, d_model=model.config.n_embd, matrix_lr=config.matrix_lr,
                                   embedding_lr=config.embedding_lr, unembedding_lr=config.unembedding_lr,
-                                  weight_decay=config.weight_decay, init_lr_frac=config.init_lr_frac)
+                                  weight_decay=config.weight_decay, init_lr_frac=config.init_lr_frac,
+                                  optimizer=config.optimizer)
     start_step, before = 0, None
     resumed = common.resume(ckpt_dir, model, optimizers, device, tokenizer) if config.resume else None
     if resumed is not None:
