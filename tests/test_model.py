@@ -456,13 +456,26 @@ def test_no_hook_forward_is_one_graph_for_torch_compile():
     torch.testing.assert_close(compiled(idx), model(idx), atol=0, rtol=0)
 
 
+BF16_UNIT_ROUNDOFF = 2.0 ** -8  # bf16 keeps 8 significant bits: a rounding moves a value by at most 2^-8 of it
+
+
 def test_bf16_autocast_forward_and_kv_cache():
+    """bf16 full and KV-cached forwards, each against the fp32 forward within bf16 rounding. They are not
+    compared with each other bit for bit: bf16 SDPA over 12 queries vs chunks of 7 and 5 rounds differently
+    with ATen's AVX2 kernels (measured: 775 of 1,536 logits differ, max 0.0194, on an AMD EPYC and under
+    ATEN_CPU_CAPABILITY=avx2 on an Intel Xeon; equal with its AVX-512 kernels)."""
     model = random_gpt(small_config())
     idx = tokens()
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        full = model(idx)
-        cache = KVCache(batch_size=2, num_layers=2, max_len=12)
-        parts = torch.cat([model(idx[:, :7], kv_cache=cache), model(idx[:, 7:], kv_cache=cache)], dim=1)
+    with torch.no_grad():
+        exact = model(idx)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            full = model(idx)
+            cache = KVCache(batch_size=2, num_layers=2, max_len=12)
+            parts = torch.cat([model(idx[:, :7], kv_cache=cache), model(idx[:, 7:], kv_cache=cache)], dim=1)
     assert full.dtype == torch.float32 and cache.k.dtype == torch.bfloat16  # fp32 soft-capped logits
-    torch.testing.assert_close(parts, full, atol=0, rtol=0)
-    torch.testing.assert_close(full, model(idx), atol=0.1, rtol=0)  # bf16 matmuls: close, not equal
+    # every matmul input is rounded to bf16 on the way through 2 blocks and the head; measured error 2.1
+    # roundings of the logits' scale (0.028 on logits up to 3.4) on AVX2 and AVX-512 alike: allow 4
+    tol = 4 * BF16_UNIT_ROUNDOFF * exact.abs().max().item()
+    for name, got in (("full", full), ("cached", parts)):
+        err = (got - exact).abs().max().item()
+        assert 1e-4 < err <= tol, f"bf16 {name} forward vs fp32: max |error| {err:.4f}, bf16 bound {tol:.4f}"
