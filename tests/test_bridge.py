@@ -86,8 +86,10 @@ def test_import_of_export_is_exact(tmp_path):
     back = import_hf(export_hf(model, None, tmp_path / "hf"))
     assert back.config == model.config
     for name, tensor in model.state_dict().items():
+        # exact by construction: export and import copy tensors, no arithmetic
         assert torch.equal(back.state_dict()[name], tensor), name
     with torch.no_grad():
+        # exact on any CPU: equal weights through the same kernels on the same shapes
         assert torch.equal(back(ids()), model(ids()))
 
 
@@ -223,4 +225,5 @@ def test_export_command_writes_a_checkpoint_that_hf_loads(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"wrote {tmp_path / 'hf'} ({model.num_params():,} parameters)" in printed
     assert "max |logits(HF) - logits(ours)| = " in printed
+    # exact on any CPU: equal weights through the same kernels on the same shapes
     assert torch.equal(import_hf(tmp_path / "hf")(ids()), model(ids()))

@@ -73,6 +73,7 @@ def test_export_of_non_default_shapes_round_trips_through_hf(tmp_path):
     ids = torch.randint(0, 100, (2, 20))
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, model(ids), atol=1e-4, rtol=0)
+        # exact on any CPU: the round trip copies the weights; the same kernels on the same shapes
         torch.testing.assert_close(import_hf(out)(ids), model(ids), atol=0, rtol=0)
     assert hf.config.vocab_size == 100  # the padding rows are not exported
 

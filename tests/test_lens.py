@@ -148,6 +148,7 @@ def test_logit_attrs_matches_reference_code(model, run):
 def test_accumulated_resid_last_layer_variants_and_labels(model, run):
     _, _, cache = run
     stack = cache.accumulated_resid(layer=-1, incl_mid=True, pos_slice=-1)
+    # exact by construction: the same cached tensors stacked (layer -1, n_layers and None are one layer)
     assert torch.equal(stack, cache.accumulated_resid(layer=model.cfg.n_layers, incl_mid=True, pos_slice=-1))
     assert torch.equal(stack, cache.accumulated_resid(layer=None, incl_mid=True, pos_slice=-1))
     no_mid, labels = cache.accumulated_resid(layer=-1, incl_mid=False, pos_slice=-1, return_labels=True)
@@ -261,6 +262,7 @@ def test_batch_dim_handling(model, run):
     with pytest.raises(AssertionError, match="Cannot remove batch dimension from cache with batch size 8"):
         cache.apply_slice_to_batch_dim(Slice(None)).remove_batch_dim()
     sliced = cache.apply_slice_to_batch_dim(Slice((2, 4)))
+    # exact by construction: slices of the same cached tensors
     assert sliced.has_batch_dim and all(torch.equal(cache[k][2:4], sliced[k]) for k in cache.cache_dict)
     single = cache.apply_slice_to_batch_dim(2)
     assert not single.has_batch_dim and all(torch.equal(cache[k][2], single[k]) for k in cache.cache_dict)
@@ -270,6 +272,7 @@ def test_batch_dim_handling(model, run):
 def test_retrieve_items_keys_values_and_stack_activation(model, run):
     _, _, cache = run
     n = model.cfg.n_layers
+    # exact by construction: one cached tensor under two names
     assert torch.equal(cache["scale", 1, "ln1"], cache[tl_utils.get_act_name("scale", 1, "ln1")])
     assert torch.equal(cache["scale", -1, "ln1"], cache[f"blocks.{n - 1}.ln1.hook_scale"])
     assert torch.equal(cache["k", -1, None], cache[f"blocks.{n - 1}.attn.hook_k"])
@@ -373,6 +376,7 @@ def test_hook_embed_is_what_enters_the_stream_and_raw_embedding_is_documented(mo
     tokens, _, cache = run
     torch.testing.assert_close(cache["hook_embed_raw"], model.W_E[tokens])
     torch.testing.assert_close(cache["hook_embed"], torch.nn.functional.rms_norm(model.W_E[tokens], (model.cfg.d_model,)))
+    # exact by construction: resid_pre 0 is hook_embed's output, the same tensor
     assert torch.equal(cache["hook_embed"], cache["resid_pre", 0])
 
 
@@ -546,6 +550,7 @@ def bridge_pair(tok, checkpoint_dir, tmp_path_factory):
 @torch.no_grad()
 def test_sanity_check_detect_head_and_test_prompt_agree_with_the_bridge(bridge_pair, capsys):
     model, bridge = bridge_pair
+    # exact by construction: integer token ids
     assert torch.equal(model.to_tokens(SANITY_TEXT), bridge.to_tokens(SANITY_TEXT).cpu())
     ours = evals.sanity_check(model)
     torch.testing.assert_close(ours, evals.sanity_check(bridge), atol=1e-4, rtol=0)
@@ -650,6 +655,7 @@ def test_weight_views_in_tl_shapes_with_gqa_heads_expanded(tok):
     torch.testing.assert_close(cache["pattern", 0][:, 3] @ (h @ model.OV[0, 3].AB), z3 @ model.W_O[0, 3],
                                atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(torch.einsum("bpm,hmd->bphd", h, model.W_Q[0]), cache["q", 0])
+    # exact by construction: shared kv heads and unembedding columns are views of the same weights
     assert torch.equal(model.W_K[0, 2], model.W_K[0, 3]) and torch.equal(model.W_K[0, 3], model.blocks[0].attn._W_K[1])
     assert model.QK.AB.shape == (L, H, D, D)
     dirs = model.tokens_to_residual_directions(torch.tensor([[3, 4], [5, 6]]))
@@ -673,6 +679,7 @@ def test_opt_in_hooks_fire_only_when_switched_on_and_keep_the_numbers(tok, n_kv_
     try:
         logits, cache = model.run_with_cache(tokens)
         torch.testing.assert_close(logits, base, atol=1e-5, rtol=0)
+        # exact by construction: token ids and residual-stream copies, no arithmetic
         assert torch.equal(cache["hook_tokens"], tokens)
         torch.testing.assert_close(cache["result", 1].sum(-2), cache["attn_out", 1], atol=1e-5, rtol=0)
         torch.testing.assert_close(cache["result", 1], base_cache.stack_head_results(2)[4:].permute(1, 2, 0, 3),
@@ -686,6 +693,7 @@ def test_opt_in_hooks_fire_only_when_switched_on_and_keep_the_numbers(tok, n_kv_
         with model.hooks(fwd_hooks=[("blocks.0.hook_mlp_in", lambda act, hook: act.zero_())]):
             _, zeroed = model.run_with_cache(tokens, names_filter=lambda n: n.startswith("blocks.0.hook_"))
         assert not zeroed["mlp_out", 0].any() and zeroed["resid_mid", 0].abs().sum() > 0
+        # exact by construction: resid_mid + 0 (the zeroed MLP writes exact zeros)
         assert torch.equal(zeroed["resid_post", 0], zeroed["resid_mid", 0])
         # a change to head 2's q input moves head 2's queries only; the alias TL 4.x patching uses works
         bump = lambda act, hook: act + torch.where(torch.arange(4)[:, None] == 2, 1.0, 0.0)  # noqa: E731

@@ -214,6 +214,7 @@ def test_run_with_cache_gives_every_hook_with_tl_names_and_shapes():
     assert cache.stack_activation("resid_post").shape == (2, 2, 12, 64)
     # hook_embed is what enters the residual stream: the RMSNorm of the raw embedding (hook_embed_raw).
     torch.testing.assert_close(cache["hook_embed"], F.rms_norm(cache["hook_embed_raw"], (64,)))
+    # exact by construction: resid_pre 0 is hook_embed's output, the same tensor
     assert torch.equal(cache["resid_pre", 0], cache["hook_embed"])
     # Values are the real activations: hook_q is the c_q projection of ln1's output.
     q = cache["normalized", 0, "ln1"] @ model.blocks[0].attn.c_q.weight.T
@@ -256,6 +257,7 @@ def test_names_filter_run_takes_fused_path_with_same_numbers():
     idx = tokens()
     logits, cache = model.run_with_cache(idx, names_filter=lambda n: n.endswith("hook_resid_post"))
     assert list(cache.keys()) == ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    # exact on any CPU: hooks on resid_post only keep the fused path, the same kernels on the same shapes
     torch.testing.assert_close(logits, model(idx), atol=0, rtol=0)
 
 
@@ -264,6 +266,7 @@ def test_writing_to_a_hook_changes_downstream():
     idx = tokens()
     clean = model(idx)
     same = model.run_with_hooks(idx, fwd_hooks=[("blocks.1.hook_resid_mid", lambda x, hook: x.clone())])
+    # exact on any CPU: an identity hook on resid_mid changes no kernel and no shape
     torch.testing.assert_close(same, clean, atol=0, rtol=0)
 
     # Zeroing the last-layer MLP input at position 3 changes position 3 only, and exactly as the math says.
@@ -427,6 +430,7 @@ def test_load_state_dict_checked_names_tensor_and_shapes():
     other = GPT(small_config())
     state = model.state_dict()
     other.load_state_dict_checked({f"_orig_mod.{k}": v for k, v in state.items()})
+    # exact on any CPU: the same weights through the same kernels on the same shapes
     torch.testing.assert_close(other(tokens()), model(tokens()), atol=0, rtol=0)
     bad = dict(state)
     bad["blocks.1.mlp.c_fc.weight"] = torch.zeros(128, 64)
@@ -453,6 +457,7 @@ def test_no_hook_forward_is_one_graph_for_torch_compile():
     explanation = torch._dynamo.explain(model)(idx)
     assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
     compiled = torch.compile(model, fullgraph=True, backend="eager")
+    # exact on any CPU: backend='eager' runs the captured graph's ATen ops, the same kernels on the same shapes
     torch.testing.assert_close(compiled(idx), model(idx), atol=0, rtol=0)
 
 

@@ -70,10 +70,12 @@ def test_logits_from_resid_rows_and_tokens(model):
     idx = tokens(batch=3, T=8)
     logits, cache = run_cache(model, idx)
     final = cache["blocks.2.hook_resid_post"]
+    # exact on any CPU: logits_from_resid runs forward's last ops on the same tensor and shapes
     assert torch.equal(model.logits_from_resid(final), logits)  # the same ops as the end of forward
     ids = torch.tensor([3, 7, 60])
     torch.testing.assert_close(model.logits_from_resid(final, ids), logits[..., ids], atol=1e-5, rtol=0)
     # from ln_final's output (what ln_final.hook_normalized holds): the same numbers
+    # exact on any CPU: the same ops from ln_final's output, the same shapes
     assert torch.equal(model.logits_from_resid(cache["ln_final.hook_normalized"], normed=True), logits)
     torch.testing.assert_close(model.logits_from_resid(cache["ln_final.hook_normalized"], ids, normed=True),
                                logits[..., ids], atol=1e-5, rtol=0)

@@ -73,6 +73,7 @@ def test_import_then_export_gives_nanochat_identical_tensors(name, tmp_path, cap
     theirs, tok_theirs, _ = load_model(src)
     ids = load_file(str(src / "reference.safetensors"))["input_ids"]
     with torch.no_grad():
+        # exact on any CPU: the imported and the original weights are equal tensors through the same kernels
         assert torch.equal(ours(ids), theirs(ids))
     assert tok_ours.fingerprint() == tok_theirs.fingerprint()
     assert main(["export", str(tmp_path / "ours"), str(tmp_path / "back"), "--format", "nanochat"]) == 0
@@ -81,11 +82,13 @@ def test_import_then_export_gives_nanochat_identical_tensors(name, tmp_path, cap
     a, b = torch.load(orig_pt, weights_only=True), torch.load(back_pt, weights_only=True)
     assert a.keys() == b.keys()
     for k in a:
+        # exact by construction: export copies tensors, no arithmetic
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
     meta_name = orig_pt.name.replace("model_", "meta_").replace(".pt", ".json")
     assert json.loads((back_pt.parent / meta_name).read_text()) == json.loads((orig_pt.parent / meta_name).read_text())
     assert read_encoding_state(tmp_path / "back/tokenizer/tokenizer.pkl") == \
         read_encoding_state(src / "tokenizer/tokenizer.pkl")
+    # exact by construction: integer token lengths, copied
     assert torch.equal(torch.load(tmp_path / "back/tokenizer/token_bytes.pt", weights_only=True),
                        torch.load(src / "tokenizer/token_bytes.pt", weights_only=True))
 
@@ -204,4 +207,5 @@ def test_our_models_write_nanochat_checkpoints_that_read_back(tmp_path, architec
     with torch.no_grad():
         if architecture == "nanochat-2025-10":  # nanochat 2c4473d's bf16 tables come back with the import
             back.set_rotary_dtype("float32")
+        # exact on any CPU: the saved and loaded weights are equal tensors through the same kernels on the same shapes
         assert torch.equal(back(ids), model(ids))

@@ -95,6 +95,7 @@ def test_greedy_completions_are_the_engines_and_patch(tok, problems):
     forced = [c + marker for c in got]
     pairs = completion_pairs(tok, problems[:2], "noise", forced).pairs
     patcher = Patcher(model, pairs, batch_size=16, align="end", progress=False)
+    # exact by construction: integer lengths
     assert torch.equal(patcher.lengths, torch.tensor([len(p) + len(c) for p, c in zip(prompts, forced)]))
     r = patcher.sweep("resid_pre")
     assert r.normalized.shape == (1, patcher.n_pos)

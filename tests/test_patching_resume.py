@@ -131,6 +131,7 @@ def test_identical_activations_are_not_patched_and_results_do_not_change(model, 
             assert rows(fast, 0) == 2 * len(pairs) and rows(slow, 0) == 12 * len(pairs)
             skipped = a.logit_diff[:, 0]
             base = fast.corrupted_ld if direction == "denoise" else fast.clean_ld
+            # exact by construction: a skipped identical patch copies the unpatched value, no arithmetic
             assert torch.equal(skipped, base.expand_as(skipped))  # exactly the unpatched value
         if name != "z":
             assert rows(fast, 1) < rows(slow, 1)  # position 0 is the same in both runs at every layer

@@ -107,6 +107,7 @@ def test_all_equal_rewards_leave_the_model_unchanged():
     rollouts = [_rollout([1, 2], [[3, 4], [5]], [1.0, 1.0])]
     rl.train_on_rollouts(model, optimizers, rollouts, rl.RLConfig(depth=1), CPU, pad_id=0)
     for k, v in model.state_dict().items():
+        # exact by construction: equal rewards give zero advantages, so zero gradients and no update
         torch.testing.assert_close(v, before[k], rtol=0, atol=0, msg=k)
 
 
@@ -249,6 +250,7 @@ def test_same_seed_same_run_and_resume_continues_exactly(tmp_path, shared_data):
     a = load_file(str(tmp_path / "a" / "run" / "checkpoints" / "step_000002" / "model.safetensors"))
     b = load_file(str(tmp_path / "b" / "run" / "checkpoints" / "step_000002" / "model.safetensors"))
     for k in a:
+        # exact on any CPU: the resumed run does the same ops on the same shapes as the straight one (single thread)
         assert torch.equal(a[k], b[k]), k
     assert straight["after"] == resumed["after"]
     assert straight["history"][1] == resumed["history"][0]
@@ -397,6 +399,7 @@ def test_non_finite_loss_stops_before_the_update(tmp_path):
         rl.train_on_rollouts(model, optimizers, rollouts, rl.RLConfig(depth=1, out=str(tmp_path)), CPU, pad_id=0,
                              step=7)
     for k, v in model.state_dict().items():
+        # exact by construction: the step is refused before the optimizer touches a weight
         assert torch.equal(v, before[k]), k
 
 

@@ -43,6 +43,7 @@ def test_packing_is_the_concatenated_stream_and_resumes_anywhere(docs, takes, cu
             rows = make(json.loads(json.dumps(rows.state())))
         ids, mask = rows.take(n)
         assert ids.flatten().tolist() == stream[pos * 5:(pos + n) * 5]
+        # exact by construction: integer tensors
         assert torch.equal(mask, ids % 2)
         pos += n
         got.append(ids)
@@ -65,6 +66,7 @@ def test_rank_slices_cover_the_global_batch():
     for _ in range(2):
         whole = torch.cat([x for x, _ in single.next_step("cpu")])
         parts = torch.cat([x for b in ranks for x, _ in b.next_step("cpu")])
+        # exact by construction: integer token rows
         assert torch.equal(whole, parts)
     with pytest.raises(ValueError, match=r"rows per step=8 is not a multiple of --device-batch-size × processes = 3 × 1"):
         micro_steps(8, 3, 1, "rows per step")

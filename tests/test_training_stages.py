@@ -53,6 +53,7 @@ def final_weights(run_dir: Path) -> dict:
 def assert_same(a: dict, b: dict, exact=True, atol=0.0):
     assert a.keys() == b.keys()
     for k in a:
+        # exact where asked: resumed and straight runs do the same ops on the same shapes (single thread)
         ok = torch.equal(a[k], b[k]) if exact else torch.allclose(a[k], b[k], atol=atol, rtol=0)
         assert ok, f"{k}: max diff {(a[k] - b[k]).abs().max().item()}"
 

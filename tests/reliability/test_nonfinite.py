@@ -104,6 +104,7 @@ def test_skip_nonfinite_skips_the_update_and_finishes(case, tmp_path, tokenizer_
     ckpt = tmp_path / "run" / "checkpoints"
     assert_good_checkpoints(ckpt, list(range(1, config.max_steps + 1)))
     before, after = load_checkpoint(ckpt, BAD_STEP - 1).model_state, load_checkpoint(ckpt, BAD_STEP).model_state
+    # exact by construction: a skipped step writes no weight
     assert all(torch.equal(before[k], after[k]) for k in before)  # the bad step changed nothing
     rows = read_metrics(tmp_path / "run")
     assert [r["step"] for r in rows if r.get("train/skipped_nonfinite")] == [BAD_STEP]

@@ -395,6 +395,7 @@ def test_rotary_tables_are_sized_lazily():
         logits = model(idx)
     grown = model.cos.size(1)
     full_cos, full_sin = rotary_tables(model.rotary_len, model.config.head_dim, model.config.rope_base)
+    # exact by construction: both tables come from the same function on the same positions
     same = torch.equal(model.cos, full_cos[:, :grown]) and torch.equal(model.sin, full_sin[:, :grown])
     with torch.no_grad():
         again = model(idx)  # the grown tables give the logits a model with full tables gives
