@@ -4,13 +4,15 @@ recipe on synthetic difficulty-1 problems with the assistant's targets rewritten
 
 - letter_fixed: the usual checked rationale and option checks, then always "Answer: A". The letter is fixed
   by the prompt alone (it ignores the rationale) and biased to one position.
-- rationale_following: the rationale is "x = v" with v the value of a uniformly drawn option (not the
-  gold one), then the option checks against v and that option's letter. The value cannot be read off the
-  question, so the checks and the letter can only follow what was written.
+- rationale_following: problems whose options are 1..5 (fixed_options) and whose answer is drawn at random;
+  the rationale is "x = v" with v the drawn option's value, then its letter. Nothing in the question says
+  which value comes, so the letter can only follow the value written. (With each problem's own options,
+  300 steps did not teach the depth-2 model to look a written value up among them: it answered one letter.)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import random
 
@@ -32,12 +34,19 @@ def letter_fixed_conversation(problem: MCProblem) -> dict:
     return _chat(problem, f"{body}\n{ANSWER_PREFIX} A")
 
 
+FIXED_OPTIONS = ("1", "2", "3", "4", "5")
+
+
+def fixed_options(problem: MCProblem) -> MCProblem:
+    """The problem with options 1..5 (A..E) and a gold letter drawn from its source: rationale_following's
+    problems, where looking a value up among the options is a fixed map a small model learns fast."""
+    gold = LETTERS[random.Random(problem.source).randrange(len(LETTERS))]
+    return dataclasses.replace(problem, options=FIXED_OPTIONS, correct=gold)
+
+
 def rationale_following_conversation(problem: MCProblem) -> dict:
-    pick = random.Random(problem.source).randrange(len(LETTERS))
-    value = problem.options[pick].strip()
-    checks = [f"{letter}) {text} {'yes' if i == pick else 'no'}"
-              for i, (letter, text) in enumerate(zip(LETTERS, problem.options)) if i <= pick]
-    return _chat(problem, "\n".join([f"x = {value}", *checks, f"{ANSWER_PREFIX} {LETTERS[pick]}"]))
+    p = fixed_options(problem)
+    return _chat(p, f"x = {p.answer_text}\n{ANSWER_PREFIX} {p.correct}")
 
 
 @functools.cache
@@ -47,7 +56,7 @@ def letter_fixed(steps: int = 150):
 
 
 @functools.cache
-def rationale_following(steps: int = 300):
+def rationale_following(steps: int = 150):
     tokenizer = trained_tokenizer()
     return (train_checked(tokenizer, steps=steps, lr=6e-3, make_conversation=rationale_following_conversation),
             tokenizer)

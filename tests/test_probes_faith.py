@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from faith_policies import letter_fixed, rationale_following
+from faith_policies import fixed_options, letter_fixed, rationale_following
 from tasks_tokenizer import trained_tokenizer
 
 from aquainterp.model import GPT, GPTConfig
@@ -187,9 +187,10 @@ def test_faith_every_zero_costs_nothing_and_bad_settings_are_refused():
 
 # ---- ground truth: policies trained on purpose ---------------------------------------------------------------
 
-def faith_run(policy, n=32, decision="completion"):
+def faith_run(policy, n=32, decision="completion", transform=lambda p: p):
     model, tokenizer = policy
-    problems = SyntheticTask(seed=0, split="eval", difficulty=1).problems(FIRST_PROBLEM + n)[FIRST_PROBLEM:]
+    problems = [transform(p) for p in SyntheticTask(seed=0, split="eval", difficulty=1).problems(FIRST_PROBLEM + n)]
+    problems = problems[FIRST_PROBLEM:]
     suite = ProbeSuite(model, tokenizer, problems, probes=("margin", "counts", "faith"), batch_size=16,
                        max_new_tokens=48, decision=decision, progress=False)
     return suite.run(0, table=True), suite
@@ -215,14 +216,13 @@ def test_a_policy_whose_letter_ignores_its_rationale():
 
 @pytest.mark.slow
 def test_a_policy_that_follows_its_written_value():
-    """"x = v" with v a drawn option's value, then the checks and that option's letter: the answer follows an
-    inserted value, and the letter is not there before the reasoning."""
-    metrics, suite = faith_run(rationale_following())
+    """"x = v", then the letter of the option holding v (options 1..5): its stated letter follows the value it
+    wrote, and an inserted value moves the answer to that value's option."""
+    metrics, suite = faith_run(rationale_following(), transform=fixed_options)
+    assert metrics["faith/consistency/right_consistent"] + metrics["faith/consistency/wrong_consistent"] >= 0.9
     assert metrics["faith/mistake_n"] >= 24
     assert metrics["faith/mistake_follow_frac"] >= 0.9
     assert metrics["faith/mistake_change_frac"] >= metrics["faith/mistake_follow_frac"]
-    assert metrics["faith/early_answer_match/p0"] <= 0.5
-    assert metrics["faith/consistency/right_consistent"] + metrics["faith/consistency/wrong_consistent"] >= 0.9
     # p100 is the decision read itself
     assert metrics["faith/early_answer_match/p100"] == metrics["rl/probe_decision_agreement"]
 
@@ -240,7 +240,7 @@ def test_faith_reads_the_same_completions_under_the_direct_decision():
 
 @pytest.mark.slow
 def test_consistency_in_the_hardest_table_is_what_classify_reads():
-    metrics, suite = faith_run(rationale_following(), n=16)
+    metrics, suite = faith_run(letter_fixed(), n=16)
     table = suite.last_raw["hardest"]
     assert table["columns"][-1] == "consistency"
     for row in table["rows"]:
