@@ -51,6 +51,7 @@ class PageReport:
     rendered: int = 0
     plots: int = 0
     screenshot: Path | None = None
+    first_view: Path | None = None
     value: object = None  # what the `evaluate` expression returned
 
 
@@ -164,8 +165,12 @@ def _errors(events: list[dict]) -> list[str]:
 
 
 def inspect_page(html_path: str | Path, screenshot: str | Path | None = None, width: int = 1400,
-                 timeout: float = 90, evaluate: str | None = None, render_wait: float = 60) -> PageReport:
+                 timeout: float = 90, evaluate: str | None = None, render_wait: float = 60,
+                 first_view: str | Path | None = None, height: int = 900) -> PageReport:
     """Load a local HTML file, wait until every .aq-panel has a drawn plot (at most render_wait s), report.
+
+    `screenshot` is the whole page (width wide), `first_view` what a window of width × height shows on
+    opening the page.
 
     `timeout` bounds each browser step (start, load, screenshot); a slow machine needs it generous.
 
@@ -188,7 +193,7 @@ def inspect_page(html_path: str | Path, screenshot: str | Path | None = None, wi
             for domain in ("Page", "Runtime", "Log"):
                 tools.send(f"{domain}.enable", session=session, timeout=timeout)
             tools.send("Emulation.setDeviceMetricsOverride",
-                       {"width": width, "height": 900, "deviceScaleFactor": 1, "mobile": False}, session=session)
+                       {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False}, session=session)
             tools.send("Page.navigate", {"url": html_path.as_uri()}, session=session, timeout=timeout)
             if tools.wait_event("Page.loadEventFired", timeout) is None:
                 raise TimeoutError(f"{html_path} did not finish loading in {timeout} s")
@@ -209,6 +214,13 @@ def inspect_page(html_path: str | Path, screenshot: str | Path | None = None, wi
                     report.console_errors.append(
                         f"evaluate: {d.get('exception', {}).get('description') or d.get('text')}")
                 report.value = result.get("result", {}).get("value")
+            if first_view is not None:
+                shot = tools.send("Page.captureScreenshot", {
+                    "format": "png", "clip": {"x": 0, "y": 0, "width": width, "height": height, "scale": 1}},
+                    session=session, timeout=timeout)
+                report.first_view = Path(first_view)
+                report.first_view.parent.mkdir(parents=True, exist_ok=True)
+                report.first_view.write_bytes(base64.b64decode(shot["data"]))
             if screenshot is not None:
                 size = tools.send("Page.getLayoutMetrics", session=session)["cssContentSize"]
                 shot = tools.send("Page.captureScreenshot", {

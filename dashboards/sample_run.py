@@ -12,10 +12,10 @@ import math
 from pathlib import Path
 
 import numpy as np
-import plotly.graph_objects as go
 
 from aquainterp.logger import Logger
 from aquainterp.tasks import LETTERS
+from probes.figures import pattern_grid
 
 
 def record_sample_run(run_dir: str | Path, steps: int = 30, n_layers: int = 4, n_heads: int = 2,
@@ -42,7 +42,8 @@ def record_sample_run(run_dir: str | Path, steps: int = 30, n_layers: int = 4, n
         logger.log(metrics, step=step)
         if step % every and step != steps - 1:
             continue
-        logger.log({"eval/synthetic_acc": acc - 0.05, "eval/synthetic_categorical_acc": acc + 0.05}, step=step)
+        logger.log({"eval/synthetic_acc": acc - 0.05, "eval/synthetic_categorical_acc": acc + 0.05,
+                    "eval/synthetic_sampled_acc": acc - 0.1}, step=step)
         logger.log_table("rl/samples", ["prompt", "completion", "predicted", "gold", "reward"],
                          [[f"sample prompt {i}", f"... so the answer is {LETTERS[i]}", LETTERS[i],
                            LETTERS[(i + step) % 5], float(i == (i + step) % 5)] for i in range(3)], step=step)
@@ -63,7 +64,26 @@ def record_sample_run(run_dir: str | Path, steps: int = 30, n_layers: int = 4, n
                        "rl/probe_decision_agreement": float(0.9 + 0.1 * progress),
                        "rl/probe_no_answer_frac": float(0.2 * (1 - progress)),
                        "attn/completion_mass_mean": float(0.5 + 0.2 * progress)})
+        # the faithfulness family (probes/faith.py): the rationale matters less as letter-picking takes over
+        right = acc * (1 - 0.3 * progress)
+        probes.update({"faith/consistency/right_consistent": right, "faith/consistency/right_inconsistent": acc - right,
+                       "faith/consistency/wrong_consistent": (1 - acc) * 0.7,
+                       "faith/consistency/wrong_inconsistent": (1 - acc) * 0.3,
+                       "faith/consistency/no_value_frac": 0.1 * (1 - progress), "faith/consistency/unmatched_frac": 0.05,
+                       "faith/consistency/arith_error_frac": 0.1 + 0.1 * progress,
+                       "faith/early_answer_aoc": 0.2 + 0.5 * progress, "faith/mistake_follow_frac": 0.6 - 0.4 * progress,
+                       "faith/mistake_change_frac": 0.7 - 0.4 * progress, "faith/shuffle_content_consistency":
+                       0.8 - 0.3 * progress, "faith/prereasoning_probe_baseline": 0.24})
+        for name in ("right_consistent", "right_inconsistent", "wrong_consistent", "wrong_inconsistent"):
+            probes[f"faith/rollout_consistency/{name}"] = probes[f"faith/consistency/{name}"] + rng.normal(0, 0.02)
+        probes["faith/rollout_consistency/arith_error_frac"] = probes["faith/consistency/arith_error_frac"]
+        probes.update({f"faith/early_answer_match/p{pct}": min(1.0, 0.2 + progress * pct / 100 + 0.6 * pct / 100)
+                       for pct in (0, 25, 50, 75, 100)})
+        shuffled = rng.dirichlet(np.ones(5) * 5)
+        probes.update({f"faith/letter_prior/{L}": float(p) for L, p in zip(LETTERS, _letter_probs(progress))})
+        probes.update({f"faith/gold_prior/{L}": float(p) for L, p in zip(LETTERS, shuffled)})
         for layer in range(n_layers):
+            probes[f"faith/prereasoning_probe_acc/layer{layer}"] = 0.25 + 0.5 * progress * (layer + 1) / n_layers
             probes[f"probe/logit_lens_gold_margin/layer{layer}"] = float((layer + 1) / n_layers * margins.mean())
             for head in range(n_heads):
                 probes[f"attn/entropy/layer{layer}/head{head}"] = float(entropy[layer, head])
@@ -79,10 +99,13 @@ def record_sample_run(run_dir: str | Path, steps: int = 30, n_layers: int = 4, n
                          [[f"sample question {int(i)}: what is {int(i)} + {int(i) * 3}?",
                            LETTERS[int(i) % 5], LETTERS[int(preds[i])], round(float(margins[i]), 3)]
                           for i in hardest], step=step)
-        pattern = rng.dirichlet(np.ones(12) * (2 - progress), size=n_heads)
-        fig = go.Figure(go.Heatmap(z=pattern, x=[f"tok {t}" for t in range(12)],
-                                   y=[f"head {h}" for h in range(n_heads)], colorscale="Blues"))
-        logger.log_figure("attn/patterns/prompt0", fig, step=step)  # the name probes/suite.py uses
+        # causal attention rows over 12 made-up tokens, drawn as probes/suite.py draws them (one heatmap per
+        # layer and head) under the name it logs them
+        weights = rng.dirichlet(np.ones(12) * (2 - progress), size=(n_layers, n_heads, 12))
+        patterns = np.tril(weights)
+        patterns /= patterns.sum(-1, keepdims=True)
+        words = ["Q", ":", " 3", " +", " 4", "?", " A", ")", " 7", "\n", "Answer", ":"]
+        logger.log_figure("attn/patterns/prompt0", pattern_grid(patterns, words, 12, "sample prompt 0"), step=step)
     logger.finish()
     return logger
 

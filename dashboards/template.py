@@ -39,6 +39,34 @@ NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 X_RE = re.compile(r"^(Step|[A-Za-z0-9_]+/step)$")
 
 
+# The order a report asks its questions in, each with the shipped templates that answer it: the offline
+# report (dashboards/html.py) and `--template all` follow it. A shipped template named nowhere here comes
+# last, under "More", alphabetically; add a new template's name to its question to place it.
+REPORT_ORDER: list[tuple[str, list[str]]] = [
+    ("Is RL working?", ["rl_overview"]),
+    ("What changed in the decision?", ["answer_confidence", "kl_telemetry", "mode_collapse"]),
+    ("Where in the model?", ["attention", "logit_lens"]),
+    ("How is the reasoning used?", ["reasoning_faithfulness"]),
+    ("Drift across checkpoints", ["circuit_drift"]),
+]
+
+
+def report_groups(templates: list[Template]) -> list[tuple[str, list[Template]]]:
+    """`templates` grouped by REPORT_ORDER's questions, in its order; the others under "More" at the end.
+    Questions none of `templates` answers are left out."""
+    placed = {name: i for i, (_, names) in enumerate(REPORT_ORDER) for name in names}
+    rank = {name: j for _, names in REPORT_ORDER for j, name in enumerate(names)}
+    groups: list[tuple[str, list[Template]]] = []
+    for i, (question, _) in enumerate(REPORT_ORDER):
+        members = sorted((t for t in templates if placed.get(t.name) == i), key=lambda t: rank[t.name])
+        if members:
+            groups.append((question, members))
+    rest = sorted((t for t in templates if t.name not in placed), key=lambda t: t.name)
+    if rest:
+        groups.append(("More", rest))
+    return groups
+
+
 class TemplateError(ValueError):
     """A template that does not follow the schema; the message names the file and the field."""
 
@@ -229,4 +257,6 @@ def get_template(name: str) -> Template:
 
 
 def all_templates() -> list[Template]:
-    return [load_template(TEMPLATE_DIR / f"{n}.json") for n in template_names()]
+    """Every shipped template, in report order (REPORT_ORDER, then the unplaced ones alphabetically)."""
+    loaded = [load_template(TEMPLATE_DIR / f"{n}.json") for n in template_names()]
+    return [t for _, group in report_groups(loaded) for t in group]

@@ -8,12 +8,14 @@ import pytest
 
 from dashboards.template import (
     KINDS,
+    REPORT_ORDER,
     TEMPLATE_DIR,
     Template,
     TemplateError,
     all_templates,
     get_template,
     load_template,
+    report_groups,
     template_names,
 )
 
@@ -22,11 +24,11 @@ GOOD = {"version": 1, "name": "t", "title": "T", "sections": [
 
 
 def test_shipped_templates_cover_the_issue():
-    assert template_names() == ["answer_confidence", "attention", "circuit_drift", "kl_telemetry", "mode_collapse",
-                                "rl_overview"]
+    assert {"answer_confidence", "attention", "circuit_drift", "kl_telemetry", "logit_lens", "mode_collapse",
+            "rl_overview"} <= set(template_names())
     by_name = {t.name: t for t in all_templates()}
-    assert {t.title for t in by_name.values()} == {"RL overview", "KL telemetry", "Answer confidence",
-                                                   "Attention", "Mode collapse", "Circuit drift"}
+    assert {"RL overview", "KL telemetry", "Answer confidence", "Attention", "Logit lens", "Mode collapse",
+            "Circuit drift"} <= {t.title for t in by_name.values()}
     drift = [p.regex for p in by_name["circuit_drift"].panels if p.kind == "heatmap"]
     assert r"patch/denoise/z/layer(?P<layer>\d+)/head(?P<head>\d+)" in drift  # heads x step (patch --checkpoint-series)
 
@@ -36,10 +38,10 @@ def test_shipped_templates_cover_the_issue():
     assert {"rl/acc", "rl/mean_reward", "rl/pass@k", "rl/avg_completion_len"} <= names(by_name["rl_overview"])
     assert {"rl/kl_letter_mean", "rl/kl_sequence_mean"} <= names(by_name["kl_telemetry"])
     kinds = {p.kind for p in by_name["answer_confidence"].panels}
-    assert kinds == {"line", "histogram", "table", "heatmap"}
+    assert kinds == {"line", "histogram", "table"}
     assert {"rl/letter_gold_margin_mean", "rl/rollout_letter_gold_margin_mean", "rl/probe_no_answer_frac",
             "rl/probe_decision_agreement"} <= names(by_name["answer_confidence"])
-    lens = [p for p in by_name["answer_confidence"].panels if p.kind == "heatmap"]
+    lens = [p for p in by_name["logit_lens"].panels if p.kind == "heatmap"]
     assert [p.regex for p in lens] == [r"probe/logit_lens_gold_margin/layer(?P<layer>\d+)"]  # layer x step
     heat = [p for p in by_name["attention"].panels if p.kind == "heatmap"]
     assert {p.regex for p in heat} == {r"attn/entropy/layer(?P<layer>\d+)/head(?P<head>\d+)",
@@ -48,6 +50,20 @@ def test_shipped_templates_cover_the_issue():
     bar = [p for p in by_name["mode_collapse"].panels if p.kind == "bar"][0]
     assert bar.metrics == [f"rl/letter_pred_counts/{L}" for L in "ABCDE"]
     assert {p.kind for t in by_name.values() for p in t.panels} == set(KINDS)  # every kind is shipped
+
+
+def test_all_templates_come_in_the_order_a_researcher_asks():
+    """RL overview first, then what changed in the decision, where in the model, how the reasoning is used,
+    drift; a template REPORT_ORDER does not name comes after them under "More"."""
+    order = [t.name for t in all_templates()]
+    expected = ["rl_overview", "answer_confidence", "kl_telemetry", "mode_collapse", "attention", "logit_lens",
+                "reasoning_faithfulness", "circuit_drift"]
+    assert [n for n in order if n in expected] == [n for n in expected if n in template_names()]
+    assert order[0] == "rl_overview"
+    groups = report_groups(all_templates() + [Template.from_dict(GOOD)])
+    assert [q for q, _ in groups][:3] == ["Is RL working?", "What changed in the decision?", "Where in the model?"]
+    assert groups[-1][0] == "More" and [t.name for t in groups[-1][1]] == ["t"]
+    assert [q for q, _ in REPORT_ORDER][-1] == "Drift across checkpoints"
 
 
 def test_rl_panels_plot_against_the_rl_step():
