@@ -290,12 +290,17 @@ def _id_tokenizer(vocab_size: int):
 
 def add_arguments(parser) -> None:
     from aquainterp.cliargs import count_int, existing_path
+    from aquainterp.rundir import output_path
 
     parser.add_argument(
         "checkpoint", type=existing_path("dir"),
         help="checkpoint folder written by save_checkpoint (holds step_XXXXXX/), or a nanochat checkpoint folder",
     )
-    parser.add_argument("out_dir", help="where to write the HF NanoChatForCausalLM directory (or nanochat layout)")
+    parser.add_argument("out_dir", type=output_path("dir"),
+                        help="where to write the HF NanoChatForCausalLM directory (or nanochat layout): a new or "
+                             "empty folder, or one export wrote")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into out_dir even where it holds files export did not write (never the checkpoint)")
     parser.add_argument("--format", choices=("hf", "nanochat"), default="hf",
                         help="hf: NanoChatForCausalLM dir (nanochat-2025-10 models only); nanochat: "
                              "base_checkpoints/<tag>/model_<step>.pt + meta_<step>.json + tokenizer/tokenizer.pkl")
@@ -306,14 +311,19 @@ def add_arguments(parser) -> None:
     )
 
 
+EXPORT_OWNER = "aquainterp export"
+
+
 def _export_nanochat(args, model, tokenizer, meta) -> int:
     from aquainterp.nanochat_import import save_nanochat
     from aquainterp.rundir import UsageError
 
     if args.check:
         raise UsageError("--check compares with transformers; it applies to --format hf only")
+    from aquainterp.rundir import HIDDEN
+
     out = Path(args.out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and (not out.is_dir() or any(p.name not in HIDDEN for p in out.iterdir())):
         raise UsageError(f"out_dir {out} exists and is not an empty folder; export --format nanochat writes a new one")
     step = int(meta.get("step") or 0)
     # nanochat's own meta fields (val_bpb, user_config, ...) travel along when the model came from nanochat
@@ -327,13 +337,18 @@ def _export_nanochat(args, model, tokenizer, meta) -> int:
 
 def run(args) -> int:
     from aquainterp.checkpoint import load_model
-    from aquainterp.rundir import check_output
+    from aquainterp.rundir import claim_output, record_written
 
-    check_output(args.out_dir, [args.checkpoint], "out_dir")  # never into (or over) the checkpoint folder
+    # never into (or over) the checkpoint, never over files export did not write (aquainterp.rundir)
+    claim_output(args.out_dir, "out_dir", owner=EXPORT_OWNER, kind="dir", inputs=[args.checkpoint],
+                 overwrite=getattr(args, "overwrite", False))
     model, tokenizer, meta = load_model(args.checkpoint, step=args.step)
     if args.format == "nanochat":
-        return _export_nanochat(args, model, tokenizer, meta)
+        code = _export_nanochat(args, model, tokenizer, meta)
+        record_written([args.out_dir], EXPORT_OWNER)
+        return code
     out = export_hf(model, None if args.no_tokenizer else tokenizer, args.out_dir)
+    record_written([out], EXPORT_OWNER)
     print(
         f"wrote {out} ({model.num_params():,} parameters{', with tokenizer' if tokenizer and not args.no_tokenizer else ''})"
     )

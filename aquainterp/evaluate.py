@@ -19,6 +19,7 @@ import json
 import math
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -263,6 +264,7 @@ def add_arguments(parser) -> None:
         number,
         positive_int,
     )
+    from aquainterp.rundir import output_path
 
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", type=existing_path("dir"),
@@ -299,17 +301,23 @@ def add_arguments(parser) -> None:
                              "decoded together (each with --num-samples rows)")
     parser.add_argument("--skip-bad-rows", action="store_true", help="skip and count malformed AQuA rows")
     parser.add_argument("--device", type=device_name, default="cpu", help="cpu (default), cuda, mps or auto")
-    parser.add_argument("--json", default=None, help="also write the result as JSON to this path")
+    parser.add_argument("--json", type=output_path("file"), default=None,
+                        help="also write the result as JSON to this path (a new file, or one eval wrote)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="let --json replace a file eval did not write (never one of its inputs)")
 
 
 def run(args) -> int:
     """Under torchrun (WORLD_SIZE > 1) the ranks share the problems; rank 0 prints and writes JSON."""
     import os
 
-    from aquainterp.rundir import check_can_create
+    from aquainterp.rundir import claim_output
 
-    if args.json:  # a bad --json path fails now, not after the evaluation
-        check_can_create(args.json, "--json", folder=False)
+    if args.json:  # a bad --json path fails now, not after the evaluation; never over what eval reads
+        inputs = [args.checkpoint, getattr(args, "hf_dir", None), getattr(args, "tokenizer", None),
+                  args.data if args.data and Path(args.data).exists() else None]
+        claim_output(args.json, "--json", owner=OWNER, kind="file", inputs=inputs,
+                     overwrite=getattr(args, "overwrite", False))
     device = args.device
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return _run_on(args, device)
@@ -354,6 +362,22 @@ def _run_on(args, device: str) -> int:
     print(f"{args.task} ({len(problems)} problems)")
     print(result.report())
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"task": args.task, **result.to_dict(), "metrics": result.metrics(args.task)}, f, indent=2)
+        from aquainterp.rundir import write_output
+
+        record = {"task": args.task, **result.to_dict(), "metrics": result.metrics(args.task)}
+        write_output(args.json, json.dumps(strict_json(record), indent=2, allow_nan=False) + "\n", OWNER)
     return 0
+
+
+OWNER = "aquainterp eval"
+
+
+def strict_json(value):
+    """`value` with every NaN or infinity replaced by None, so the JSON is strict (no bare NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict_json(v) for v in value]
+    return value

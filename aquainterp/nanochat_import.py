@@ -276,21 +276,24 @@ def save_nanochat(model: GPT, out: str | Path, step: int, tokenizer=None, tag: s
 
 def add_arguments(parser) -> None:
     from aquainterp.cliargs import count_int, existing_path
+    from aquainterp.rundir import output_path
 
     parser.add_argument("checkpoint", type=existing_path("dir"),
                         help="nanochat checkpoint folder (base_checkpoints/<tag>/ with model_<step>.pt and "
                              "meta_<step>.json), or a nanochat base folder holding exactly one")
-    parser.add_argument("out_dir", help="new (or empty) folder for the aquainterp checkpoint (step_XXXXXX/)")
+    parser.add_argument("out_dir", type=output_path("dir"),
+                        help="new (or empty) folder for the aquainterp checkpoint (step_XXXXXX/)")
     parser.add_argument("--step", type=count_int(), default=None, help="checkpoint step (default: the latest)")
 
 
 def run(args) -> int:
     from aquainterp.checkpoint import save_checkpoint
-    from aquainterp.rundir import UsageError, check_output
+    from aquainterp.rundir import HIDDEN, UsageError, claim_output
 
-    check_output(args.out_dir, [args.checkpoint], "out_dir")
+    claim_output(args.out_dir, "out_dir", owner="aquainterp import-nanochat", kind="dir", inputs=[args.checkpoint],
+                 overwrite=None)
     out = Path(args.out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and (not out.is_dir() or any(p.name not in HIDDEN for p in out.iterdir())):
         raise UsageError(f"out_dir {out} exists and is not an empty folder; import-nanochat writes a new one")
     if not is_nanochat_dir(args.checkpoint):
         raise UsageError(f"{args.checkpoint}: no nanochat checkpoint (model_<step>.pt) here")

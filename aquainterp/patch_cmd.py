@@ -25,6 +25,7 @@ import torch
 from aquainterp.cliargs import SEED, count_int, data_source, device_name, existing_path, number, positive_int
 from aquainterp.patch_pairs import CORRUPTIONS
 from aquainterp.patching import ALIGNMENTS, DIRECTIONS, SWEEPS, Patcher, SweepResult
+from aquainterp.rundir import output_path
 from aquainterp.settings import add_arguments as add_setting_flags
 from aquainterp.settings import check_settings, setting
 from aquainterp.tasks.chat import STYLES
@@ -95,7 +96,8 @@ class PatchConfig:
     seed: int = setting(0, "problems, corruption order and noise", type=SEED)
     skip_unalignable: bool = setting(False, "drop problems with no same-length corruption instead of stopping")
     out: Path | None = setting(None, "new or empty folder for patching.safetensors, summary.json and patching.html",
-                               type=Path, required=True)
+                               type=output_path("dir", Path), required=True)
+    overwrite: bool = setting(False, "write into --out even where it holds files patch did not write")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -253,11 +255,15 @@ def summarize(r: SweepResult, positions: list[str], top: int = 5) -> dict:
             "n_cells": values.numel(), "n_above_10pct": int((moved >= 0.1).sum()), "top_cells": cells}
 
 
+OWNER = "aquainterp patch"
+
+
 def write_report(out: Path, patcher: Patcher, results: list[SweepResult], tokenizer, settings: dict,
                  extra_html: str = "") -> dict:
     """Tensors, summary.json and patching.html under `out`; returns the summary."""
     from aquainterp.patch_report import write_html
 
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     positions = patcher.position_labels(tokenizer)
     save_tensors(out / "patching.safetensors", patcher, results)
@@ -280,6 +286,9 @@ def write_report(out: Path, patcher: Patcher, results: list[SweepResult], tokeni
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     write_html(out / "patching.html", patcher, results, summary, tokenizer, extra_html)
+    from aquainterp.rundir import record_written
+
+    record_written([out], OWNER)  # a later run may replace these files, and only these (aquainterp.rundir)
     return summary
 
 
@@ -380,10 +389,11 @@ def run(config: PatchConfig | argparse.Namespace) -> int:
     except RuntimeError as e:
         return fail(f"--device {config.device!r}: {e}")
     # where the results go is checked before any sweep runs: a folder (or a new path), never an input
-    from aquainterp.rundir import check_can_create, check_output
+    from aquainterp.rundir import claim_output
 
-    check_can_create(config.out, "--out")
-    check_output(config.out, [config.checkpoint, config.hf_dir, config.checkpoint_series, config.tokenizer, config.data], "--out")
+    data = config.data if config.data and Path(config.data).exists() else None
+    claim_output(config.out, "--out", owner=OWNER, kind="dir", overwrite=config.overwrite,
+                 inputs=[config.checkpoint, config.hf_dir, config.checkpoint_series, config.tokenizer, data])
     if config.checkpoint_series is not None:
         return run_checkpoint_series(config, names)
     try:

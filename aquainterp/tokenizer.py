@@ -216,8 +216,12 @@ class Tokenizer:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tmp = directory / (TOKENIZER_FILE + ".tmp")
-        tmp.write_bytes(self._json.encode("utf-8"))
-        tmp.replace(directory / TOKENIZER_FILE)
+        try:
+            tmp.write_bytes(self._json.encode("utf-8"))
+            tmp.replace(directory / TOKENIZER_FILE)
+        except OSError as e:  # a full disk: no half file left behind, and the message names the file
+            tmp.unlink(missing_ok=True)
+            raise OSError(e.errno, f"could not write {directory / TOKENIZER_FILE}: {e.strerror or e}") from None
 
     def fingerprint(self) -> str:
         """sha256 of the saved tokenizer.json: checkpoints use it to catch a swapped tokenizer."""

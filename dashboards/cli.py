@@ -41,12 +41,17 @@ class DashboardConfig:
     run: str | None = None  # html: the run folder to report; sample: the folder to write
     source: str = "auto"
     screenshot: str | None = None
+    first_view: str | None = None
     steps: int = 30
     mode: str = "disabled"
+    overwrite: bool = False  # export/load/html: replace an output file (or folder's files) not written by it
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from aquainterp.cliargs import existing_path, positive_int
+    from aquainterp.rundir import output_path
+
+    overwrite = "replace an output this command did not write, or that was edited since (never one of its inputs)"
 
     sub = parser.add_subparsers(dest="action", metavar="<action>", required=True)
     sub.add_parser("list", help="list the shipped templates")
@@ -55,11 +60,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--template", required=True, help="template name or title, a .json path, or 'all'")
     p.add_argument("--entity", help="W&B entity written into the workspace (default $WANDB_ENTITY or aquainterp)")
     p.add_argument("--project", help="W&B project written into the workspace (default $WANDB_PROJECT or aquainterp)")
-    p.add_argument("-o", "--output", help="output file (a folder for --template all); default stdout")
+    p.add_argument("-o", "--output", type=output_path("file|dir"),
+                   help="output file (a folder for --template all); default stdout")
+    p.add_argument("--overwrite", action="store_true", help=overwrite)
 
     p = sub.add_parser("load", help="read a W&B workspace JSON back into our template JSON")
     p.add_argument("workspace", type=existing_path("file"), help="workspace JSON written by export (or W&B's view model)")
-    p.add_argument("-o", "--output", help="template JSON to write; default stdout")
+    p.add_argument("-o", "--output", type=output_path("file"), help="template JSON to write; default stdout")
+    p.add_argument("--overwrite", action="store_true", help=overwrite)
 
     p = sub.add_parser("push", help="save the template as a W&B workspace (needs network and a login)")
     p.add_argument("--template", required=True, help="template name or title, a .json path, or 'all'")
@@ -69,13 +77,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("html", help="self-contained plotly HTML report of a run")
     p.add_argument("--run", type=existing_path("dir"), required=True, help="run directory (metrics.jsonl and/or wandb/)")
     p.add_argument("--template", default="all", help="template name, or 'all' (default)")
-    p.add_argument("-o", "--output", required=True, help="HTML file to write")
+    p.add_argument("-o", "--output", type=output_path("file"), required=True, help="HTML file to write")
     p.add_argument("--source", choices=("auto", "jsonl", "wandb"), default="auto",
                    help="read metrics.jsonl or the offline W&B run (auto: jsonl when present)")
-    p.add_argument("--screenshot", help="also open the page in headless Chromium and save a PNG here")
+    p.add_argument("--screenshot", type=output_path("file"),
+                   help="also open the page in headless Chromium and save a PNG here")
+    p.add_argument("--overwrite", action="store_true", help=overwrite)
 
     p = sub.add_parser("sample", help="record a synthetic RL run through the Logger (for trying reports)")
-    p.add_argument("--run", required=True, help="run directory to write")
+    p.add_argument("--run", type=output_path("dir"), required=True,
+                   help="run directory to write: a new or empty folder, or one sample wrote (never a real run)")
     p.add_argument("--steps", type=positive_int(1_000_000), default=30, help="RL steps to record (default 30)")
     p.add_argument("--mode", choices=("disabled", "offline"), default="disabled",
                    help="also write an offline W&B run (offline) or only metrics.jsonl (disabled)")
@@ -85,12 +96,18 @@ def _templates(name: str) -> list[Template]:
     return all_templates() if name == "all" else [get_template(name)]
 
 
-def _write(text: str, output: str | None) -> None:
+def owner(action: str) -> str:
+    return f"aquainterp dashboard {action}"
+
+
+def _write(text: str, output: str | None, action: str) -> None:
+    """stdout, or a file claimed before (aquainterp.rundir.claim_output), written atomically and recorded."""
+    from aquainterp.rundir import write_output
+
     if output is None:
         sys.stdout.write(text)
     else:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_text(text, encoding="utf-8")
+        write_output(output, text, owner(action))
         print(f"wrote {output}", file=sys.stderr)
 
 
@@ -148,27 +165,32 @@ def _run(args: DashboardConfig) -> int:
         return 0
 
     if args.action == "export":
+        from aquainterp.rundir import claim_output
         from dashboards.workspace import workspace_json
 
         templates = _templates(args.template)
         entity = os.environ.get("WANDB_ENTITY", "aquainterp") if args.entity is None else args.entity
         project = os.environ.get("WANDB_PROJECT", "aquainterp") if args.project is None else args.project
+        if len(templates) > 1 and args.output is None:
+            raise ValueError("--template all writes one file per template: give a folder with -o")
+        if args.output is not None:  # a file, or for --template all a folder; never over the template read
+            claim_output(args.output, "-o", owner=owner("export"), kind="file" if len(templates) == 1 else "dir",
+                         inputs=[args.template] if args.template.endswith(".json") else [],
+                         overwrite=args.overwrite)
         if len(templates) == 1:
-            _write(workspace_json(templates[0], entity, project), args.output)
+            _write(workspace_json(templates[0], entity, project), args.output, "export")
         else:
-            if args.output is None:
-                raise ValueError("--template all writes one file per template: give a folder with -o")
             for t in templates:
-                _write(workspace_json(t, entity, project), str(Path(args.output) / f"{t.name}.json"))
+                _write(workspace_json(t, entity, project), str(Path(args.output) / f"{t.name}.json"), "export")
         return 0
 
     if args.action == "load":
-        from aquainterp.rundir import check_output
+        from aquainterp.rundir import claim_output
         from dashboards.workspace import template_from_model
 
         path = Path(args.workspace)
-        if args.output:
-            check_output(args.output, [path], "-o")  # never over the workspace being read
+        if args.output:  # never over the workspace being read, nor over a file load did not write
+            claim_output(args.output, "-o", owner=owner("load"), kind="file", inputs=[path], overwrite=args.overwrite)
         try:
             model = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
@@ -176,7 +198,7 @@ def _run(args: DashboardConfig) -> int:
         except UnicodeDecodeError as e:
             raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
         template = template_from_model(model, str(path))
-        _write(json.dumps(template.to_dict(), indent=2) + "\n", args.output)
+        _write(json.dumps(template.to_dict(), indent=2) + "\n", args.output, "load")
         return 0
 
     if args.action == "push":
@@ -198,18 +220,28 @@ def _run(args: DashboardConfig) -> int:
         return 0
 
     if args.action == "html":
-        from aquainterp.rundir import check_output
+        from aquainterp.rundir import claim_output, record_written
         from dashboards.html import write_html
 
-        if args.template.endswith(".json"):
-            check_output(args.output, [args.template], "-o")  # never over the template being read
+        # never over the run's record or the template being read, nor over a file html did not write
+        inputs = [Path(args.run) / "metrics.jsonl", Path(args.run) / "wandb", Path(args.run) / "media",
+                  *([args.template] if args.template.endswith(".json") else [])]
+        claim_output(args.output, "-o", owner=owner("html"), kind="file", inputs=inputs, overwrite=args.overwrite)
+        if args.screenshot:
+            claim_output(args.screenshot, "--screenshot", owner=owner("html"), kind="file",
+                         inputs=[*inputs, args.output], overwrite=args.overwrite)
         templates = _templates(args.template)
         out = write_html(templates, args.run, args.output, args.source)
-        print(f"wrote {out} ({sum(len(t.panels) for t in templates)} panels, {out.stat().st_size / 1e6:.1f} MB)")
+        record_written([out], owner("html"))
+        text = out.read_text(encoding="utf-8")
+        drawn, total = text.count("<div class='aq-panel"), sum(len(t.panels) for t in templates)
+        print(f"wrote {out} ({drawn} of {total} panels drawn, the rest logged nothing and are named on the page; "
+              f"{out.stat().st_size / 1e6:.1f} MB)")
         if args.screenshot:
             from dashboards.browser import inspect_page
 
             report = inspect_page(out, args.screenshot)
+            record_written([args.screenshot], owner("html"))
             print(f"chromium: {report.rendered}/{report.panels} panels rendered, "
                   f"{len(report.console_errors)} console errors, screenshot {report.screenshot}")
             for err in report.console_errors:
@@ -219,11 +251,23 @@ def _run(args: DashboardConfig) -> int:
         return 0
 
     if args.action == "sample":
+        import shutil
+
+        from aquainterp.rundir import claim_output, record_written
         from dashboards.sample_run import record_sample_run
 
         if args.steps < 1:
             raise ValueError(f"--steps must be >= 1, got {args.steps}")
+        # a new folder or an earlier sample's, never a real run (its rows would get synthetic ones appended)
+        run = claim_output(args.run, "--run", owner=owner("sample"), kind="dir", overwrite=None)
+        for name in ("metrics.jsonl", "media", "wandb"):  # the earlier sample's record, written by sample
+            old = run / name
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old)
+            elif old.exists() or old.is_symlink():
+                old.unlink()
         record_sample_run(args.run, steps=args.steps, mode=args.mode)
+        record_written([run], owner("sample"))
         print(f"recorded a synthetic run of {args.steps} steps in {args.run} (templates: {', '.join(template_names())})")
         return 0
     raise ValueError(f"unknown action {args.action!r}")

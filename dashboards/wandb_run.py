@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from aquainterp.logger import find_wandb_file, iter_wandb_records
+from aquainterp.logger import find_wandb_files, iter_wandb_records
 from aquainterp.rundir import contained_path
 
 
@@ -24,7 +24,7 @@ def _item_value(item):
 
 
 def read_history(path: str | Path) -> list[dict]:
-    """History rows of an offline W&B run: {"_step": n, name: value, ...}, in logged order."""
+    """History rows of an offline W&B run (its latest segment): {"_step": n, name: value, ...}, in logged order."""
     from wandb.proto import wandb_internal_pb2 as pb
 
     rows = []
@@ -56,9 +56,21 @@ def history_as_metrics(path: str | Path) -> list[dict]:
     "counts": [...]}. Tables and plotly figures are files in the run's files/ folder: tables come back
     with their columns and rows, figures with the absolute path of their JSON.
     """
-    files = find_wandb_file(path).parent / "files"
+    segments = [_segment_metrics(f) for f in find_wandb_files(path)]
+    rows: list[dict] = []
+    for i, segment in enumerate(segments):
+        # a resumed run: a segment ends where the next one restarted (rows logged after the checkpoint
+        # the next segment resumed from were rolled back, as in metrics.jsonl)
+        later = [r["step"] for r in segments[i + 1]] if i + 1 < len(segments) else []
+        cut = min(later) if later else None
+        rows.extend(r for r in segment if cut is None or r["step"] < cut)
+    return rows
+
+
+def _segment_metrics(wandb_file: Path) -> list[dict]:
+    files = wandb_file.parent / "files"
     rows = []
-    for hist in read_history(path):
+    for hist in read_history(wandb_file):
         step = None
         metrics: dict = {}
         for key, value in hist.items():

@@ -125,7 +125,7 @@ def run(config: BaseConfig) -> dict:
     """Train (or resume) a base model; returns the final metrics (train/loss, val/bpb, ...)."""
     from aquainterp.tokenizer import Tokenizer
 
-    claim_run_dir(config)  # refuses an earlier run's run_dir before anything is touched
+    lock = claim_run_dir(config)  # refuses an earlier run's run_dir (or a running one) before anything is touched
     dist = setup_distributed(config.device)
     try:
         seed_everything(config.seed)
@@ -157,7 +157,8 @@ def run(config: BaseConfig) -> dict:
                 batches.load_state(meta["data_position"])
         bf16 = resolve_flag(config.bf16, dist.device, "bf16")
         wrapped = wrap_model(model, dist, resolve_flag(config.compile, dist.device, "compile"))
-        logger = open_logger(run_dir, config, dist, config.wandb, config.run_name)
+        logger = open_logger(run_dir, config, dist, config.wandb, config.run_name,
+                             truncate_from=start + 1 if config.resume else None)  # rows after the checkpoint go
         if dist.is_main:
             print(f"base: {model.num_params():,} parameters, {num_steps} steps of {config.total_batch_tokens:,} "
                   f"tokens ({batches.accum} micro-steps × {dist.world_size} processes), device {dist.device}"
@@ -181,6 +182,8 @@ def run(config: BaseConfig) -> dict:
             logger.finish()
     finally:
         teardown_distributed()
+        if lock is not None:
+            lock.release()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -202,22 +202,25 @@ def run_cli(run, config, prog: str, debug: bool | None = None):
     return result.get("value")
 
 
-def claim_run_dir(config, run_dir: str | None = None, flag: str = "--run-dir") -> None:
-    """aquainterp.rundir.claim_run_dir for a stage's config (--resume / --overwrite); every rank checks,
-    rank 0 deletes with --overwrite, which never reaches the stage's own inputs (--init-from,
-    --checkpoint, --tokenizer-dir inside this run's checkpoints/)."""
+def claim_run_dir(config, run_dir: str | None = None, flag: str = "--run-dir"):
+    """aquainterp.rundir.claim_run_dir for a stage's config (--resume / --overwrite), with the stage's
+    inputs (--init-from, --checkpoint, --tokenizer-dir, --data): every rank checks, rank 0 takes the run
+    folder's lock (returned; the stage releases it when it ends) and deletes with --overwrite, which never
+    reaches the stage's own inputs inside this run's checkpoints/."""
     from aquainterp.rundir import RunDirError, inside
     from aquainterp.rundir import claim_run_dir as claim
 
     run_dir = run_dir or config.run_dir
+    inputs = [getattr(config, name, None) for name in ("init_from", "checkpoint", "tokenizer_dir", "data")]
     if config.overwrite:
         for name in ("init_from", "checkpoint", "tokenizer_dir"):
             given = getattr(config, name, None)
             if given and inside(Path(run_dir) / "checkpoints", given):
                 raise RunDirError(f"--overwrite would delete --{name.replace('_', '-')} {given}, which lies in "
                                   f"{Path(run_dir) / 'checkpoints'}; choose another {flag}")
-    claim(run_dir, resume=config.resume, overwrite=config.overwrite, flag=flag,
-          is_main=int(os.environ.get("RANK", "0")) == 0)
+    return claim(run_dir, resume=config.resume, overwrite=config.overwrite, flag=flag,
+                 is_main=int(os.environ.get("RANK", "0")) == 0,
+                 command=f"python -m {type(config).__module__}", inputs=[i for i in inputs if isinstance(i, str | Path)])
 
 
 def config_dict(config) -> dict:
@@ -225,11 +228,15 @@ def config_dict(config) -> dict:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
 
 
-def open_logger(run_dir: Path, config, dist: Dist, wandb_mode: str, run_name: str | None = None):
-    """aquainterp.logger.Logger; metrics.jsonl in run_dir, W&B by mode; inactive on ranks > 0."""
+def open_logger(run_dir: Path, config, dist: Dist, wandb_mode: str, run_name: str | None = None,
+                truncate_from: int | None = None):
+    """aquainterp.logger.Logger; metrics.jsonl in run_dir, W&B by mode; inactive on ranks > 0. On --resume,
+    `truncate_from` is the first step the resumed run logs again: rows from it on (logged after the
+    checkpoint) are moved aside and the W&B run continues under its id (aquainterp.logger)."""
     from aquainterp.logger import Logger
 
-    return Logger(run_dir, run_name=run_name, mode=wandb_mode, config=config_dict(config), rank=dist.rank)
+    return Logger(run_dir, run_name=run_name, mode=wandb_mode, config=config_dict(config), rank=dist.rank,
+                  truncate_from=truncate_from)
 
 
 
@@ -334,6 +341,7 @@ def flag_types() -> dict:
         existing_path,
         positive_int,
     )
+    from aquainterp.rundir import output_path
 
     lr = Number(float, 0.0, 1e3, lo_open=True)
     fraction = Number(float, 0.0, 1.0)
@@ -358,6 +366,7 @@ def flag_types() -> dict:
         "seed": SEED, "synthetic_seed": SEED,
         # paths and devices
         "init_from": _as_str(existing_path("dir")), "tokenizer_dir": _as_str(existing_path("dir")),
+        "run_dir": output_path("run"), "out_dir": output_path("dir"),
         "aqua": data_source, "gsm8k": data_source, "eval_aqua": data_source, "val_data": _text_source,
         "data": _text_source, "device": device_name,
     }
@@ -438,7 +447,8 @@ FLAG_HELP = {
     "compile": "torch.compile the model (auto = on with a GPU)",
     "seed": "seed of the model init and the data order",
     "resume": "continue exactly from the latest checkpoint in the run folder",
-    "overwrite": "replace the checkpoints and metrics of an earlier run in the run folder",
+    "overwrite": "replace what an earlier run wrote in the output folder (a stage's checkpoints and metrics, "
+                 "tok_train's tokenizer files)",
     "skip_nonfinite": "skip a step whose loss or gradients are NaN/inf instead of stopping the run",
     "wandb": "W&B logging: online, offline (sync later) or disabled",
     "run_name": "W&B run name",
@@ -481,14 +491,22 @@ def stage_main(run, cls, doc: str, module: str, argv: list[str] | None = None):
     return run_cli(run, parse_config(cls, argv, doc.split("\n")[0], prog=prog), prog)
 
 
-def parse_config(cls, argv: list[str] | None, description: str, prog: str | None = None):
-    """Flags -> config dataclass; `prog` is how the usage line names the command. Errors: one line, exit 2."""
-    from aquainterp.cli import normalize_flag_spelling
-    from aquainterp.cliargs import OneLineParser, pop_debug
+def stage_parser(cls, description: str = "", prog: str | None = None) -> argparse.ArgumentParser:
+    """The command line parser of a stage config class (its flags, plus --debug)."""
+    from aquainterp.cliargs import OneLineParser
 
     parser = OneLineParser(prog=prog, description=description)
     add_arguments(parser, cls())
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    return parser
+
+
+def parse_config(cls, argv: list[str] | None, description: str, prog: str | None = None):
+    """Flags -> config dataclass; `prog` is how the usage line names the command. Errors: one line, exit 2."""
+    from aquainterp.cli import normalize_flag_spelling
+    from aquainterp.cliargs import pop_debug
+
+    parser = stage_parser(cls, description, prog)
     argv = pop_debug(list(sys.argv[1:] if argv is None else argv))[0]
     args = parser.parse_args(normalize_flag_spelling(argv))
     del args.debug

@@ -35,7 +35,15 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from aquainterp.rundir import RunDirError, foreign, remove_owned, write_marker
+from aquainterp.rundir import (
+    RunDirError,
+    check_can_create,
+    foreign,
+    output_path,
+    protected,
+    remove_owned,
+    write_marker,
+)
 
 # Settings per budget, chosen by measurement (README, "What the demo shows, seed by seed"). "full" is the
 # README's demo: 250 SFT steps leave the policy at 0.37-0.65 held-out greedy accuracy for seeds 0-2 (the
@@ -154,6 +162,10 @@ def _demo_legacy(path: Path) -> bool:
 def refuse_foreign_outputs(root: Path) -> None:
     """RunDirError naming every folder (or file) the demo would reuse, delete or overwrite under `root`
     that it did not create: `--out runs` must not touch `runs/base` of a `training.base` run."""
+    why = protected(root)
+    if why:
+        raise RunDirError(f"--out {root} {why}; choose another --out")
+    check_can_create(root, "--out")
     bad = foreign([root / name for name in STAGE_NAMES], DEMO_OWNER, legacy=_demo_legacy)
     summary = root / "summary.json"
     if summary.exists():
@@ -608,7 +620,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.description = __doc__.split("\n\n")[0]
     d = DemoConfig()
-    parser.add_argument("--out", default=d.out, help=f"where every stage writes (default {d.out})")
+    parser.add_argument("--out", type=output_path("root"), default=d.out,
+                        help=f"where every stage writes (default {d.out})")
     parser.add_argument("--budget", choices=sorted(BUDGETS), default=d.budget,
                         help="full: the README demo (≤ 10 min on 2 cores); small: the same story in fewer RL "
                              "steps (the slow test); smoke: every stage with tiny step counts, nothing learned, "

@@ -67,7 +67,7 @@ def finetune_setup(config, dist):
 
 
 def run(config: MidConfig) -> dict:
-    claim_run_dir(config)  # refuses an earlier run's run_dir before anything is touched
+    lock = claim_run_dir(config)  # refuses an earlier run's run_dir (or a running one) before anything is touched
     dist = setup_distributed(config.device)
     try:
         seed_everything(config.seed)
@@ -88,7 +88,8 @@ def run(config: MidConfig) -> dict:
                           position, name="mid mixture")
         batches = PackedBatches(rows, total_rows, config.device_batch_size, dist.rank, dist.world_size)
         bf16 = resolve_flag(config.bf16, dist.device, "bf16")
-        logger = open_logger(Path(config.run_dir), config, dist, config.wandb, config.run_name)
+        logger = open_logger(Path(config.run_dir), config, dist, config.wandb, config.run_name,
+                             truncate_from=start + 1 if config.resume else None)  # rows after the checkpoint go
         if dist.is_main:
             print(f"mid: {len(chats):,} conversations, {num_steps} steps of {config.total_batch_tokens:,} tokens, "
                   f"device {dist.device}" + (f", resuming at step {start}" if start else ""))
@@ -104,6 +105,8 @@ def run(config: MidConfig) -> dict:
             logger.finish()
     finally:
         teardown_distributed()
+        if lock is not None:
+            lock.release()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -35,6 +35,7 @@ from aquainterp import settings
 from aquainterp.cliargs import SEED, Number, count_int, data_source, device_name, existing_path, positive_int
 from aquainterp.engine import Engine
 from aquainterp.logger import Logger
+from aquainterp.rundir import output_path
 from aquainterp.scoring import completion_logits, completion_targets
 from aquainterp.settings import check_settings, setting
 from aquainterp.tasks import LETTERS, MCProblem, conversation, extract_letter
@@ -126,7 +127,7 @@ class RLConfig:
     table_every: int = setting(10, "log a table of sampled completions every N steps (0 = none)", type=count_int())
     table_rows: int = setting(8, "rows of that table", type=positive_int(1 << 20))
     # run management
-    out: str = setting("runs/rl", "run folder: metrics.jsonl, checkpoints/, summary.json")
+    out: str = setting("runs/rl", "run folder: metrics.jsonl, checkpoints/, summary.json", type=output_path("run"))
     save_every: int = setting(0, "save a checkpoint every N steps (0 = only at the end)", type=count_int())
     resume: bool = setting(False, "continue from the latest checkpoint in --out")
     overwrite: bool = setting(False, "replace the checkpoints and metrics of an earlier run in --out")
@@ -502,12 +503,14 @@ def run(config: RLConfig, policy: tuple | None = None) -> dict:
     (model, tokenizer) starts from an in-memory model instead of --checkpoint/--depth (the demo hands
     over its freshly trained SFT model this way); RL updates that model in place."""
     config.validate(policy_given=policy is not None)
-    common.claim_run_dir(config, config.out, "--out")  # before anything is touched
+    lock = common.claim_run_dir(config, config.out, "--out")  # before anything is touched; one writer per --out
     ddp = common.setup_distributed(config.device)
     try:
         return _run(config, ddp, policy)
     finally:
         common.teardown_distributed()
+        if lock is not None:
+            lock.release()
 
 
 def _run(config: RLConfig, ddp: Dist, policy: tuple | None = None) -> dict:
@@ -552,7 +555,8 @@ def _run(config: RLConfig, ddp: Dist, policy: tuple | None = None) -> dict:
     stop_tokens = {end_id, tokenizer.bos_token_id}
     run_config = {**common.config_dict(config), "world_size": ddp.world_size,
                   **source, "train_pool": len(train), "held_out": len(held_out), "stage": "rl"}
-    logger = common.open_logger(out, run_config, ddp, config.wandb, config.run_name)
+    logger = common.open_logger(out, run_config, ddp, config.wandb, config.run_name,  # on --resume, rows from
+                                truncate_from=start_step if config.resume else None)  # start_step on go aside
     suite = None
     if config.probes:
         from probes.suite import ProbeSuite

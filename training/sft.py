@@ -75,7 +75,7 @@ def make_evaluator(config, model, tokenizer):
 
 
 def run(config: SFTConfig) -> dict:
-    claim_run_dir(config)  # refuses an earlier run's run_dir before anything is touched
+    lock = claim_run_dir(config)  # refuses an earlier run's run_dir (or a running one) before anything is touched
     dist = setup_distributed(config.device)
     try:
         seed_everything(config.seed)
@@ -90,7 +90,8 @@ def run(config: SFTConfig) -> dict:
         num_steps = config.max_steps if config.max_steps > 0 else \
             max(1, config.num_epochs * len(chats) // config.examples_per_step)
         bf16 = resolve_flag(config.bf16, dist.device, "bf16")
-        logger = open_logger(Path(config.run_dir), config, dist, config.wandb, config.run_name)
+        logger = open_logger(Path(config.run_dir), config, dist, config.wandb, config.run_name,
+                             truncate_from=start + 1 if config.resume else None)  # rows after the checkpoint go
         if dist.is_main:
             print(f"sft: {len(chats):,} conversations, {num_steps} steps of {config.examples_per_step} examples, "
                   f"device {dist.device}" + (f", resuming at step {start}" if start else ""))
@@ -108,6 +109,8 @@ def run(config: SFTConfig) -> dict:
             logger.finish()
     finally:
         teardown_distributed()
+        if lock is not None:
+            lock.release()
 
 
 def main(argv: list[str] | None = None) -> None:

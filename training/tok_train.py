@@ -30,6 +30,10 @@ class TokTrainConfig:
     aqua: str | None = None
     gsm8k: str | None = None
     gsm8k_split: str = "test"
+    overwrite: bool = False  # replace files in out_dir that tok_train did not write (or that changed since)
+
+
+OWNER = "python -m training.tok_train"
 
 
 def capped_texts(source: str, max_chars: int, doc_cap: int) -> Iterator[str]:
@@ -71,18 +75,24 @@ def run(config: TokTrainConfig) -> dict:
     """Train, save to out_dir (tokenizer.json + compression.json), return {task: bytes per token}."""
     from tqdm.auto import tqdm
 
+    from aquainterp.rundir import claim_output, record_written, write_output
     from aquainterp.tokenizer import Tokenizer
 
+    # where the tokenizer goes is checked before training: a new folder or tok_train's own, never a
+    # checkpoint's tokenizer/ or one of the text sources it reads (aquainterp.rundir)
+    sources = [s for s in (config.data, config.aqua, config.gsm8k) if s and Path(s).exists()]
+    out_dir = claim_output(config.out_dir, "--out-dir", owner=OWNER, kind="dir", inputs=sources,
+                           overwrite=config.overwrite)
     t0 = time.perf_counter()
     texts = tqdm(capped_texts(config.data, config.max_chars, config.doc_cap), desc="tokenizer text", unit="doc")
     tokenizer = Tokenizer.train_from_iterator(texts, vocab_size=config.vocab_size)
     train_s = time.perf_counter() - t0
-    out_dir = Path(config.out_dir)
     tokenizer.save(out_dir)
+    record_written([out_dir], OWNER)
     report = {name: bytes_per_token(tokenizer, docs) for name, docs in heldout_texts(config).items()}
     summary = {"vocab_size": tokenizer.vocab_size, "train_seconds": train_s, "bytes_per_token": report,
                "data": config.data, "fingerprint": tokenizer.fingerprint()}
-    (out_dir / "compression.json").write_text(json.dumps(summary, indent=1))
+    write_output(out_dir / "compression.json", json.dumps(summary, indent=1), OWNER)
     print(f"tokenizer: vocab {tokenizer.vocab_size:,}, trained in {train_s:.1f}s, saved to {out_dir}")
     print("| task | bytes/token |\n| --- | --- |")
     for name, bpt in report.items():
