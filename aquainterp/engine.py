@@ -94,7 +94,7 @@ class Engine:
         return self._generate(prompts, num_samples, max_new_tokens, temperature, top_k, stop_tokens, seeds,
                               "Engine.generate_batch")
 
-    @torch.no_grad()
+    @torch.inference_mode()  # as nanochat's Engine: no autograd bookkeeping at all (no_grad keeps version counters)
     def _generate(self, prompts, num_samples, max_new_tokens, temperature, top_k, stop_tokens, seeds, where):
         model = self.model
         vocab = model.config.vocab_size

@@ -681,8 +681,9 @@ class GPT(LensMixin, HookedRootModule):
         if n <= have:
             return
         size = min(self.rotary_len, max(n, 2 * have))
-        self.cos, self.sin = rotary_tables(size, self.config.head_dim, self.config.rope_base,
-                                           device=self.cos.device, dtype=self.cos.dtype)
+        with torch.inference_mode(False):  # grown during generation, the tables must still serve training
+            self.cos, self.sin = rotary_tables(size, self.config.head_dim, self.config.rope_base,
+                                               device=self.cos.device, dtype=self.cos.dtype)
 
     def _init_weights_2026(self):
         """nanochat 92d63d4's init_weights: wte N(0, 0.8), lm_head N(0, 0.001); q/k/v and value embeddings

@@ -174,6 +174,7 @@ def _worker(args) -> dict:
         "generation, greedy": (lambda: timed(lambda: our_generate(0.0)), lambda: timed(lambda: their_generate(0.0))),
         "generation, sampled": (lambda: timed(lambda: our_generate(1.0)), lambda: timed(lambda: their_generate(1.0))),
     }
+    arms = {label: pair for label, pair in arms.items() if args.only in label}
     for a, b in arms.values():  # warm-up
         a(), b()
     times = {label: ([], []) for label in arms}
@@ -243,6 +244,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
+    parser.add_argument("--only", default="", help="measure only the rows whose name contains this")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:

@@ -208,3 +208,17 @@ def test_bad_arguments_are_named():
         engine.generate_batch([[1], [2]], seeds=[0])
     with pytest.raises(ValueError, match="Engine.generate_batch: expected a non-empty list of prompts"):
         engine.generate_batch([])
+
+
+def test_generation_runs_in_inference_mode_and_leaves_the_model_trainable():
+    """Engine decodes under torch.inference_mode (as nanochat); rotary tables it grows past their initial
+    length are still ordinary tensors, so the same model trains afterwards (RL: rollouts, then the update)."""
+    model = random_gpt(seed=3)
+    have = model.cos.size(1)
+    gen = Engine(model).generate([1, 2, 3], num_samples=2, max_new_tokens=have + 5, temperature=1.0, seed=0)
+    assert model.cos.size(1) > have and not model.cos.is_inference()
+    assert len(gen.completions[0]) == have + 5
+    x = torch.tensor([[1, 2, 3] + gen.completions[0]])
+    loss = model(x[:, :-1], x[:, 1:])
+    loss.backward()
+    assert model.wte.weight.grad is not None and torch.isfinite(loss)
