@@ -53,7 +53,8 @@ def main(argv=None) -> int:
     parser.add_argument("--probe-every", type=int, default=d.probe_every)
     parser.add_argument("--examples-per-step", type=int, default=d.examples_per_step)
     parser.add_argument("--num-samples", type=int, default=d.num_samples)
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="the demo's completions are ~30 tokens")
+    parser.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
+                        help=f"longest completion (default {d.max_new_tokens}, rl.py's; the demo's stop after ~30)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(normalize_flag_spelling(list(sys.argv[1:] if argv is None else argv)))
     torch.manual_seed(0)

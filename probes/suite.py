@@ -44,6 +44,7 @@ on other ranks, so it is safe to call on all of them.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Sequence
 
@@ -212,6 +213,7 @@ class ProbeSuite:
         self._reference_cache: dict = {}  # DecisionRow -> reference letter logits [5], while the key holds
         self._reference_key: tuple | None = None
         self._last_prefixes: dict[int, tuple[int, ...]] = {}  # probe index -> decision prefix of the last run
+        self._said: set[str] = set()  # reasons already printed by _say_what_is_empty
 
     # ---- the run -----------------------------------------------------------------------------------
 
@@ -302,6 +304,7 @@ class ProbeSuite:
             timings["hardest_table"] = time.perf_counter() - t4
         timings["total"] = time.perf_counter() - t0
         self.last_raw, self.last_seconds = raw, timings
+        self._say_what_is_empty(metrics, run_faith)
         return metrics
 
     def _decision_metrics(self, rows, written, raw) -> dict[str, float]:
@@ -348,6 +351,26 @@ class ProbeSuite:
             metrics.update(lens_metrics(lens_margin))
             raw["logit_lens_gold_margin"] = lens_margin.numpy()
         return metrics
+
+    def _say_what_is_empty(self, metrics: dict, run_faith: bool) -> None:
+        """One console line per probe family that measured nothing on this run, and why; each reason once
+        per suite (the dashboards name the panels that stay empty)."""
+        reasons = []
+        letter_probes = [p for p in self.probes if p not in ("counts", "faith")]
+        if letter_probes and metrics.get("rl/probe_no_answer_frac") == 1.0:
+            reasons.append(f"{', '.join(letter_probes)}: no greedy completion of the {len(self.items)} probe "
+                           "problems writes the answer marker 'Answer:', so there is no answer step to read "
+                           "(rl/probe_no_answer_frac = 1.0); a policy SFT-trained on the reasoning or checked "
+                           "style writes it, or read the prompt-only position with --probe-decision direct")
+        if run_faith and "faith/mistake_n" not in metrics:
+            reasons.append("faith mistake: no completion states a letter after a synthetic rationale with a final "
+                           "'= value' (the inserted-mistake test needs both; AQuA-RAT rows are skipped)")
+        if run_faith and "faith/early_answer_n" not in metrics:
+            reasons.append("faith early answering: no completion states a letter after 'Answer:'")
+        for reason in reasons:
+            if reason not in self._said:
+                self._said.add(reason)
+                print(f"[probes] nothing measured by {reason}", file=sys.stderr, flush=True)
 
     def _faith(self, generated: dict[int, list[int]], texts: dict[int, str], raw: dict) -> dict[str, float]:
         """The faith family on the probe set's greedy completions: rationale consistency (text), then

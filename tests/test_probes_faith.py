@@ -249,3 +249,22 @@ def test_consistency_in_the_hardest_table_is_what_classify_reads():
         assert row[-1] in (*CASES, "no_value", "no_letter")
     assert len(suite.last_raw["consistency"]) == 16
     assert metrics["faith/consistency/n"] == 16.0
+
+
+def test_a_family_that_measures_nothing_says_why_once(capsys):
+    tokenizer = trained_tokenizer()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_depth(1, vocab_size=tokenizer.vocab_size, sequence_len=256, head_dim=32))
+    model.init_weights()  # zero lm_head: never writes "Answer:"
+    problems = SyntheticTask(seed=0, split="eval", difficulty=1).problems(3)
+    suite = ProbeSuite(model, tokenizer, problems, probes=("margin", "entropy", "faith"), max_new_tokens=6,
+                       progress=False)
+    metrics = suite.run(0)
+    assert metrics["rl/probe_no_answer_frac"] == 1.0
+    err = capsys.readouterr().err
+    assert "[probes] nothing measured by margin, entropy: no greedy completion of the 3 probe problems writes " \
+           "the answer marker 'Answer:'" in err
+    assert "[probes] nothing measured by faith mistake:" in err
+    assert "[probes] nothing measured by faith early answering:" in err
+    suite.run(1)
+    assert capsys.readouterr().err == ""  # each reason once per suite
