@@ -442,6 +442,8 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
+            except RecursionError:
+                raise ValueError(f"{path}:{lineno}: JSON nested too deeply to be a metrics row") from None
             if not isinstance(row, dict) or not isinstance(row.get("step"), int):
                 raise ValueError(f"{path}:{lineno}: each line must be an object with an integer 'step'")
             rows.append(row)

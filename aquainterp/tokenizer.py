@@ -120,6 +120,9 @@ def _bpe_from_tokenizer_json(text: str, where: str) -> _rustbpe.Bpe:
         pattern = spec["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"]
     except (json.JSONDecodeError, KeyError, IndexError, TypeError) as e:
         raise ValueError(f"{where}: not an aquainterp tokenizer.json ({type(e).__name__}: {e})") from e
+    except RecursionError:  # a hostile file nested thousands deep: one line naming it, not a stack overflow
+        raise ValueError(f"{where}: not an aquainterp tokenizer.json (its JSON is nested too deeply to "
+                         "read)") from None
     if model.get("type") != "BPE" or pattern != SPLIT_PATTERN:
         raise ValueError(f"{where}: not an aquainterp tokenizer.json (model type {model.get('type')!r}, "
                          f"split pattern {pattern!r})")

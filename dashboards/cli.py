@@ -197,6 +197,8 @@ def _run(args: DashboardConfig) -> int:
             raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
         except UnicodeDecodeError as e:
             raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
+        except RecursionError:
+            raise ValueError(f"{path}: JSON nested too deeply to be a workspace") from None
         template = template_from_model(model, str(path))
         _write(json.dumps(template.to_dict(), indent=2) + "\n", args.output, "load")
         return 0

@@ -37,6 +37,8 @@ SINGLE_METRIC_KINDS = ("histogram", "table", "image")
 X_KINDS = ("line", "heatmap", "histogram")  # kinds drawn against a step axis
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 X_RE = re.compile(r"^(Step|[A-Za-z0-9_]+/step)$")
+MAX_TEMPLATE_BYTES = 1 << 20  # the shipped templates are a few KB
+MAX_PANELS = 200  # a panel renders in ~30 ms: 200 is a few seconds; the shipped templates have at most 20
 
 
 # The order a report asks its questions in, each with the shipped templates that answer it: the offline
@@ -206,6 +208,9 @@ def _parse_template(d, where: str) -> Template:
     sections = d["sections"]
     if not isinstance(sections, list) or not sections:
         _fail(where, "'sections' must be a non-empty list")
+    total = sum(len(s["panels"]) for s in sections if isinstance(s, dict) and isinstance(s.get("panels"), list))
+    if total > MAX_PANELS:
+        _fail(where, f"{total} panels; a template holds at most {MAX_PANELS} (split it into several templates)")
     parsed = []
     seen_titles: set[str] = set()
     for i, s in enumerate(sections):
@@ -228,11 +233,16 @@ def load_template(path: str | Path) -> Template:
     """Read and validate one template file; errors name the file and the offending field."""
     path = Path(path)
     try:
+        size = path.stat().st_size
+        if size > MAX_TEMPLATE_BYTES:
+            raise TemplateError(f"{path}: {size:,} bytes; a template file holds at most {MAX_TEMPLATE_BYTES:,}")
         raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise TemplateError(f"{path}: no such template file") from None
     except json.JSONDecodeError as e:
         raise TemplateError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    except RecursionError:
+        raise TemplateError(f"{path}: JSON nested too deeply to be a template") from None
     template = _parse_template(raw, str(path))
     if template.name != path.stem:
         raise TemplateError(f"{path}: 'name' is {template.name!r} but the file is named {path.name}; "
