@@ -44,6 +44,7 @@ from training import common
 from training.common import Dist
 from training.grpo import completion_reward, group_advantages, policy_loss, token_logprobs
 from training.optim import apply_schedule, build_optimizers
+from training.rl_health import entropy_sum, grad_norm, group_counts, group_metrics
 
 
 def _existing_dir(text: str) -> str:
@@ -251,12 +252,15 @@ def score_rollout(problem: MCProblem, gen, tokenizer, config: RLConfig, stop_tok
                    list(gen.finished))
 
 
-def completion_logprobs(model, prompt: list[int], completions: list[list[int]], pad_id: int, bf16: bool
-                        ) -> torch.Tensor:
+def completion_logprobs(model, prompt: list[int], completions: list[list[int]], pad_id: int, bf16: bool,
+                        entropies: list | None = None) -> torch.Tensor:
     """log p(token | prompt, earlier tokens) at temperature 1 for every completion token, [b, longest],
-    0 on padding. The prompt runs once (aquainterp.scoring.completion_logits)."""
+    0 on padding. The prompt runs once (aquainterp.scoring.completion_logits). `entropies`: a list that
+    gets these tokens' summed policy entropy (training.rl_health.entropy_sum) from the same logits."""
     with common.autocast(model.wte.weight.device, bf16):
         logits, targets = completion_logits(model, prompt, completions, pad_id)
+    if entropies is not None:
+        entropies.append(entropy_sum(logits, targets))
     return token_logprobs(logits, targets)
 
 
@@ -329,8 +333,8 @@ def train_on_rollouts(model, optimizers, rollouts: list[Rollout], config: RLConf
     if num_valid == 0:
         raise RuntimeError("training.rl: no completion tokens in this step on any rank (max_new_tokens?)")
 
-    def logprobs(policy, rollout, samples):
-        return completion_logprobs(policy, rollout.prompt, rollout.completions[samples], pad_id, bf16)
+    def logprobs(policy, rollout, samples, entropies=None):
+        return completion_logprobs(policy, rollout.prompt, rollout.completions[samples], pad_id, bf16, entropies)
 
     old, ref = [None] * len(chunks), [None] * len(chunks)
     if reference is not None:
@@ -338,12 +342,13 @@ def train_on_rollouts(model, optimizers, rollouts: list[Rollout], config: RLConf
             for c, (rollout, samples, _, _) in enumerate(chunks):
                 ref[c] = logprobs(reference, rollout, samples)
     totals = torch.zeros(4, dtype=torch.float64)  # loss, pg_sum, kl_sum, clipped
+    entropies: list[torch.Tensor] = []  # the sampling policy's (epoch 0), training.rl_health
     for epoch in range(config.ppo_epochs):
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         epoch_loss = 0.0
         for c, (rollout, samples, mask, adv) in enumerate(chunks):
-            logp = logprobs(model, rollout, samples)
+            logp = logprobs(model, rollout, samples, entropies if epoch == 0 else None)
             if epoch == 0:
                 old[c] = logp.detach()  # the policy that sampled (up to numerics): ratio ≡ 1 on epoch 0
             loss, stats = policy_loss(logp, old[c], adv, mask, num_valid, clip_eps=config.clip_eps,
@@ -354,13 +359,19 @@ def train_on_rollouts(model, optimizers, rollouts: list[Rollout], config: RLConf
                 totals += torch.tensor([0.0, stats.pg_sum, stats.kl_sum, stats.clipped_tokens], dtype=torch.float64)
         totals[0] = epoch_loss
         sync_gradients(model, ddp)
+        norm = grad_norm(model)  # the whole step's gradient: summed over ranks, the same on each
         global_loss = global_sum(torch.tensor(epoch_loss, dtype=torch.float64), ddp).item()
         common.check_finite(global_loss, step, skip=False, ckpt_dir=ckpt_dir or Path(config.out) / "checkpoints",
                             grads_ok=common.grads_finite(model))
         for opt in optimizers:
             opt.step()
     totals = global_sum(totals, ddp)
+    health = global_sum(torch.cat([group_counts(rewards.tolist(), [r.finished for r in rollouts]),
+                                   torch.stack(entropies).sum()[None]]), ddp)
     return {
+        **group_metrics(health[:5]),
+        "rl/entropy": health[5].item() / num_valid,
+        "rl/grad_norm": norm,
         "rl/loss": totals[0].item(),  # of the last PPO epoch
         "rl/kl_k3_mean": totals[2].item() / num_valid,  # k3 estimate of KL(policy || reference)
         "rl/clip_frac": totals[3].item() / num_valid,
