@@ -54,6 +54,7 @@ UNITS = (
     (r"agreement|_frac$|consistency|match|prior/|_aoc$|baseline", "share", "fraction"),
     (r"(^|/)loss$", "loss", "nats"),
     (r"(^|/)lr$", "learning rate", "lr"),
+    (r"grad_norm$", "gradient norm", "L2 norm"),
 )
 X_TITLES = {"rl/step": "RL step (steps)", "eval/step": "RL step of the evaluation (steps)",
             "patch/step": "checkpoint step (steps)", "Step": "W&B step (steps)"}

@@ -127,7 +127,7 @@ def plots(text: str) -> dict[str, tuple[list, dict]]:
 # What an axis may be measured in (the part of its title in parentheses), written out here, not imported.
 AXIS_UNITS = {"fraction", "fraction of problems", "reward per completion", "tokens", "logits", "nats", "steps",
               "fraction of the logit-diff gap", "completions", "problems", "index", "letter", "token",
-              "position:token"}
+              "position:token", "L2 norm"}
 
 
 def axis_problems(div: str, data: list, layout: dict) -> list[str]:
