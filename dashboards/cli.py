@@ -4,7 +4,7 @@
     aquainterp dashboard export --template NAME|all [-o OUT]   workspace JSON, no network
     aquainterp dashboard load WORKSPACE.json [-o TEMPLATE.json] W&B workspace JSON -> our template
     aquainterp dashboard push --template NAME --entity E --project P   saved workspace on W&B (network)
-    aquainterp dashboard html --run RUN_DIR --template NAME|all -o report.html [--screenshot PNG]
+    aquainterp dashboard html --run RUN_DIR --template NAME|all -o report.html [--screenshot PNG] [--first-view PNG]
     aquainterp dashboard sample --run RUN_DIR                  record a synthetic run to try the above
 """
 
@@ -81,7 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--source", choices=("auto", "jsonl", "wandb"), default="auto",
                    help="read metrics.jsonl or the offline W&B run (auto: jsonl when present)")
     p.add_argument("--screenshot", type=output_path("file"),
-                   help="also open the page in headless Chromium and save a PNG here")
+                   help="also open the page in headless Chromium and save a PNG of the whole page here")
+    p.add_argument("--first-view", type=output_path("file"),
+                   help="also save a PNG of what a 1400 x 900 window shows on opening the page")
     p.add_argument("--overwrite", action="store_true", help=overwrite)
 
     p = sub.add_parser("sample", help="record a synthetic RL run through the Logger (for trying reports)")
@@ -229,9 +231,10 @@ def _run(args: DashboardConfig) -> int:
         inputs = [Path(args.run) / "metrics.jsonl", Path(args.run) / "wandb", Path(args.run) / "media",
                   *([args.template] if args.template.endswith(".json") else [])]
         claim_output(args.output, "-o", owner=owner("html"), kind="file", inputs=inputs, overwrite=args.overwrite)
-        if args.screenshot:
-            claim_output(args.screenshot, "--screenshot", owner=owner("html"), kind="file",
-                         inputs=[*inputs, args.output], overwrite=args.overwrite)
+        for flag, shot in (("--screenshot", args.screenshot), ("--first-view", args.first_view)):
+            if shot:
+                claim_output(shot, flag, owner=owner("html"), kind="file", inputs=[*inputs, args.output],
+                             overwrite=args.overwrite)
         templates = _templates(args.template)
         out = write_html(templates, args.run, args.output, args.source)
         record_written([out], owner("html"))
@@ -239,13 +242,14 @@ def _run(args: DashboardConfig) -> int:
         drawn, total = text.count("<div class='aq-panel"), sum(len(t.panels) for t in templates)
         print(f"wrote {out} ({drawn} of {total} panels drawn, the rest logged nothing and are named on the page; "
               f"{out.stat().st_size / 1e6:.1f} MB)")
-        if args.screenshot:
+        if args.screenshot or args.first_view:
             from dashboards.browser import inspect_page
 
-            report = inspect_page(out, args.screenshot)
-            record_written([args.screenshot], owner("html"))
+            report = inspect_page(out, args.screenshot, first_view=args.first_view)
+            shots = [str(p) for p in (report.screenshot, report.first_view) if p is not None]
+            record_written(shots, owner("html"))
             print(f"chromium: {report.rendered}/{report.panels} panels rendered, "
-                  f"{len(report.console_errors)} console errors, screenshot {report.screenshot}")
+                  f"{len(report.console_errors)} console errors, screenshot {' and '.join(shots)}")
             for err in report.console_errors:
                 print(f"  {err}", file=sys.stderr)
             if report.console_errors or report.rendered != report.panels:

@@ -111,6 +111,8 @@ def axis_title(names: Iterable[str]) -> str:
         qu = metric_unit(name) or ("value", "unit unknown")
         if qu not in seen:
             seen.append(qu)
+    if len({u for _, u in seen}) == 1:  # one unit: 'accuracy / share (fraction)'
+        return " / ".join(q for q, _ in seen) + f" ({seen[0][1]})"
     return " · ".join(f"{q} ({u})" for q, u in seen) or "value (unit unknown)"
 
 
@@ -348,8 +350,10 @@ def _rows_by_step_heatmap(panel: Panel, pattern: re.Pattern, data: RunData) -> g
     rows = sorted(cells, key=_sort_key)
     steps = sorted({s for row in cells.values() for s in row})
     z = [[cells[r].get(s) for s in steps] for r in rows]
-    fig = go.Figure(go.Heatmap(z=z, x=steps, y=[f"{row_name} {r}" for r in rows], colorscale="RdBu",
-                               zmid=0, hoverongaps=False,
+    values = [v for row in z for v in row if v is not None]
+    # a signed quantity (a margin) diverges around 0; a one-signed one (an accuracy) gets a sequential scale
+    signed = {"colorscale": "RdBu", "zmid": 0} if min(values) < 0 < max(values) else {"colorscale": "Viridis"}
+    fig = go.Figure(go.Heatmap(z=z, x=steps, y=[f"{row_name} {r}" for r in rows], **signed, hoverongaps=False,
                                colorbar={"title": {"text": axis_title(names[:1]), "side": "right"}}))
     fig.update_yaxes(autorange="reversed", title_text=f"{row_name} (index)")
     fig.update_xaxes(title_text=X_TITLES.get(panel.x, f"{panel.x} (steps)"), type="category")
