@@ -24,7 +24,7 @@ import torch
 
 from aquainterp.cliargs import SEED, count_int, data_source, device_name, existing_path, number, positive_int
 from aquainterp.patch_pairs import CORRUPTIONS
-from aquainterp.patching import ALIGNMENTS, DIRECTIONS, SWEEPS, Patcher, SweepResult
+from aquainterp.patching import ALIGNMENTS, DIRECTIONS, MIN_GAP, SWEEPS, Patcher, SweepResult, screen_pairs
 from aquainterp.rundir import output_path
 from aquainterp.settings import add_arguments as add_setting_flags
 from aquainterp.settings import check_settings, setting
@@ -95,6 +95,12 @@ class PatchConfig:
     noise_scale: float = setting(3.0, "noise std in embedding stds", type=number(float, 0.0, 1e3, lo_open=True))
     seed: int = setting(0, "problems, corruption order and noise", type=SEED)
     skip_unalignable: bool = setting(False, "drop problems with no same-length corruption instead of stopping")
+    min_gap: float = setting(MIN_GAP, "pairs whose clean - corrupted letter logit difference is below this many "
+                             "logits, and pairs the model gets wrong on the clean prompt (clean < 0), are left out "
+                             "of the sweeps and the headline, counted and listed (see --keep-all-pairs)",
+                             type=number(float, 0.0, 1e6))
+    keep_all_pairs: bool = setting(False, "patch every pair, also those --min-gap leaves out (they are still listed "
+                                   "and a tiny mean gap is flagged)")
     out: Path | None = setting(None, "new or empty folder for patching.safetensors, summary.json and patching.html",
                                type=output_path("dir", Path), required=True)
     overwrite: bool = setting(False, "write into --out even where it holds files patch did not write")
@@ -292,6 +298,39 @@ def write_report(out: Path, patcher: Patcher, results: list[SweepResult], tokeni
     return summary
 
 
+def screen(config, model, pairs, patcher: Patcher) -> tuple[Patcher, dict]:
+    """Leave out of the sweeps the pairs screen_pairs names (unless --keep-all-pairs): the Patcher of the
+    kept pairs, and what the report and summary.json say about it (every pair's baselines, who was left out
+    and why, warnings). ValueError when no pair is left."""
+    excluded = screen_pairs(patcher.clean_ld, patcher.corrupted_ld, config.min_gap)
+    listed = [{"name": pairs[i].name, "clean_logit_diff": float(patcher.clean_ld[i]),
+               "corrupted_logit_diff": float(patcher.corrupted_ld[i]), "reason": why} for i, why in excluded]
+    info = {"min_gap": config.min_gap, "kept_all": config.keep_all_pairs, "of": len(pairs),
+            "excluded": listed, "warnings": []}
+    if excluded and not config.keep_all_pairs:
+        gone = {i for i, _ in excluded}
+        kept = [p for i, p in enumerate(pairs) if i not in gone]
+        if not kept:
+            raise ValueError(f"all {len(pairs)} pairs are left out of the headline ("
+                             + "; ".join(f"{e['name']}: {e['reason']}" for e in listed[:3])
+                             + ("; ..." if len(listed) > 3 else "") + "); lower --min-gap or pass --keep-all-pairs "
+                             "to patch them anyway")
+        patcher = Patcher(model, kept, batch_size=config.batch_size, align=config.align,
+                          noise_scale=config.noise_scale, seed=config.seed)
+    info["used"] = len(patcher.pairs)
+    if excluded and not config.keep_all_pairs and 2 * info["used"] < len(pairs):
+        info["warnings"].append(f"only {info['used']} of {len(pairs)} pairs remain after leaving out "
+                                f"{len(excluded)}: the headline rests on few pairs")
+    if excluded and config.keep_all_pairs:
+        info["warnings"].append(f"--keep-all-pairs: {len(excluded)} of {len(pairs)} pairs in the headline would "
+                                "have been left out (listed below)")
+    if abs(patcher.scale) < config.min_gap:
+        info["warnings"].append(f"the mean clean - corrupted gap is {patcher.scale:+.3f} logits (< {config.min_gap:g}):"
+                                " normalised values divide by it and are not reliable")
+    info["scale"] = patcher.scale
+    return patcher, info
+
+
 def run_sweeps(config, patcher: Patcher, names, directions) -> list[SweepResult]:
     if config.method == "attribution":
         from aquainterp.attribution import attribution_sweeps
@@ -402,16 +441,24 @@ def run(config: PatchConfig | argparse.Namespace) -> int:
         pairs, skipped, no_marker, completions = build_pairs(config, tokenizer, problems(config), model)
         patcher = Patcher(model, pairs, batch_size=config.batch_size, align=config.align,
                           noise_scale=config.noise_scale, seed=config.seed)
+        patcher, screened = screen(config, model, pairs, patcher)
     except (ValueError, FileNotFoundError) as e:
         return fail(str(e), 1 if isinstance(e, (LoadFailure, FileNotFoundError)) else 2)
     directions = DIRECTIONS if config.direction == "both" else (config.direction,)
     results = run_sweeps(config, patcher, names, directions)
-    settings = {**described, **settings_of(config, pairs, skipped, no_marker, directions, names)}
+    settings = {**described, **settings_of(config, patcher.pairs, skipped, no_marker, directions, names),
+                "screen": screened}
     summary = write_report(config.out, patcher, results, tokenizer, settings)
     if no_marker:
         print(f"{len(no_marker)} problems skipped: their completion never wrote the answer marker "
               f"({', '.join(no_marker[:5])}{', ...' if len(no_marker) > 5 else ''})")
-    print(f"{len(pairs)} pairs ({len(skipped) + len(no_marker)} skipped); clean logit diff {summary['clean_logit_diff_mean']:.3f}, "
+    for e in screened["excluded"]:
+        print(f"{'kept (--keep-all-pairs)' if config.keep_all_pairs else 'left out of the headline'}: {e['name']}: "
+              f"{e['reason']}")
+    for warning in screened["warnings"]:
+        print(f"warning: {warning}")
+    print(f"{len(patcher.pairs)} of {len(pairs)} pairs in the headline ({len(skipped) + len(no_marker)} problems "
+          f"skipped); clean logit diff {summary['clean_logit_diff_mean']:.3f}, "
           f"corrupted {summary['corrupted_logit_diff_mean']:.3f}")
     for key, s in summary["sweeps"].items():
         best = s["top_cells"][0]

@@ -18,6 +18,8 @@ import json
 
 import torch
 
+from aquainterp.patching import MIN_GAP
+
 MAX_COLUMNS = 40  # a cropped heatmap shows at most this many positions
 MIN_COLUMNS = 16  # ... and at least this many (context before the decision), when the prompt has them
 PLOT_CONFIG = {"displayModeBar": False, "responsive": False}
@@ -143,11 +145,45 @@ h1{font-size:22px;margin:0 0 6px} h2{font-size:18px;margin:22px 0 8px;border-bot
 table{border-collapse:collapse;font-size:13px} td,th{padding:2px 10px;border-bottom:1px solid #eee;text-align:left}
 ul.sentences{margin:6px 0 8px;padding-left:20px;font-size:14px} ul.sentences li{margin:2px 0}
 .aq-panel{margin:6px 0 14px} .note{color:#666;font-size:12px}
+.warn{background:#fff4e5;border-left:4px solid #e68a00;padding:4px 10px;margin:6px 0;font-size:14px}
+details.excluded{font-size:13px;margin:6px 0}
 details{margin:4px 0} summary{cursor:pointer}
 .strip{font-family:ui-monospace,monospace;font-size:12px;white-space:pre-wrap;line-height:1.6;border:1px solid #eee;
        padding:6px;max-height:260px;overflow:auto} .cut{color:#888}
 pre.raw{font-size:11px;max-height:500px;overflow:auto;background:#f7f7f7;padding:8px}
 """
+
+
+NOTATION = ("How to read the labels: <b>L1</b> = layer 1, <b>H3</b> = head 3 (L1H3: that head of that layer); "
+            "<b>@ 0: :</b> = at position 0 whose token is ':' (positions are &quot;index: token&quot;; aligned at the "
+            "end, the index counts back from the decision token, so 0 is the decision token itself and -5 the fifth "
+            "token before it; aligned at the start it counts from the first token); a <b>*</b> after a token = the "
+            "pairs have different tokens at that position (the label shows the longest pair's). Restored: (patched "
+            "- corrupted) / (clean - corrupted) of the letter logit difference, gold letter minus foil, averaged over "
+            "the pairs first: 0 = the corrupted run, 1 = the clean run.")
+
+
+def screen_html(screen: dict | None) -> str:
+    """Which pairs the headline leaves out and why, and the warnings (few pairs left, a tiny gap)."""
+    if not screen:
+        return ""
+    parts = []
+    for warning in screen.get("warnings", []):
+        parts.append(f"<div class='warn'>⚠ {html.escape(warning)}</div>")
+    excluded = screen.get("excluded", [])
+    if excluded:
+        verb = "kept in the headline (--keep-all-pairs)" if screen.get("kept_all") else "left out of the headline"
+        rows = "".join(f"<tr><td>{html.escape(e['name'])}</td><td>{e['clean_logit_diff']:+.2f}</td>"
+                       f"<td>{e['corrupted_logit_diff']:+.2f}</td><td>{html.escape(e['reason'])}</td></tr>"
+                       for e in excluded)
+        parts.append(f"<details class='excluded' open><summary>{len(excluded)} of {screen['of']} pairs {verb}: "
+                     f"the model is wrong on the clean prompt (clean &lt; 0) or the corruption moves it by less than "
+                     f"{screen['min_gap']:g} logits</summary><table><tr><th>pair</th><th>clean</th><th>corrupted</th>"
+                     f"<th>why</th></tr>{rows}</table></details>")
+    elif screen.get("of"):
+        parts.append(f"<div class='note'>All {screen['of']} pairs pass the screen: clean answer right and a clean - "
+                     f"corrupted gap of at least {screen['min_gap']:g} logits.</div>")
+    return "".join(parts)
 
 
 def write_html(path, patcher, results, summary: dict, tokenizer, extra: str = "") -> dict:
@@ -156,6 +192,10 @@ def write_html(path, patcher, results, summary: dict, tokenizer, extra: str = ""
     n_heads, n_pairs = patcher.n_heads, len(patcher.pairs)
     decision, completion = decision_columns(patcher), completion_column(patcher)
     s = summary
+    screen = s.get("screen")
+    gap = s["clean_logit_diff_mean"] - s["corrupted_logit_diff_mean"]
+    min_gap = screen["min_gap"] if screen else MIN_GAP
+    unreliable = abs(gap) < min_gap  # normalised values divide by this gap
     run = ", ".join(f"{k} {s[k]}" for k in ("checkpoint", "hf_dir", "step", "task", "decision", "method",
                                              "corruption", "style", "align") if s.get(k) is not None)
     skipped = len(s.get("skipped", [])) + len(s.get("no_marker", []))
@@ -167,15 +207,21 @@ def write_html(path, patcher, results, summary: dict, tokenizer, extra: str = ""
              "<div>"
              f"<span class='kpi'>clean logit diff <b>{s['clean_logit_diff_mean']:.3f}</b></span>"
              f"<span class='kpi'>corrupted <b>{s['corrupted_logit_diff_mean']:.3f}</b></span>"
-             f"<span class='kpi'>gap <b>{s['clean_logit_diff_mean'] - s['corrupted_logit_diff_mean']:.3f}</b>"
-             " = 100% restored</span></div>",
-             "<ul class='sentences'>" + "".join(f"<li>{sentence(k, v, n_pairs)}</li>" for k, v in s["sweeps"].items())
-             + "</ul>"]
+             f"<span class='kpi'>gap <b>{gap:.3f}</b> = 100% restored</span>"
+             + (f"<span class='kpi'>pairs <b>{n_pairs}</b> of {screen['of']}</span>" if screen else "") + "</div>",
+             screen_html(screen)
+             + (f"<div class='warn'>⚠ The clean - corrupted gap ({gap:+.3f} logits) is below {min_gap:g}: every "
+                "restored fraction below divides by it, so the values are flagged as unreliable.</div>"
+                if unreliable and not (screen and any("gap is" in w for w in screen.get("warnings", []))) else ""),
+             "<ul class='sentences'>" + "".join(f"<li>{sentence(k, v, n_pairs)}"
+                                                f"{' <b>⚠ unreliable: tiny gap</b>' if unreliable else ''}</li>"
+                                                for k, v in s["sweeps"].items())
+             + "</ul>", f"<p class='note notation'>{NOTATION}</p>"]
     rows = []
     for key, v in s["sweeps"].items():
         for cell in v["top_cells"][:2]:
             rows.append(f"<tr><td>{html.escape(key)}</td><td>{html.escape(_cell_text(cell))}</td>"
-                        f"<td>{cell['value']:+.1%}</td></tr>")
+                        f"<td>{cell['value']:+.1%}{' ⚠ tiny gap' if unreliable else ''}</td></tr>")
     parts.append("<table><tr><th>sweep</th><th>strongest cells (layer, head, position: token)</th>"
                  "<th>restored (0 = corrupted, 1 = clean)</th></tr>" + "".join(rows) + "</table>")
     # heatmaps: per-position sweeps first (their decision column is the thing to see), cropped
@@ -207,14 +253,14 @@ def write_html(path, patcher, results, summary: dict, tokenizer, extra: str = ""
             parts.append(f"<details class='full'><summary>{html.escape(key)}: all {patcher.n_pos} positions</summary>"
                          + full.to_html(full_html=False, include_plotlyjs=False, config=PLOT_CONFIG) + "</details>")
     parts.append(extra)  # e.g. the step x cell view of a checkpoint series (aquainterp.patch_series)
-    parts.append(_drilldown(patcher, results, summary, tokenizer))
+    parts.append(_drilldown(patcher, results, summary, tokenizer, min_gap))
     parts.append("<h2>Raw summary</h2><details><summary>summary.json</summary><pre class='raw'>"
                  + html.escape(json.dumps(summary, indent=1)) + "</pre></details></body></html>")
     path.write_text("\n".join(parts), encoding="utf-8")
     return {"heatmaps": shown, "decision_label": positions[decision[-1]]}
 
 
-def _drilldown(patcher, results, summary, tokenizer) -> str:
+def _drilldown(patcher, results, summary, tokenizer, min_gap: float = MIN_GAP) -> str:
     """One collapsed section per pair: baselines, letters, shaded text, strongest cells for that pair."""
     per_pos = next((r for r in results if r.axes == ("layer", "pos") and r.direction == "denoise"), None)
     parts = ["<h2>Pairs</h2><p class='note'>Restored fraction per pair: (patched − corrupted) / (clean − corrupted) "
@@ -228,18 +274,24 @@ def _drilldown(patcher, results, summary, tokenizer) -> str:
                 f"{html.escape(str(info['foil_letter']))}"
                 + (f", completion states {html.escape(str(info['stated_letter']))}" if info.get("stated_letter") else ""))
         body = []
+        tiny = gap < min_gap  # this pair's fractions would divide by a gap below the screen's threshold
+        if tiny:
+            head += f" ⚠ gap {gap:+.2f} &lt; {min_gap:g} logits"
+            body.append(f"<p class='warn'>This pair's clean - corrupted gap is {gap:+.2f} logits"
+                        + (" and the model is wrong on its clean prompt" if info["clean_logit_diff"] < 0 else "")
+                        + ": per-pair restored fractions would divide by it, so none are shown.</p>")
         offset = patcher.n_pos - len(pair.clean_ids) if patcher.align == "end" else 0
-        if per_pos is not None and abs(gap) > 1e-9:
+        if per_pos is not None and not tiny:
             frac = (per_pos.logit_diff[..., i] - patcher.corrupted_ld[i]) / gap  # [layer, pos cells]
             strongest = frac.gather(0, frac.abs().argmax(0, keepdim=True))[0]
             shade = [float(strongest[offset + k]) for k in range(len(pair.clean_ids))]
             body.append(f"<div class='strip'>{_token_strip(tokenizer, pair.clean_ids, shade, pair.completion_start)}</div>")
-        elif per_pos is None:
+        else:
             text = tokenizer.decode(list(pair.clean_ids)) if tokenizer is not None else str(pair.clean_ids)
             body.append(f"<div class='strip'>{html.escape(text)}</div>")
         cells = []
         for r in results:
-            if abs(gap) <= 1e-9:
+            if tiny:
                 break
             frac = (r.logit_diff[..., i] - patcher.corrupted_ld[i]) / gap  # 0 = corrupted, 1 = clean
             order = frac.abs().flatten().argsort(descending=True)[:3].tolist()

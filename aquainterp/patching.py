@@ -51,6 +51,25 @@ SWEEPS: dict[str, tuple[str, tuple[str, ...]]] = {
     "z": ("blocks.{}.attn.hook_z", ("layer", "head")),
     "z_pos": ("blocks.{}.attn.hook_z", ("layer", "pos", "head")),
 }
+# A pair enters the headline only when the model gets its clean prompt right (clean letter logit difference
+# > 0) and the corruption moves it by at least this many logits (clean - corrupted): a normalised value
+# divides by that gap, so below it the fraction restored is mostly noise.
+MIN_GAP = 0.5
+
+
+def screen_pairs(clean_ld: torch.Tensor, corrupted_ld: torch.Tensor, min_gap: float = MIN_GAP) -> list[tuple[int, str]]:
+    """Pairs to leave out of a headline, each with why (in pair order): the model is wrong on the clean prompt
+    (clean letter logit difference < 0: there is no right answer to restore), or the clean - corrupted gap is
+    below `min_gap` logits (nothing to restore, or a fraction of a tiny number)."""
+    out = []
+    for i, (c, d) in enumerate(zip(clean_ld.tolist(), corrupted_ld.tolist())):
+        if c < 0:
+            out.append((i, f"wrong on the clean prompt (clean logit diff {c:+.2f} < 0)"))
+        elif c - d < min_gap:
+            out.append((i, f"clean - corrupted gap {c - d:+.2f} < {min_gap:g} logits"))
+    return out
+
+
 # Per-position hooks that come after block l's attention: at the last layer such a patch reaches only its
 # own position, so off the decision position it changes nothing (the cell keeps the base value).
 AFTER_ATTENTION = ("resid_mid", "resid_post", "attn_out", "mlp_out", "z_pos")

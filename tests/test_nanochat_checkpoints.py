@@ -98,7 +98,7 @@ def test_eval_and_patch_run_on_a_nanochat_checkpoint(tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(src), "--n", "6", "--json", str(tmp_path / "eval.json")]) == 0
     assert "categorical" in json.dumps(json.loads((tmp_path / "eval.json").read_text()))
     assert main(["patch", "--checkpoint", str(src), "--n-pairs", "2", "--sweeps", "resid_pre", "--decision", "prompt",
-                 "--corruption", "permute",
+                 "--corruption", "permute", "--keep-all-pairs",  # a tiny fixture model: patch whatever it answers
                  "--out", str(tmp_path / "patch")]) == 0
     assert (tmp_path / "patch" / "patching.safetensors").is_file()
 

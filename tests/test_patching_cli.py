@@ -14,7 +14,9 @@ from aquainterp.checkpoint import save_checkpoint
 from aquainterp.cli import main
 
 # a random model writes no "Answer:" of its own, so these runs patch the fixed-prompt decision
-FAST = ["--task", "synthetic", "--n-pairs", "2", "--batch-size", "64", "--sweeps", "resid_pre,z", "--decision", "prompt"]
+# a random model is wrong on most clean prompts: --keep-all-pairs patches its pairs anyway (the plumbing under test)
+FAST = ["--task", "synthetic", "--n-pairs", "2", "--batch-size", "64", "--sweeps", "resid_pre,z", "--decision", "prompt",
+        "--keep-all-pairs"]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +40,7 @@ def test_checkpoint_to_tensors_json_and_html(saved, tmp_path, capsys):
     ckpt, _ = saved
     code, out, err = run_cli(["--checkpoint", ckpt, *FAST, "--out", tmp_path], capsys)
     assert code == 0, err
-    assert "2 pairs (0 skipped)" in out
+    assert "2 of 2 pairs in the headline (0 problems skipped)" in out
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["step"] == 3 and summary["n_pairs"] == 2 and summary["corruption"] == "permute"
     assert set(summary["sweeps"]) == {"denoise/resid_pre", "denoise/z"}
@@ -166,7 +168,7 @@ def test_library_entry_equals_the_command_line(saved, tmp_path, capsys):
     code, _, err = run_cli(["--checkpoint", ckpt, *FAST, "--out", tmp_path / "cli"], capsys)
     assert code == 0, err
     config = PatchConfig(checkpoint=str(ckpt), task="synthetic", n_pairs=2, batch_size=64, sweeps="resid_pre,z",
-                         decision="prompt", out=tmp_path / "lib")
+                         decision="prompt", keep_all_pairs=True, out=tmp_path / "lib")
     assert run(config) == 0 and config.corruption is None  # the default was filled on a copy
     with safe_open(str(tmp_path / "cli" / "patching.safetensors"), "pt") as a, \
             safe_open(str(tmp_path / "lib" / "patching.safetensors"), "pt") as b:
@@ -183,3 +185,47 @@ def test_library_entry_equals_the_command_line(saved, tmp_path, capsys):
     assert "exactly one of --checkpoint, --hf-dir, --checkpoint-series" in capsys.readouterr().err
     assert run(PatchConfig(checkpoint=ckpt)) == 2
     assert "--out is required" in capsys.readouterr().err
+
+
+def test_pairs_with_a_wrong_clean_answer_are_left_out_of_the_headline_unless_kept(saved, tmp_path, capsys):
+    """A random model is wrong on most clean prompts (clean letter logit difference < 0). By default those
+    pairs are left out of the sweeps and the headline, counted and listed (console, summary.json, page), with
+    a warning when fewer than half remain; --keep-all-pairs patches every pair and still lists them."""
+    ckpt, _ = saved
+    args = ["--checkpoint", ckpt, "--task", "synthetic", "--n-pairs", "8", "--batch-size", "64", "--sweeps", "z",
+            "--decision", "prompt", "--min-gap", "0"]  # gap 0: wrong clean answers and negative gaps are screened
+    code, out, err = run_cli([*args, "--keep-all-pairs", "--out", tmp_path / "all"], capsys)
+    assert code == 0, err
+    everything = json.loads((tmp_path / "all" / "summary.json").read_text())
+    clean = {p["name"]: p["clean_logit_diff"] for p in everything["pairs"]}
+    gap = {p["name"]: p["clean_logit_diff"] - p["corrupted_logit_diff"] for p in everything["pairs"]}
+    wrong = sorted(n for n, c in clean.items() if c < 0)
+    out_of_it = sorted(n for n in clean if clean[n] < 0 or gap[n] < 0)
+    right = sorted(n for n in clean if n not in out_of_it)
+    assert len(clean) == 8 and wrong and right  # this seed's random model gets some right, some wrong
+    assert sorted(e["name"] for e in everything["screen"]["excluded"]) == out_of_it  # listed, yet kept
+    assert everything["clean_logit_diff_mean"] == pytest.approx(sum(clean.values()) / 8, abs=1e-6)
+    assert f"kept (--keep-all-pairs): {wrong[0]}: wrong on the clean prompt" in out
+
+    code, out, err = run_cli([*args, "--out", tmp_path / "screened"], capsys)
+    assert code == 0, err
+    screened = json.loads((tmp_path / "screened" / "summary.json").read_text())
+    assert sorted(p["name"] for p in screened["pairs"]) == right and screened["n_pairs"] == len(right)
+    reasons = {e["name"]: e["reason"] for e in screened["screen"]["excluded"]}
+    assert sorted(reasons) == out_of_it
+    assert all(reasons[n].startswith("wrong on the clean prompt (clean logit diff") for n in wrong)
+    assert all(reasons[n].startswith("clean - corrupted gap") for n in out_of_it if n not in wrong)
+    # the headline is the kept pairs' alone: their clean mean, every one of them > 0
+    assert screened["clean_logit_diff_mean"] == pytest.approx(sum(clean[n] for n in right) / len(right), abs=1e-5)
+    assert screened["clean_logit_diff_mean"] > 0 > everything["clean_logit_diff_mean"]
+    assert f"{len(right)} of 8 pairs in the headline" in out and f"left out of the headline: {wrong[0]}" in out
+    few = 2 * len(right) < 8  # the warning comes exactly when fewer than half remain
+    assert (f"warning: only {len(right)} of 8 pairs remain" in out) == few
+    page = (tmp_path / "screened" / "patching.html").read_text()
+    assert f"{len(out_of_it)} of 8 pairs left out of the headline" in page and wrong[0] in page
+    assert ("⚠ only" in page) == few
+    assert "How to read the labels" in page and "a <b>*</b> after a token" in page
+
+    # a threshold no pair reaches: nothing left to patch, said in one line, nothing written
+    code, _, err = run_cli([*args[:-2], "--min-gap", "1000", "--out", tmp_path / "none"], capsys)
+    assert_clean_error(code, err, "all 8 pairs are left out of the headline", "--keep-all-pairs")

@@ -13,7 +13,7 @@ from test_patching import random_gpt
 from aquainterp.completion_pairs import completion_pairs, greedy_completions
 from aquainterp.patch_cmd import write_report
 from aquainterp.patch_report import CHECK_JS, MAX_COLUMNS, MIN_COLUMNS, informative_columns
-from aquainterp.patching import Patcher
+from aquainterp.patching import MIN_GAP, Patcher
 from aquainterp.tasks import letter_token_ids
 from aquainterp.tasks.synthetic import SyntheticTask
 from dashboards.browser import find_chromium, inspect_page
@@ -49,6 +49,10 @@ def test_sections_in_reading_order(report):
     sentences = re.findall(r"<li><b>denoise/(\w+)</b>: patching the clean \w+ into the corrupted run at ([^<]+)", page)
     assert [s for s, _ in sentences] == list(SWEEPS)
     assert "1 problems skipped (1 completions without an answer marker)" in page
+    # a normalised value divides by the mean clean - corrupted gap: below MIN_GAP every sentence says so
+    gap = summary["clean_logit_diff_mean"] - summary["corrupted_logit_diff_mean"]
+    assert page.count("⚠ unreliable: tiny gap") == (len(SWEEPS) if abs(gap) < MIN_GAP else 0)
+    assert "How to read the labels" in page[:heatmaps_at]  # 'L1 @ 0: :' and the '*' explained up top
     for s in summary["sweeps"].values():  # the top cells' tokens and restored fraction in the summary table
         best = s["top_cells"][0]
         assert f"{best['value']:+.1%}" in page[:heatmaps_at]
