@@ -141,6 +141,39 @@ def test_resume_gives_the_uninterrupted_record(how, base_ckpt, reference, tmp_pa
                 f"{aside[0].name if aside else '(none)'}{detail}", holds)
 
 
+def test_base_resume_gives_the_uninterrupted_record(tokenizer_dir, tmp_path, capsys):
+    """The loop stages (base, mid, SFT) log step s after s updates and save after logging it: a resume
+    from checkpoint s keeps rows up to s. Values compared except train/tokens_per_sec (a timing)."""
+    from reliability.conftest import base_config
+
+    def record(run: Path) -> list[str]:
+        return rows_text([{k: v for k, v in r.items() if k != "train/tokens_per_sec"} for r in read_metrics(run)])
+
+    ref = tmp_path / "uninterrupted"
+    run_stage(base_config(ref, tokenizer_dir, max_steps=6, save_every=2))
+    cfg = base_config(tmp_path / "run", tokenizer_dir, max_steps=6, save_every=2)
+    proc, _, err = start_child(cfg, tmp_path)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and any(json.loads(x).get("step") == 3 for x in metrics.read_text().splitlines()
+                                        if x.endswith("}"))):
+        assert proc.is_alive() and time.time() < deadline, "step 3 not reached"
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join(60)
+    cfg.resume = True
+    capsys.readouterr()
+    run_stage(cfg)
+    said = capsys.readouterr().out
+    got, want = record(tmp_path / "run"), record(ref)
+    aside = sorted((tmp_path / "run").glob("metrics.rolled-back-*.jsonl"))
+    moved = [json.loads(x)["step"] for x in aside[0].read_text().splitlines()] if aside else []
+    holds = got == want and moved and min(moved) == 3 and str(aside[0]) in said
+    record_case("base SIGKILL after step 3, --resume", "training.base --save-every 2 (SIGKILL), --resume",
+                "metrics.jsonl == uninterrupted run", f"{len(got)} rows (uninterrupted {len(want)}), identical: "
+                f"{got == want}; steps {moved} moved aside", holds)
+
+
 def _two_starts_child(cfg, report: str) -> None:
     import torch
 
