@@ -178,7 +178,10 @@ def record_written(paths, owner: str) -> None:
         elif p.is_file():
             by_folder.setdefault(p.parent, {})[p.name] = p
     for folder, files in by_folder.items():
-        record = _ledger(folder) or {"owner": owner, "what": "outputs", "created": time.time()}
+        # a folder output is the command's own (its owner, unless a marker says otherwise); the folder of
+        # a file output is not: its ledger only lists the files
+        fresh = {"owner": owner, "what": "outputs", "created": time.time()} if folder in map(Path, paths) else {}
+        record = _ledger(folder) or fresh
         ledger = record.setdefault("files", {})
         for name, f in files.items():
             ledger[name] = {"by": owner, "fp": _fingerprint(f)}
@@ -348,8 +351,7 @@ def protected(path: str | Path, run_folder_ok: bool = False) -> str | None:
     """Why `path` is never an output, whatever the flags: it lies in a checkpoint's step folder, is a
     run's metrics file, lies in a run's wandb/ folder, holds checkpoints, or (unless `run_folder_ok`, for
     the stages) is a training run's folder. None when it is none of these."""
-    p = Path(path).absolute()
-    here = p.resolve() if p.exists() or p.is_symlink() else p
+    here = Path(os.path.realpath(path))  # links resolved, in the part that exists too
     for q in [here, *here.parents]:
         if _STEP_DIR.match(q.name) and (q / "meta.json").is_file():
             return f"lies in the checkpoint {q}"
@@ -418,6 +420,8 @@ def claim_output(path: str | Path, flag: str, *, owner: str, kind: str, inputs=(
 
 
 def _alive(pid: int) -> bool:
+    if pid <= 0:  # an unreadable lock (kill(-1, 0) would ask about every process)
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -523,6 +527,7 @@ class RunLock:
                 self.path.unlink()
         except (OSError, ValueError):
             pass
+        self._undo_dir()  # a folder made only for the lock (the run failed before writing) goes too
 
     def __enter__(self) -> RunLock:
         return self.acquire()
