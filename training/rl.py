@@ -537,6 +537,9 @@ def _run(config: RLConfig, ddp: Dist, policy: tuple | None = None) -> dict:
     common.clean_stale_temp(ckpt_dir, ddp)
 
     train, held_out = load_problems(config)
+    from training.overlap import rl_held_out
+
+    held_out = rl_held_out(config, held_out)  # refused or trimmed when the starting checkpoint trained on them
     if policy is not None:
         model, tokenizer = policy
         model.to(device)
