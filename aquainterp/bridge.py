@@ -303,7 +303,13 @@ def add_arguments(parser) -> None:
                         help="write into out_dir even where it holds files export did not write (never the checkpoint)")
     parser.add_argument("--format", choices=("hf", "nanochat"), default="hf",
                         help="hf: NanoChatForCausalLM dir (nanochat-2025-10 models only); nanochat: "
-                             "base_checkpoints/<tag>/model_<step>.pt + meta_<step>.json + tokenizer/tokenizer.pkl")
+                             "<kind's folder>/<tag>/model_<step>.pt + meta_<step>.json + tokenizer/tokenizer.pkl "
+                             "(see --kind)")
+    parser.add_argument("--kind", choices=("auto", *KINDS), default="auto",
+                        help="--format nanochat: which nanochat folder the model goes in, as nanochat's "
+                             "checkpoint_manager names them (base -> base_checkpoints, mid -> mid_checkpoints, "
+                             "sft -> chatsft_checkpoints, rl -> chatrl_checkpoints; chat_cli -i base|sft|rl reads "
+                             "them); auto (default): the stage the checkpoint records (base when it records none)")
     parser.add_argument("--step", type=count_int(), default=None, help="checkpoint step (default: the latest)")
     parser.add_argument("--no-tokenizer", action="store_true", help="export the weights only")
     parser.add_argument(
@@ -312,6 +318,18 @@ def add_arguments(parser) -> None:
 
 
 EXPORT_OWNER = "aquainterp export"
+KINDS = ("base", "mid", "sft", "rl")
+
+
+def nanochat_kind(requested: str, meta: dict) -> tuple[str, str]:
+    """(kind, why) of the nanochat folder an export writes: --kind when given, else the stage the checkpoint
+    records (training.loop and training.rl write meta["stage"]), else base."""
+    if requested != "auto":
+        return requested, "--kind"
+    stage = meta.get("stage")
+    if stage in KINDS:
+        return stage, f"the checkpoint's stage {stage!r}"
+    return "base", "no stage recorded in the checkpoint" if stage is None else f"stage {stage!r} is not one of {KINDS}"
 
 
 def _export_nanochat(args, model, tokenizer, meta) -> int:
@@ -329,8 +347,10 @@ def _export_nanochat(args, model, tokenizer, meta) -> int:
     # nanochat's own meta fields (val_bpb, user_config, ...) travel along when the model came from nanochat
     source = meta.get("nanochat_meta") or (meta if "nanochat_checkpoint" in meta else {})
     extra = {k: v for k, v in source.items() if k not in ("step", "model_config", "nanochat_checkpoint")}
-    folder = save_nanochat(model, out, step, None if args.no_tokenizer else tokenizer, meta_extra=extra)
-    print(f"wrote {folder} (nanochat layout, {model.config.architecture}, {model.num_params():,} parameters"
+    kind, why = nanochat_kind(getattr(args, "kind", "auto"), meta)
+    folder = save_nanochat(model, out, step, None if args.no_tokenizer else tokenizer, meta_extra=extra, kind=kind)
+    print(f"wrote {folder} (nanochat layout, kind {kind} from {why}: chat_cli -i {kind}, {model.config.architecture}, "
+          f"{model.num_params():,} parameters"
           f"{', tokenizer in ' + str(out / 'tokenizer') if tokenizer is not None and not args.no_tokenizer else ''})")
     return 0
 
@@ -342,6 +362,10 @@ def run(args) -> int:
     # never into (or over) the checkpoint, never over files export did not write (aquainterp.rundir)
     claim_output(args.out_dir, "out_dir", owner=EXPORT_OWNER, kind="dir", inputs=[args.checkpoint],
                  overwrite=getattr(args, "overwrite", False))
+    if args.format == "hf" and getattr(args, "kind", "auto") != "auto":
+        from aquainterp.rundir import UsageError
+
+        raise UsageError("--kind names nanochat's checkpoint folder; it applies to --format nanochat only")
     model, tokenizer, meta = load_model(args.checkpoint, step=args.step)
     if args.format == "nanochat":
         code = _export_nanochat(args, model, tokenizer, meta)

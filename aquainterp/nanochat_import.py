@@ -247,13 +247,22 @@ def load_nanochat(directory: str | Path, step: int | None = None, device="cpu"):
     return model, tokenizer, meta
 
 
+# The folder nanochat's checkpoint_manager.load_model(source) reads for each kind of model (its
+# `chat_cli -i base|sft|rl`; mid_checkpoints is the midtraining stage of nanochat versions that have one).
+NANOCHAT_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
+                 "rl": "chatrl_checkpoints"}
+
+
 def save_nanochat(model: GPT, out: str | Path, step: int, tokenizer=None, tag: str | None = None,
-                  meta_extra: dict | None = None) -> Path:
-    """Write `out`/base_checkpoints/<tag>/model_<step>.pt + meta_<step>.json and `out`/tokenizer/ (when a
-    tokenizer is given): the layout nanochat's checkpoint_manager reads. Returns the checkpoint folder."""
+                  meta_extra: dict | None = None, kind: str = "base") -> Path:
+    """Write `out`/<kind's folder>/<tag>/model_<step>.pt + meta_<step>.json and `out`/tokenizer/ (when a
+    tokenizer is given): the layout nanochat's checkpoint_manager reads, in the folder NANOCHAT_DIRS names
+    for `kind` (base_checkpoints, chatsft_checkpoints, ...). Returns the checkpoint folder."""
+    if kind not in NANOCHAT_DIRS:
+        raise ValueError(f"save_nanochat: kind must be one of {', '.join(NANOCHAT_DIRS)}, got {kind!r}")
     model_config = config_to_nanochat(model.config)
     tag = tag or f"d{model.config.n_layer}"
-    folder = Path(out) / "base_checkpoints" / tag
+    folder = Path(out) / NANOCHAT_DIRS[kind] / tag
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state_to_nanochat(model.state_dict()).items()}
     padded = -(-model.config.vocab_size // 64) * 64  # nanochat's GPT always pads its vocabulary to 64

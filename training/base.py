@@ -45,6 +45,7 @@ class BaseConfig(LearningRates, RunSettings):
     run_dir: str = "runs/base"
     tokenizer_dir: str = "runs/tokenizer"
     data: str = "synthetic"
+    text_field: str = "text"
     val_data: str | None = None
     val_docs: int = 256
     depth: int = 20
@@ -115,6 +116,29 @@ def evaluate_bpb(model, tokenizer, texts: list[str], seq_len: int, batch_size: i
     return nats.item() / (math.log(2) * n_bytes)
 
 
+def same_source(a: str, b: str) -> bool:
+    """Two --data values that name the same documents (the same path, however it is spelled)."""
+    if a == b:
+        return True
+    pa, pb = Path(a), Path(b)
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
+def validation_split(config) -> tuple[str, int, str]:
+    """(validation source, first training document, what the run validates on, in words). By default the
+    first --val-docs documents of --data are held out of training and validate it; a --val-data naming the
+    same source as --data is held out the same way (validating on documents it also trains on would read
+    training loss as validation)."""
+    if config.val_data is None or same_source(config.val_data, config.data):
+        note = (f"validation on the first {config.val_docs} documents of --data {config.data}, held out of training "
+                f"(training starts at document {config.val_docs})")
+        if config.val_data is not None:
+            note += "; --val-data names the same source as --data, so it is held out the same way"
+        return config.data, config.val_docs, note
+    return (config.val_data, 0, f"validation on the first {config.val_docs} documents of --val-data {config.val_data} "
+            f"(training reads --data {config.data} from its first document)")
+
+
 def num_steps_for(config, num_params: int) -> int:
     if config.max_steps > 0:
         return config.max_steps
@@ -139,13 +163,17 @@ def run(config: BaseConfig) -> dict:
         if config.total_batch_tokens % config.seq_len:
             raise ValueError(f"--total-batch-tokens {config.total_batch_tokens} is not a multiple of "
                              f"--seq-len {config.seq_len}")
-        val_source = config.val_data or config.data
-        train_start = 0 if config.val_data else config.val_docs
-        rows = PackedRows(lambda start: documents(config.data, train_start + start), text_encoder(tokenizer),
-                          config.seq_len + 1, name=f"--data {config.data}")
+        val_source, train_start, val_note = validation_split(config)
+        rows = PackedRows(lambda start: documents(config.data, train_start + start, config.text_field),
+                          text_encoder(tokenizer), config.seq_len + 1, name=f"--data {config.data}")
         batches = PackedBatches(rows, config.total_batch_tokens // config.seq_len, config.device_batch_size,
                                 dist.rank, dist.world_size)
-        val_texts = [t for _, t in zip(range(config.val_docs), documents(val_source, 0))]
+        val_texts = [t for _, t in zip(range(config.val_docs), documents(val_source, 0, config.text_field))]
+        if len(val_texts) < config.val_docs:
+            raise ValueError(f"--val-docs {config.val_docs}: the validation source {val_source} holds only "
+                             f"{len(val_texts)} documents")
+        if dist.is_main:
+            print(f"base: {val_note}")
         num_steps = num_steps_for(config, model.num_params())
 
         clean_stale_temp(ckpt_dir, dist)

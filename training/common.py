@@ -396,7 +396,9 @@ FLAG_HELP = {
     "tokenizer_dir": "tokenizer folder written by training.tok_train",
     "init_from": "checkpoint folder to start from (its latest step)",
     "data": "training text: synthetic[:SEED[:DIFFICULTY]], hf:NAME[:CONFIG] or a local file/folder",
-    "val_data": "validation text, same forms as --data (default: held-out synthetic documents)",
+    "text_field": "the JSON field / parquet column of a local --data file that holds each document's text",
+    "val_data": "validation text, same forms as --data (default: the first --val-docs documents of --data, held "
+                "out of training; the same source as --data is held out the same way)",
     "val_docs": "validation documents for the bits-per-byte eval",
     "eval_docs": "held-out documents for the bytes-per-token report of each task",
     "synthetic": "synthetic problems in the mixture (0 = none)",

@@ -54,7 +54,7 @@ def _stream_texts(builder: str, start: int, text_field: str, where: str, **kwarg
     for i, row in enumerate(stream.skip(start) if start else stream):
         if text_field not in row or not isinstance(row[text_field], str):
             raise ValueError(f"data source {where}: document {start + i} has no string field {text_field!r} "
-                             f"(fields: {sorted(row)})")
+                             f"(fields: {sorted(row)}); name the text field with --text-field")
         yield row[text_field]
 
 

@@ -59,8 +59,10 @@ def make_evaluator(config, model, tokenizer):
                                            difficulty=config.synthetic_difficulty or None).problems(config.eval_synthetic)
     if config.eval_aqua:
         from aquainterp.tasks.aqua import load_aqua
+        from training.overlap import sft_eval_aqua
 
-        sets["aqua"] = load_aqua(config.eval_aqua, split="validation")
+        # refused, or trimmed with a warning, when the training mixture holds the same problems
+        sets["aqua"] = sft_eval_aqua(config, load_aqua(config.eval_aqua, split="validation"))
 
     def run_eval(step: int) -> dict:
         out = {}

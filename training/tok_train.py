@@ -22,6 +22,7 @@ from training.common import parse_config
 @dataclass
 class TokTrainConfig:
     data: str = "synthetic"
+    text_field: str = "text"
     out_dir: str = "runs/tokenizer"
     vocab_size: int = 65536
     max_chars: int = 2_000_000_000
@@ -36,11 +37,11 @@ class TokTrainConfig:
 OWNER = "python -m training.tok_train"
 
 
-def capped_texts(source: str, max_chars: int, doc_cap: int) -> Iterator[str]:
+def capped_texts(source: str, max_chars: int, doc_cap: int, text_field: str = "text") -> Iterator[str]:
     from training.data import documents
 
     total = 0
-    for text in documents(source):
+    for text in documents(source, text_field=text_field):
         text = text[:doc_cap]
         yield text
         total += len(text)
@@ -84,7 +85,8 @@ def run(config: TokTrainConfig) -> dict:
     out_dir = claim_output(config.out_dir, "--out-dir", owner=OWNER, kind="dir", inputs=sources,
                            overwrite=config.overwrite)
     t0 = time.perf_counter()
-    texts = tqdm(capped_texts(config.data, config.max_chars, config.doc_cap), desc="tokenizer text", unit="doc")
+    texts = tqdm(capped_texts(config.data, config.max_chars, config.doc_cap, config.text_field),
+                 desc="tokenizer text", unit="doc")
     tokenizer = Tokenizer.train_from_iterator(texts, vocab_size=config.vocab_size)
     train_s = time.perf_counter() - t0
     tokenizer.save(out_dir)
