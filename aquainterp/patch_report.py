@@ -154,13 +154,10 @@ pre.raw{font-size:11px;max-height:500px;overflow:auto;background:#f7f7f7;padding
 """
 
 
-NOTATION = ("How to read the labels: <b>L1</b> = layer 1, <b>H3</b> = head 3 (L1H3: that head of that layer); "
-            "<b>@ 0: :</b> = at position 0 whose token is ':' (positions are &quot;index: token&quot;; aligned at the "
-            "end, the index counts back from the decision token, so 0 is the decision token itself and -5 the fifth "
-            "token before it; aligned at the start it counts from the first token); a <b>*</b> after a token = the "
-            "pairs have different tokens at that position (the label shows the longest pair's). Restored: (patched "
-            "- corrupted) / (clean - corrupted) of the letter logit difference, gold letter minus foil, averaged over "
-            "the pairs first: 0 = the corrupted run, 1 = the clean run.")
+NOTATION = ("Labels: <b>L1</b> layer 1, <b>H3</b> head 3; <b>@ 0: :</b> at position 0, token ':' (aligned at the end "
+            "positions count back from the decision token, 0; at the start, from the first token); <b>*</b> after a "
+            "token: the pairs differ there (the longest pair's token is shown). Restored = (patched − corrupted) / "
+            "(clean − corrupted) of the gold-minus-foil letter logit difference, pair means: 0 = corrupted, 1 = clean.")
 
 
 def screen_html(screen: dict | None) -> str:
@@ -176,7 +173,7 @@ def screen_html(screen: dict | None) -> str:
         rows = "".join(f"<tr><td>{html.escape(e['name'])}</td><td>{e['clean_logit_diff']:+.2f}</td>"
                        f"<td>{e['corrupted_logit_diff']:+.2f}</td><td>{html.escape(e['reason'])}</td></tr>"
                        for e in excluded)
-        parts.append(f"<details class='excluded' open><summary>{len(excluded)} of {screen['of']} pairs {verb}: "
+        parts.append(f"<details class='excluded'><summary>{len(excluded)} of {screen['of']} pairs {verb}: "
                      f"the model is wrong on the clean prompt (clean &lt; 0) or the corruption moves it by less than "
                      f"{screen['min_gap']:g} logits</summary><table><tr><th>pair</th><th>clean</th><th>corrupted</th>"
                      f"<th>why</th></tr>{rows}</table></details>")

@@ -224,7 +224,7 @@ def test_pairs_with_a_wrong_clean_answer_are_left_out_of_the_headline_unless_kep
     page = (tmp_path / "screened" / "patching.html").read_text()
     assert f"{len(out_of_it)} of 8 pairs left out of the headline" in page and wrong[0] in page
     assert ("⚠ only" in page) == few
-    assert "How to read the labels" in page and "a <b>*</b> after a token" in page
+    assert "<b>L1</b> layer 1" in page and "<b>*</b> after a token: the pairs differ there" in page
 
     # a threshold no pair reaches: nothing left to patch, said in one line, nothing written
     code, _, err = run_cli([*args[:-2], "--min-gap", "1000", "--out", tmp_path / "none"], capsys)

@@ -52,7 +52,7 @@ def test_sections_in_reading_order(report):
     # a normalised value divides by the mean clean - corrupted gap: below MIN_GAP every sentence says so
     gap = summary["clean_logit_diff_mean"] - summary["corrupted_logit_diff_mean"]
     assert page.count("⚠ unreliable: tiny gap") == (len(SWEEPS) if abs(gap) < MIN_GAP else 0)
-    assert "How to read the labels" in page[:heatmaps_at]  # 'L1 @ 0: :' and the '*' explained up top
+    assert "<b>@ 0: :</b> at position 0" in page[:heatmaps_at]  # 'L1 @ 0: :' and the '*' explained up top
     for s in summary["sweeps"].values():  # the top cells' tokens and restored fraction in the summary table
         best = s["top_cells"][0]
         assert f"{best['value']:+.1%}" in page[:heatmaps_at]
