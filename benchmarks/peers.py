@@ -81,7 +81,8 @@ def _worker(args) -> dict:
     y[:, -1] = -1
     lrs = dict(unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.2)
     their_opts = [theirs.setup_optimizer(**lrs)] if is_head else theirs.setup_optimizers(**lrs)
-    our_opts = build_optimizers(ours, d_model=args.width, **lrs)
+    ns_dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[args.ns_dtype]
+    our_opts = build_optimizers(ours, d_model=args.width, ns_dtype=ns_dtype, **lrs)
 
     # identity on identical weights
     with torch.no_grad():
@@ -208,7 +209,7 @@ def _median(values):
     return statistics.median(values)
 
 
-def _print_result(res: dict) -> list[str]:
+def _print_result(res: dict) -> dict[str, str]:
     ident = res["identity"]
     print(f"\n{res['architecture']} vs nanochat {res['commit']} ({res['src']})")
     print(f"  identity on identical weights: logits max|diff| {ident['logits']:.2e}, loss |diff| {ident['loss']:.2e}, "
@@ -224,8 +225,9 @@ def _print_result(res: dict) -> list[str]:
     print(f"  {'memory, forward + backward':<28} {ours_b / 2**20:8.1f}MB {theirs_b / 2**20:8.1f}MB "
           f"{ours_b / theirs_b:6.2f}x  (bytes autograd saves for backward)")
     rows.append(("memory, forward + backward", f"{ours_b / theirs_b:.2f}x"))
-    return [f"logits/loss/grads max diff {ident['logits']:.1e}/{ident['loss']:.1e}/{ident['grads']:.1e}, "
-            f"greedy {'same' if ident['greedy_equal'] else 'DIFFERENT'}"] + [v for _, v in rows]
+    identity = (f"logits/loss/grads max diff {ident['logits']:.1e}/{ident['loss']:.1e}/{ident['grads']:.1e}, "
+                f"greedy {'same' if ident['greedy_equal'] else 'DIFFERENT'}")
+    return {"logits / grads on identical weights": identity, **dict(rows)}
 
 
 def main(argv=None) -> int:
@@ -245,6 +247,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
     parser.add_argument("--only", default="", help="measure only the rows whose name contains this")
+    parser.add_argument("--ns-dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                        help="our Muon's orthogonalisation dtype (auto: fp32 on CPU, bf16 on CUDA)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -253,7 +257,8 @@ def main(argv=None) -> int:
     if not args.nanochat_src:
         parser.error("give at least one --nanochat-src DIR")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"peers: ours / nanochat's own code, CPU, {args.threads} thread(s), {args.clock} clock; depth {args.depth}, "
+    print(f"peers: ours / nanochat's own code, CPU, {args.threads} thread(s), {args.clock} clock; our Muon's "
+          f"orthogonalisation {args.ns_dtype}; depth {args.depth}, "
           f"width {args.width}, vocab {args.vocab}, batch {args.batch}x{args.seq_len}; generation {args.gen_batch} "
           f"rows x {args.gen_tokens} tokens; {args.rounds} rounds; load average {load:.1f} on {os.cpu_count()} CPUs")
     columns = []
@@ -274,8 +279,8 @@ def main(argv=None) -> int:
     if columns:
         print("\n| | " + " | ".join(name for name, _ in columns) + " |")
         print("|---|" + "---|" * len(columns))
-        for i, label in enumerate(("logits / grads on identical weights", *MEASUREMENTS)):
-            print(f"| {label} | " + " | ".join(col[i] for _, col in columns) + " |")
+        for label in ("logits / grads on identical weights", *MEASUREMENTS):
+            print(f"| {label} | " + " | ".join(col.get(label, "not run") for _, col in columns) + " |")
     return 0
 
 

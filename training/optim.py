@@ -91,6 +91,11 @@ def nanochat_2026_groups(model: nn.Module, embedding_lr: float, init_lr_frac: fl
     return [g for g in groups if g["params"]]
 
 
+def _fused_adam(model: nn.Module) -> bool:
+    """torch's fused AdamW kernel (one pass per tensor; nanochat 2c4473d uses it too) where it exists."""
+    return all(p.device.type in ("cpu", "cuda") for p in model.parameters())
+
+
 def dmodel_lr_scale(d_model: int) -> float:
     return (d_model / 768) ** -0.5
 
@@ -114,7 +119,7 @@ def build_optimizers(model: nn.Module, *, d_model: int, matrix_lr: float = 0.02,
         [{"params": head, "lr": unembedding_lr * scale * init_lr_frac, "betas": head_betas, "weight_decay": head_wd},
          {"params": embeddings, "lr": embedding_lr * scale * init_lr_frac, "betas": emb_betas,
           "weight_decay": emb_wd}, *extra],
-        betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=0.0, fused=False, foreach=False,
+        betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=0.0, fused=_fused_adam(model),
     )
     muon = Muon(matrices, recipe=recipe, lr=matrix_lr * init_lr_frac, momentum=MUON_MOMENTUM_END,
                 weight_decay=weight_decay, ns_dtype=ns_dtype)
