@@ -298,7 +298,7 @@ def write_report(out: Path, patcher: Patcher, results: list[SweepResult], tokeni
     return summary
 
 
-def screen(config, model, pairs, patcher: Patcher) -> tuple[Patcher, dict]:
+def screen(config, pairs, patcher: Patcher) -> tuple[Patcher, dict]:
     """Leave out of the sweeps the pairs screen_pairs names (unless --keep-all-pairs): the Patcher of the
     kept pairs, and what the report and summary.json say about it (every pair's baselines, who was left out
     and why, warnings). ValueError when no pair is left."""
@@ -315,8 +315,7 @@ def screen(config, model, pairs, patcher: Patcher) -> tuple[Patcher, dict]:
                              + "; ".join(f"{e['name']}: {e['reason']}" for e in listed[:3])
                              + ("; ..." if len(listed) > 3 else "") + "); lower --min-gap or pass --keep-all-pairs "
                              "to patch them anyway")
-        patcher = Patcher(model, kept, batch_size=config.batch_size, align=config.align,
-                          noise_scale=config.noise_scale, seed=config.seed)
+        patcher = patcher.subset([i for i in range(len(pairs)) if i not in gone])  # the same noise per pair
     info["used"] = len(patcher.pairs)
     if excluded and not config.keep_all_pairs and 2 * info["used"] < len(pairs):
         info["warnings"].append(f"only {info['used']} of {len(pairs)} pairs remain after leaving out "
@@ -441,7 +440,7 @@ def run(config: PatchConfig | argparse.Namespace) -> int:
         pairs, skipped, no_marker, completions = build_pairs(config, tokenizer, problems(config), model)
         patcher = Patcher(model, pairs, batch_size=config.batch_size, align=config.align,
                           noise_scale=config.noise_scale, seed=config.seed)
-        patcher, screened = screen(config, model, pairs, patcher)
+        patcher, screened = screen(config, pairs, patcher)
     except (ValueError, FileNotFoundError) as e:
         return fail(str(e), 1 if isinstance(e, (LoadFailure, FileNotFoundError)) else 2)
     directions = DIRECTIONS if config.direction == "both" else (config.direction,)

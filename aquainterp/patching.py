@@ -104,7 +104,7 @@ class Patcher:
 
     def __init__(self, model, pairs: list[PatchPair], *, batch_size: int = 32, align: str = "start",
                  noise_scale: float = 3.0, seed: int = 0, progress: bool = True, reuse_prefix: bool = True,
-                 skip_identical: bool = True):
+                 skip_identical: bool = True, noise: torch.Tensor | None = None):
         if not pairs:
             raise ValueError("Patcher: no pairs to patch")
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -140,7 +140,13 @@ class Patcher:
         self.head_ids = torch.tensor(ids, device=self.device)
         self._column = {t: j for j, t in enumerate(ids)}
         self._clean_column = torch.tensor([self._column[p.clean_letter_id] for p in self.pairs], device=self.device)
-        self.noise = self._make_noise(noise_scale, seed) if any(p.noise_span for p in self.pairs) else None
+        if noise is not None:  # another Patcher's noise rows for these pairs (Patcher.subset): the same corrupted runs
+            if tuple(noise.shape[:2]) != (len(self.pairs), self.n_pos):
+                raise ValueError(f"Patcher: noise of shape {tuple(noise.shape)} does not fit {len(self.pairs)} pairs "
+                                 f"of at most {self.n_pos} tokens")
+            self.noise = noise.to(self.device)
+        else:
+            self.noise = self._make_noise(noise_scale, seed) if any(p.noise_span for p in self.pairs) else None
         self._cache: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
         self._prefix: dict[str, dict[str, torch.Tensor]] = {}
         self._baselines()
@@ -176,6 +182,15 @@ class Patcher:
             warnings.warn(f"Patcher: clean and corrupted mean logit differences are only {self.scale:.2g} apart "
                           f"(typical size {spread:.2g}); normalised values divide by that gap and will be noisy",
                           stacklevel=3)
+
+    def subset(self, keep: list[int]) -> Patcher:
+        """A Patcher of some of these pairs (indices into self.pairs, in order) with the same settings and, for
+        noise corruption, the same noise rows: each kept pair's clean and corrupted runs are the ones seen here."""
+        pairs = [self.pairs[i] for i in keep]
+        n_pos = max(len(p.clean_ids) for p in pairs)
+        noise = None if self.noise is None else self.noise[torch.tensor(keep, device=self.noise.device), :n_pos]
+        return Patcher(self.model, pairs, batch_size=self.batch_size, align=self.align, progress=self.progress,
+                       reuse_prefix=self.reuse_prefix, skip_identical=self.skip_identical, noise=noise)
 
     # -- runs ---------------------------------------------------------------------------------------
 

@@ -100,3 +100,17 @@ def test_report_in_headless_chromium(report, chromium, tmp_path):
     assert seen["headings"] == ["Activation patching", "Heatmaps", "Pairs", "Raw summary"]
     assert seen["raw_hidden"] is True and seen["pairs"] == len(patcher.pairs)
     assert (tmp_path / "report.png").stat().st_size > 10_000
+
+
+def test_a_subset_of_pairs_keeps_each_pairs_noise_and_baselines(report):
+    """What the headline screen (patch_cmd.screen) patches after leaving pairs out: the kept pairs' own
+    clean and corrupted runs, not a new noise draw (which would change the gaps it screened on)."""
+    _, _, patcher = report
+    keep = [0, len(patcher.pairs) - 1]
+    sub = patcher.subset(keep)
+    assert sub.noise is not None and [p.name for p in sub.pairs] == [patcher.pairs[i].name for i in keep]
+    # close, not equal: the subset pads its batch to another length, so the kernels see other shapes
+    torch.testing.assert_close(sub.clean_ld, patcher.clean_ld[keep], rtol=0, atol=1e-4)
+    torch.testing.assert_close(sub.corrupted_ld, patcher.corrupted_ld[keep], rtol=0, atol=1e-4)
+    fresh = Patcher(patcher.model, sub.pairs, batch_size=256, align="end", progress=False, seed=1)
+    assert not torch.allclose(fresh.corrupted_ld, sub.corrupted_ld, atol=1e-3)  # another draw moves them
