@@ -13,8 +13,10 @@ from training.demo import (
     NUMERICS_ENV,
     DemoConfig,
     Stage,
+    cpu_fingerprint,
     headline,
     headline_lines,
+    numerics_fingerprint,
     pin_numerics,
     run_demo,
     strongest_patch,
@@ -90,6 +92,39 @@ def test_pin_numerics_keeps_a_user_setting_and_reports_what_is_in_force(monkeypa
         assert os.environ["ATEN_CPU_CAPABILITY"] == NUMERICS_ENV["ATEN_CPU_CAPABILITY"]
     finally:
         torch.set_num_threads(before)
+
+
+# /proc/cpuinfo as Linux writes it (flag lists abridged): an AVX2-only AMD EPYC like the one that wrote
+# ../shared/fixtures/demo-numerics, and a Sapphire Rapids Xeon (AVX-512, AMX) like this project's other one.
+EPYC_CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+model name\t: AMD EPYC 7B13
+flags\t\t: fpu sse2 avx f16c fma avx2 bmi2 sha_ni
+
+processor\t: 1
+vendor_id\t: AuthenticAMD
+model name\t: AMD EPYC 7B13
+flags\t\t: fpu sse2 avx f16c fma avx2 bmi2 sha_ni
+"""
+XEON_CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) Processor
+flags\t\t: fpu sse2 fma avx2 avx512f avx512bw avx_vnni avx512_bf16 amx_bf16 avx512_fp16 amx_tile amx_int8
+"""
+
+
+def test_numerics_fingerprint_names_the_cpu_and_the_libraries():
+    assert cpu_fingerprint(EPYC_CPUINFO) == {"cpu_vendor": "AuthenticAMD", "cpu_model": "AMD EPYC 7B13",
+                                             "cpu_flags": ["avx2", "fma"]}
+    assert cpu_fingerprint(XEON_CPUINFO)["cpu_flags"] == ["avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16",
+                                                          "amx_tile"]
+    assert cpu_fingerprint("")["cpu_vendor"] == "unknown"
+    import torch
+
+    got = numerics_fingerprint()  # this machine: the versions are the ones torch was built with
+    config = torch.__config__.show()
+    assert f"Math Kernel Library Version {got['mkl']}" in config and f"MKL-DNN v{got['onednn']}" in config
+    assert isinstance(got["onednn_bf16_matmul"], bool) and got["cpu_vendor"] != "unknown"
 
 
 def test_small_budget_trains_the_full_budgets_policy_and_a_shorter_grpo():

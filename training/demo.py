@@ -106,7 +106,49 @@ def pin_numerics(threads: int) -> dict:
 
     torch.set_num_threads(threads)
     return {"threads": threads, "mkl_cbwr": os.environ["MKL_CBWR"], "torch": torch.__version__,
-            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), **numerics_fingerprint()}
+
+
+# The CPU features the numeric libraries dispatch on: MKL and torch's kernels by AVX2/AVX-512, oneDNN's bf16
+# matmuls by avx512_bf16/AMX (native) or their absence (bf16 emulated or sent to ATen's scalar loops).
+FINGERPRINT_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpu_fingerprint(cpuinfo: str) -> dict:
+    """Vendor, model and the FINGERPRINT_FLAGS present, from the first processor of /proc/cpuinfo's text."""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            if fields:
+                break  # the first processor is enough
+            continue
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    flags = set(fields.get("flags", "").split())
+    return {"cpu_vendor": fields.get("vendor_id", "unknown"), "cpu_model": fields.get("model name", "unknown"),
+            "cpu_flags": [f for f in FINGERPRINT_FLAGS if f in flags]}
+
+
+def numerics_fingerprint() -> dict:
+    """What besides the pinned settings decides the demo's floating-point results, for summary.json: the
+    CPU (cpu_fingerprint), the MKL and oneDNN builds inside torch, oneDNN's ISA cap if one is set, and
+    whether torch sends bf16 matmuls to oneDNN on this CPU (True: oneDNN's bf16 kernels, which differ by
+    CPU; False: ATen's own loops). The demo itself runs no oneDNN primitive (fp32 throughout)."""
+    import platform
+    import re
+
+    import torch
+
+    try:
+        cpu = cpu_fingerprint(Path("/proc/cpuinfo").read_text())
+    except OSError:  # not Linux
+        cpu = {"cpu_vendor": "unknown", "cpu_model": platform.processor() or "unknown", "cpu_flags": []}
+    config = torch.__config__.show()
+    mkl = re.search(r"Math Kernel Library Version ([\d.]+)", config)
+    onednn = re.search(r"MKL-DNN v([\d.]+)", config)
+    return {**cpu, "mkl": mkl.group(1) if mkl else None, "onednn": onednn.group(1) if onednn else None,
+            "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"),
+            "onednn_bf16_matmul": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())}
 
 
 def say(message: str) -> None:
@@ -524,6 +566,10 @@ def print_summary(r: dict, root: Path, config: DemoConfig) -> None:
     print("stage times   " + ", ".join(f"{name} {s:.1f} s" + (f" ({cpu[name]:.0f} s CPU)" if cpu.get(name) else "")
                                       for name, s in times.items() if s is not None)
           + f"; {r['numerics']['threads']} torch thread(s), MKL_CBWR={r['numerics']['mkl_cbwr']}")
+    n = r["numerics"]
+    if "cpu_vendor" in n:
+        print(f"numerics      {n['cpu_vendor']} {n['cpu_model']} ({' '.join(n['cpu_flags'])}); torch {n['torch']}, "
+              f"MKL {n['mkl']}, oneDNN {n['onednn']}, ATen kernels {n['cpu_capability']}")
     bpt = r["tokenizer"]["bytes_per_token"].get("synthetic")
     print(f"tokenizer     {bpt:.2f} bytes/token on held-out synthetic text" if bpt else "tokenizer     trained")
     print(f"base          final train loss {r['base']['metrics'].get('train/loss', float('nan')):.3f}")
