@@ -688,7 +688,7 @@ def write_html(templates: list[Template], run_dir: str | Path, out: str | Path, 
     data = RunData.load(run_dir, source)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_html(templates, data, f"aquainterp report: {Path(run_dir).resolve().name}"),
+    out.write_text(render_html(templates, data, f"aquainterp report: {run_dir}"),
                    encoding="utf-8")
     return out
 
