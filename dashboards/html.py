@@ -525,6 +525,11 @@ def headline(data: RunData) -> list[str]:
         if pk:
             text += f", pass@{k if k is not None else 'k'} {pk[0][1]:.3f} → {pk[1][1]:.3f}"
         lines.append(text + ".")
+    elif any(n.endswith("_categorical_acc") for n in data.scalars):  # an SFT run: letter logits only
+        name = sorted(n for n in data.scalars if n.startswith("eval/") and n.endswith("_categorical_acc"))[0]
+        (s0, a0), (s1, a1) = data.first_last(name)
+        lines.append(f"Held-out categorical accuracy ({name}), step {s0} → {s1}: {a0:.3f} → {a1:.3f}; no generative "
+                     "evaluation logged.")
     elif data.scalars.get("rl/acc"):
         (s0, a0), (s1, a1) = data.first_last("rl/acc")
         lines.append(f"No held-out evaluation logged; accuracy of the sampled training completions, RL step {s0} → "

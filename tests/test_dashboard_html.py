@@ -15,7 +15,16 @@ import pytest
 from aquainterp.cli import main
 from aquainterp.logger import Logger, read_metrics
 from dashboards.browser import find_chromium, inspect_page
-from dashboards.html import NoData, RunData, metric_unit, panel_count, panel_figure, render_html, write_html
+from dashboards.html import (
+    NoData,
+    RunData,
+    headline,
+    metric_unit,
+    panel_count,
+    panel_figure,
+    render_html,
+    write_html,
+)
 from dashboards.sample_run import record_sample_run
 from dashboards.template import Panel, all_templates, get_template, template_names
 
@@ -215,6 +224,12 @@ def test_categorical_accuracy_below_chance_next_to_rising_greedy_gets_its_explan
                 log.log({"eval/synthetic_acc": greedy, "eval/synthetic_categorical_acc": cat}, step=step * 10)
         return render_html([get_template("rl_overview")], RunData.load(run))
 
+    with Logger(tmp_path / "sft", mode="disabled") as log:  # an SFT run logs categorical accuracy alone
+        for step, cat in ((0, 0.2), (50, 0.45)):
+            log.log({"eval/synthetic_categorical_acc": cat}, step=step)
+    assert headline(RunData.load(tmp_path / "sft")) == [
+        "Held-out categorical accuracy (eval/synthetic_categorical_acc), step 0 → 50: 0.200 → 0.450; no generative "
+        "evaluation logged."]
     note = "Categorical accuracy reads the letter logits right after \"Answer:\" in a prompt without rationale"
     assert html.escape(note) in report((0.22, 0.15))
     assert html.escape(note) not in report((0.22, 0.25))  # above chance: nothing to explain
