@@ -327,6 +327,7 @@ def screen(config, pairs, patcher: Patcher) -> tuple[Patcher, dict]:
         info["warnings"].append(f"the mean clean - corrupted gap is {patcher.scale:+.3f} logits (< {config.min_gap:g}):"
                                 " normalised values divide by it and are not reliable")
     info["scale"] = patcher.scale
+    info["reliable"] = abs(patcher.scale) >= config.min_gap  # normalised values divide by this gap
     return patcher, info
 
 

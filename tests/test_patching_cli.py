@@ -226,6 +226,14 @@ def test_pairs_with_a_wrong_clean_answer_are_left_out_of_the_headline_unless_kep
     assert ("⚠ only" in page) == few
     assert "<b>L1</b> layer 1" in page and "<b>*</b> after a token: the pairs differ there" in page
 
+    # kept anyway under a threshold the mean gap does not reach: every restored fraction is flagged
+    code, out, err = run_cli([*args[:-2], "--min-gap", "1000", "--keep-all-pairs", "--out", tmp_path / "kept"], capsys)
+    assert code == 0, err
+    kept = json.loads((tmp_path / "kept" / "summary.json").read_text())
+    assert kept["screen"]["reliable"] is False and screened["screen"]["reliable"] is True
+    assert "warning: the mean clean - corrupted gap is" in out and "are not reliable" in out
+    assert (tmp_path / "kept" / "patching.html").read_text().count("⚠ unreliable: tiny gap") == 1  # one sweep, z
+
     # a threshold no pair reaches: nothing left to patch, said in one line, nothing written
     code, _, err = run_cli([*args[:-2], "--min-gap", "1000", "--out", tmp_path / "none"], capsys)
     assert_clean_error(code, err, "all 8 pairs are left out of the headline", "--keep-all-pairs")
