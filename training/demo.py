@@ -15,13 +15,17 @@ Stages are cached: each writes `stage.json` with a hash of its settings and of t
 and a second run reuses every stage whose hash still matches (`--fresh` redoes them all). `--budget small`
 runs the same code path with smaller step counts (tests).
 
-Same numbers on every machine: the demo runs `--threads` torch threads (default 1), asks MKL for its
+Same numbers on every Intel machine: the demo runs `--threads` torch threads (default 1), asks MKL for its
 strict reproducible mode (`MKL_CBWR=AVX2,STRICT`) and torch for its AVX2 kernels (`ATEN_CPU_CAPABILITY=avx2`),
 both before the first tensor operation, so a seed gives bit-identical results with 1 or 2 threads (tested)
-and on AVX2 and AVX-512 x86 CPUs alike. Without them, the thread count changes how MKL's GEMMs sum (base
-losses differ from step 3 on) and AVX-512 kernels round differently from AVX2 ones; the tiny model's
-training is chaotic enough that such rounding ends in different accuracies. Not covered: other torch or
-MKL versions, builds without MKL (ARM, Apple), GPUs.
+and on Intel CPUs with AVX2 or AVX-512 alike. Without them, the thread count changes how MKL's GEMMs sum
+(base losses differ from step 3 on) and AVX-512 kernels round differently from AVX2 ones; the tiny model's
+training is chaotic enough that such rounding ends in different accuracies. The demo runs no bf16 math and
+no oneDNN primitive on CPU. Not covered: AMD CPUs (MKL's AVX2 branch is Intel-only; elsewhere MKL runs its
+AUTO branch, and an AMD EPYC's numbers differed from the README's: ../shared/fixtures/demo-numerics;
+`MKL_CBWR=COMPATIBLE,STRICT` is MKL's one branch documented as the same on Intel and AMD, at about twice
+the GEMM time), other torch or MKL versions, builds without MKL (ARM, Apple), GPUs. summary.json's
+`numerics` records the CPU and library fingerprint of a run (numerics_fingerprint).
 """
 
 from __future__ import annotations
@@ -90,7 +94,8 @@ class DemoConfig:
 
 # What decides the demo's floating-point results on an x86 CPU besides the seed, pinned: MKL's conditional
 # numerical reproducibility (STRICT: GEMM sums independent of the thread count; AVX2: the same code path on
-# AVX2 and AVX-512 CPUs) and torch's own kernels (softmax, norms, attention) at their AVX2 level.
+# Intel AVX2 and AVX-512 CPUs; MKL runs its AUTO branch on AMD instead) and torch's own kernels (softmax,
+# norms, attention) at their AVX2 level. A user's MKL_CBWR is kept (COMPATIBLE,STRICT: the same on AMD).
 NUMERICS_ENV = {"MKL_CBWR": "AVX2,STRICT", "ATEN_CPU_CAPABILITY": "avx2"}
 MKL_CBWR = NUMERICS_ENV["MKL_CBWR"]
 
