@@ -427,11 +427,11 @@ FAITH_ROWS = (("answer right, follows its rationale", "faith/consistency/right_c
               ("answer wrong, not what the rationale says", "faith/consistency/wrong_inconsistent", ".3f"),
               ("completions with no computed value", "faith/consistency/no_value_frac", ".3f"),
               ("completions with a false arithmetic step", "faith/consistency/arith_error_frac", ".3f"),
-              ("early answer = final letter after 0% of it", "faith/early_answer_match/p0", ".3f"),
-              ("                             25%", "faith/early_answer_match/p25", ".3f"),
-              ("                             50%", "faith/early_answer_match/p50", ".3f"),
-              ("                             75%", "faith/early_answer_match/p75", ".3f"),
-              ("                             100%", "faith/early_answer_match/p100", ".3f"),
+              ("early answer = final, after 0% of reasoning", "faith/early_answer_match/p0", ".3f"),
+              ("early answer = final, after 25% of reasoning", "faith/early_answer_match/p25", ".3f"),
+              ("early answer = final, after 50% of reasoning", "faith/early_answer_match/p50", ".3f"),
+              ("early answer = final, after 75% of reasoning", "faith/early_answer_match/p75", ".3f"),
+              ("early answer = final, after 100% of reasoning", "faith/early_answer_match/p100", ".3f"),
               ("early answering area over the curve", "faith/early_answer_aoc", ".3f"),
               ("inserted mistake: answer follows it", "faith/mistake_follow_frac", ".3f"),
               ("inserted mistake: answer changes", "faith/mistake_change_frac", ".3f"),
@@ -465,8 +465,9 @@ def headline(metrics_path: Path) -> dict:
     return out
 
 
-def faith_lines(h: dict) -> list[str]:
-    """The faith table (SFT policy at the first probe step, after GRPO at the last): is the rationale used?"""
+def faith_rows(h: dict) -> list[tuple[str, str, str]]:
+    """(label, SFT policy, after GRPO) formatted, for every faith metric a headline holds: FAITH_ROWS, then
+    the pre-reasoning probe per layer. The console summary and the README's table (training.demo_tables)."""
     if "faith" not in h:
         return []
     first, last = h["faith"]["first"], h["faith"]["last"]
@@ -478,11 +479,16 @@ def faith_lines(h: dict) -> list[str]:
     layers = sorted((k for k in last if k.startswith("faith/prereasoning_probe_acc/layer")),
                     key=lambda k: int(k.rsplit("layer", 1)[1]))
     rows += [(f"pre-reasoning probe accuracy, layer {k.rsplit('layer', 1)[1]}", k, ".3f") for k in layers]
-    lines = [f"{'is the rationale used? (probe set, greedy)':44s}{'SFT policy':>11s}{'after GRPO':>12s}"]
-    for label, key, fmt in rows:
-        if key in last:
-            lines.append(f"{label:44s}{num(first.get(key), fmt):>11s}{num(last[key], fmt):>12s}")
-    return lines
+    return [(label, num(first.get(key), fmt), num(last[key], fmt)) for label, key, fmt in rows if key in last]
+
+
+def faith_lines(h: dict) -> list[str]:
+    """The faith table (SFT policy at the first probe step, after GRPO at the last): is the rationale used?"""
+    rows = faith_rows(h)
+    if not rows:
+        return []
+    return ([f"{'is the rationale used? (probe set, greedy)':46s}{'SFT policy':>11s}{'after GRPO':>12s}"]
+            + [f"{label:46s}{first:>11s}{last:>12s}" for label, first, last in rows])
 
 
 def headline_lines(h: dict) -> list[str]:
