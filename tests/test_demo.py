@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from dashboards.template import template_names
 from training.demo import (
     BUDGETS,
     NUMERICS_ENV,
@@ -168,7 +169,7 @@ def test_demo_small_budget_end_to_end_gain_and_cached(tmp_path):
     for path in (out / "rl" / "metrics.jsonl", out / "dashboards" / "report.html", out / "patching" / "patching.html",
                  out / "patching" / "patching.safetensors", out / "summary.json"):
         assert path.is_file(), path
-    assert len(list((out / "dashboards" / "workspaces").glob("*.json"))) == 6  # every shipped template
+    assert len(list((out / "dashboards" / "workspaces").glob("*.json"))) == len(template_names())  # every one
     assert list((out / "rl" / "wandb").glob("offline-run-*/run-*.wandb"))
     rows = [json.loads(line) for line in (out / "rl" / "metrics.jsonl").read_text().splitlines()]
     names = set().union(*rows)
@@ -176,12 +177,22 @@ def test_demo_small_budget_end_to_end_gain_and_cached(tmp_path):
                  "attn/option_mass_mean", "rl/letter_pred_counts/A", "rl/letter_gold_margin_mean"):
         assert name in names, name
     assert 0.0 <= results["sft"]["categorical_acc"] <= 1.0
+    # is the rationale used? the faith family ran at the first and the last probe step, and the summary's table
+    # holds what metrics.jsonl holds there
+    faith_rows = [r for r in rows if "faith/early_answer_aoc" in r]
+    assert len(faith_rows) >= 2 and any("faith/rollout_consistency/n" in r for r in rows)
+    f = results["headline"]["faith"]
+    assert f["steps"] == [faith_rows[0]["step"], faith_rows[-1]["step"]]
+    assert f["last"]["faith/early_answer_aoc"] == faith_rows[-1]["faith/early_answer_aoc"]
+    assert f["first"]["faith/shuffle_content_consistency"] == faith_rows[0]["faith/shuffle_content_consistency"]
+    assert "is the rationale used?" in text and f"{f['last']['faith/early_answer_aoc']:.3f}" in text
     assert "aquainterp dashboard push" in text and "training/speedrun.sh" in text
 
     # the summary's numbers are the ones in metrics.jsonl: the RL stage's own before/after eval dicts (what
     # training.rl returned) equal the first and last eval rows, and the headline the summary prints equals them
     evals = [r for r in rows if "eval/synthetic_acc" in r]
     assert evals[0]["step"] == 0 and evals[-1]["step"] == BUDGETS["small"]["rl_steps"]
+    # exact by construction: the same floats, read back from metrics.jsonl and stage.json
     assert results["rl"]["before"] == {k: evals[0][k] for k in results["rl"]["before"]}
     assert results["rl"]["after"] == {k: evals[-1][k] for k in results["rl"]["after"]}
     h = results["headline"]
@@ -207,5 +218,6 @@ def test_demo_small_budget_end_to_end_gain_and_cached(tmp_path):
     again_text = _demo(out, "--seed", SMALL_SEED).stdout
     assert again_text.count("cached") == 6
     again = json.loads((out / "summary.json").read_text())
+    # exact by construction: the cached stages' results are read back, nothing is recomputed
     for stage in ("tokenizer", "base", "sft", "rl", "patching", "headline"):
         assert again[stage] == results[stage]
