@@ -36,7 +36,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from aquainterp.rundir import (
@@ -73,7 +73,7 @@ FULL = dict(difficulty=1, vocab_size=512, tok_chars=1_000_000, depth=2, architec
 BUDGETS = {
     "full": FULL,
     "small": {**FULL, "eval_n": 100, "gen_eval_n": 100, "rl_steps": 60, "rl_examples": 16, "rl_eval": 100,
-              "rl_probe_batch": 16, "patch_pairs": 2},
+              "rl_probe_batch": 16, "patch_pairs": 4},
     "smoke": {**FULL, "tok_chars": 300_000, "head_dim": 64, "base_steps": 20, "sft_examples": 400, "sft_steps": 10,
               "sft_batch": 16, "sft_device_batch": 16, "eval_n": 40, "gen_eval_n": 8, "rl_steps": 2,
               "rl_examples": 4, "rl_samples": 4, "rl_new_tokens": 24, "rl_lr_frac": 0.05, "rl_eval": 20,
@@ -361,14 +361,22 @@ def run_demo(config: DemoConfig) -> dict:
     def patching():
         say(f"6/6 patching: {b['patch_pairs']} noise-corrupted problems at the answer step of the final RL "
             "checkpoint's own completions")
-        code = patch_cmd.run(patch_cmd.PatchConfig(
+        patch_config = patch_cmd.PatchConfig(
             checkpoint=rl_stage.dir / "checkpoints", task="synthetic", difficulty=b["difficulty"],
             n_pairs=b["patch_pairs"], decision="completion", corruption="noise", device=config.device,
-            seed=config.seed, out=patch_stage.dir))
+            seed=config.seed, out=patch_stage.dir)
+        code = patch_cmd.run(patch_config)
+        kept_all = False
+        if code:  # e.g. the pair screen left no pair (the policy answers every clean prompt wrong): patch them
+            # all, flagged on the page as pairs the screen would leave out, rather than stop the demo here
+            print("demo: patching with the pair screen failed (the line above); patching every pair, flagged "
+                  "(--keep-all-pairs)", flush=True)
+            kept_all = True
+            code = patch_cmd.run(replace(patch_config, keep_all_pairs=True))
         if code:
             raise RuntimeError(f"aquainterp patch failed with exit code {code}")
         summary = json.loads((patch_stage.dir / "summary.json").read_text())
-        return {"html": str(patch_stage.dir / "patching.html"), "n_pairs": summary["n_pairs"],
+        return {"html": str(patch_stage.dir / "patching.html"), "n_pairs": summary["n_pairs"], "kept_all": kept_all,
                 "clean_logit_diff_mean": summary["clean_logit_diff_mean"],
                 "corrupted_logit_diff_mean": summary["corrupted_logit_diff_mean"],
                 "strongest": {k: v["top_cells"][0] for k, v in summary["sweeps"].items()}}
@@ -597,7 +605,8 @@ def print_summary(r: dict, root: Path, config: DemoConfig) -> None:
         print(f"patching      skipped: {p['skipped']}")
     else:
         print(f"patching      {p['n_pairs']} pairs, clean logit diff {p['clean_logit_diff_mean']:.3f}, corrupted "
-              f"{p['corrupted_logit_diff_mean']:.3f}")
+              f"{p['corrupted_logit_diff_mean']:.3f}"
+              + (" (every pair failed the pair screen: all patched, flagged on the page)" if p.get("kept_all") else ""))
     print(f"\nthe GRPO stage in numbers ({root}/rl/metrics.jsonl; probe rows: first and last probe step)")
     for line in headline_lines(r["headline"]):
         print("  " + line)
