@@ -251,3 +251,17 @@ def test_readme_claim_about_every_stage_holds():
         help_text = _help_text(("training", stage))
         for flag in flags:
             assert flag in help_text, f"README says every stage takes {flag}; training.{stage} does not"
+
+
+def test_readme_demo_tables_are_generated_from_the_committed_summary():
+    """The README's seed-0 demo tables are training.demo_tables' output for docs/demo/seed0-summary.json
+    (the summary.json of the run they describe), not typed: a change to the numbers updates both."""
+    import json
+
+    from training.demo_tables import faith_markdown, headline_markdown
+
+    summary = json.loads((REPO / "docs" / "demo" / "seed0-summary.json").read_text())
+    readme = (REPO / "README.md").read_text()
+    for table in (headline_markdown(summary), faith_markdown(summary)):
+        assert table and table in readme, table
+    assert summary["numerics"]["mkl_cbwr"] == "AVX2,STRICT" and summary["config"]["seed"] == 0
