@@ -77,16 +77,22 @@ def test_direct_run_returns_design_metrics_and_greedy_sequence_kl(tokenizer, pro
     expected |= {f"attn/{kind}/layer{l}/head{h}" for kind in ("entropy", "option_mass")
                  for l in range(cfg.n_layers) for h in range(cfg.n_heads)}
     expected |= {f"probe/logit_lens_gold_margin/layer{l}" for l in range(cfg.n_layers)}
+    # the faith family reads the policy's own completions; this untrained one states no letter, so only the
+    # counts that need none are there (tests/test_probes_faith.py tests the family)
+    expected |= {f"faith/consistency/{k}" for k in ("n", "no_value_frac", "no_letter_frac", "unmatched_frac",
+                                                      "arith_error_frac")}
+    expected |= {f"faith/gold_prior/{x}" for x in LETTERS} | {"faith/shuffle_n"}
     assert set(metrics) == expected
     assert all(math.isfinite(v) for v in metrics.values())
     assert sum(metrics[f"rl/letter_pred_counts/{x}"] for x in LETTERS) == len(problems)
     assert metrics["rl/kl_letter_mean"] == 0.0 and metrics["rl/kl_sequence_mean"] == 0.0
     assert suite.last_raw["kl_sequence"].shape == (2,)
     table = suite.last_raw["hardest"]
-    assert len(table["rows"]) == 2 and all(isinstance(row[-1], str) and row[-1] for row in table["rows"])
+    completion = table["columns"].index("completion")
+    assert len(table["rows"]) == 2 and all(isinstance(row[completion], str) and row[completion] for row in table["rows"])
     figures = suite.attention_figures(prompt_indices=(0,), max_tokens=12)
     assert "attn/patterns/prompt0" in figures and "attn/entropy_heatmap" in figures
-    assert tuple(PROBE_NAMES) == ("entropy", "option_mass", "margin", "kl", "counts", "logit_lens")
+    assert tuple(PROBE_NAMES) == ("entropy", "option_mass", "margin", "kl", "counts", "logit_lens", "faith")
 
 
 def test_completions_without_an_answer_are_counted_never_scored(tokenizer, problems):
@@ -138,8 +144,9 @@ def test_table_completions_only_on_table_steps_and_only_for_the_shown_rows(token
     from aquainterp.kv_cache import KVCache
 
     model = model_for(tokenizer, seed=2)
-    suite = ProbeSuite(model, tokenizer, problems, reference_model=freeze_reference(model), batch_size=4,
-                       max_new_tokens=5, hardest_k=2, table_every=4, decision="direct")
+    no_faith = tuple(p for p in PROBE_NAMES if p != "faith")  # the faith family decodes every problem itself
+    suite = ProbeSuite(model, tokenizer, problems, probes=no_faith, reference_model=freeze_reference(model),
+                       batch_size=4, max_new_tokens=5, hardest_k=2, table_every=4, decision="direct")
     prefills, calls = [], []  # every prompt the Engine prefilled (padding cut off); prefill forwards
 
     def record(module, args, kwargs):
@@ -175,4 +182,4 @@ def test_table_completions_only_on_table_steps_and_only_for_the_shown_rows(token
     engine, stop = Engine(model), [tokenizer.encode_special("<|assistant_end|>")]
     for row in suite.last_raw["hardest"]["rows"]:
         greedy = engine.generate(prompts[row[0]], max_new_tokens=5, temperature=0.0, stop_tokens=stop)
-        assert row[-1] == tokenizer.decode(greedy.completions[0])
+        assert row[suite.last_raw["hardest"]["columns"].index("completion")] == tokenizer.decode(greedy.completions[0])

@@ -89,8 +89,9 @@ def test_in_completion_probes_describe_what_the_trained_model_writes():
     # the hardest-questions table names the letter each completion states, most confidently wrong first
     rows = raw["hardest"]["rows"]
     assert len(rows) == 8
+    completion = raw["hardest"]["columns"].index("completion")
     for row in rows:
-        assert row[3] == (extract_letter(row[-1]) or "")
+        assert row[3] == (extract_letter(row[completion]) or "")
     margins = [row[5] for row in rows if row[5] is not None]
     assert margins == sorted(margins) and margins[0] < 0
 

@@ -46,10 +46,15 @@ def headline_markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = __doc__.split("\n\n")[0]
     parser.add_argument("summary", type=Path, help="a demo's summary.json (runs/demo/summary.json)")
     parser.add_argument("--table", choices=("headline", "faith", "all"), default="all", help="which table to print")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.demo_tables")
+    add_arguments(parser)
     args = parser.parse_args(argv)
     try:
         summary = json.loads(args.summary.read_text())

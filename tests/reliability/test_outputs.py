@@ -20,7 +20,7 @@ import pytest
 from reliability.conftest import call_cli, one_line_error, record_case, snapshot
 
 REPO = Path(__file__).resolve().parents[2]
-STAGES = ("tok_train", "base", "mid", "sft", "rl", "depth_table")
+STAGES = ("tok_train", "base", "mid", "sft", "rl", "depth_table", "demo_tables")
 
 
 # ------------------------------------------------------------------------------------------------
