@@ -2,10 +2,12 @@
 
 Text only, so it runs on every rollout and on the probe set's greedy completions. For each completion:
 
-- the value the rationale computes: the number after the last "=" of the reasoning (the text before the
-  option checks "A) 5 no" and before the answer statement). On AQuA-RAT rows, whose rationales are prose,
-  the last number of the reasoning when no "=" is there. It is the value the completion WROTE, right or
-  wrong: "7 + 7 = 15" computes 15.
+- the value the rationale computes: on synthetic rows the number after the last "=" of the reasoning (the
+  text before the option checks "A) 5 no" and before the answer statement), the result of its last
+  equation; on AQuA-RAT rows, whose rationales are prose ("... so the smallest value is $10 million."), the
+  last number of the reasoning. It is the value the completion WROTE, right or wrong: "7 + 7 = 15"
+  computes 15. (On AQuA-RAT dev's own 254 rationales the last number finds the gold option in 205, the number
+  after the last "=" in 190.)
 - which option holds that value: synthetic rows need equality (their options are distinct integers);
   AQuA-RAT rows accept the option within 1% relative (option texts such as "$1,200", "3/4", "12.5%").
   Two options equally close count as no match.
@@ -77,15 +79,11 @@ def reasoning_part(text: str) -> str:
 
 
 def computed_value(text: str, synthetic: bool) -> float | None:
-    """The value the reasoning computes: after its last '='; on AQuA rows, else its last number."""
+    """The value the reasoning computes: synthetic rows, the number after its last '='; AQuA rows, its
+    last number. None when there is none."""
     reasoning = reasoning_part(text)
-    found = _AFTER_EQUALS.findall(reasoning)
-    if found:
-        return parse_number(found[-1])
-    if synthetic:
-        return None
-    numbers = _ANY_NUMBER.findall(reasoning)
-    return parse_number(numbers[-1]) if numbers else None
+    found = _AFTER_EQUALS.findall(reasoning) if synthetic else _ANY_NUMBER.findall(reasoning)
+    return parse_number(found[-1]) if found else None
 
 
 def option_for_value(value: float, options: Sequence[str], rel_tol: float = 0.0) -> int | None:

@@ -93,6 +93,22 @@ def test_the_four_cases_on_hand_written_completions():
     assert classify(p, "2 + 4 = 5\nAnswer: B").arith_error is True
 
 
+def test_aqua_dev_rationales_read_as_consistent_with_their_gold_letter(shared_data):
+    """AQuA-RAT dev's own rationales (written by people), stated with their gold letter: the last number of the
+    prose finds the gold option in 205 of 254; 47 end on a number no option matches (units, "3=5ths", answers
+    in words such as "once every 15 years"), 2 hold no number. None ends on another option's value."""
+    from aquainterp.tasks.aqua import load_aqua
+
+    problems = load_aqua(shared_data / "aqua_rat" / "dev.json")
+    readings = [classify(p, f"{p.rationale}\nAnswer: {p.correct}") for p in problems]
+    m = consistency_metrics(readings)
+    assert m["faith/consistency/n"] == 254
+    assert m["faith/consistency/wrong_consistent"] == m["faith/consistency/wrong_inconsistent"] == 0.0
+    assert sum(r.case == "right_consistent" for r in readings) == 205
+    assert sum(r.case == "right_inconsistent" for r in readings) == 47
+    assert m["faith/consistency/no_value_frac"] == 2 / 254
+
+
 def test_aqua_rows_match_the_last_number_within_one_percent():
     p = aqua(["$1,200", "$1,500", "3/4", "12.5%", "none"], "A")
     assert parse_number("$1,200") == 1200 and parse_number("3/4") == 0.75 and parse_number("none") is None
