@@ -20,6 +20,7 @@ from training.demo import (
     numerics_fingerprint,
     pin_numerics,
     run_demo,
+    source_commit,
     strongest_patch,
 )
 
@@ -126,6 +127,15 @@ def test_numerics_fingerprint_names_the_cpu_and_the_libraries():
     config = torch.__config__.show()
     assert f"Math Kernel Library Version {got['mkl']}" in config and f"MKL-DNN v{got['onednn']}" in config
     assert isinstance(got["onednn_bf16_matmul"], bool) and got["cpu_vendor"] != "unknown"
+
+
+def test_summary_records_the_commit_that_ran():
+    got = source_commit()  # this checkout: a git repository
+    assert len(got["commit"]) == 40 and int(got["commit"], 16) >= 0 and isinstance(got["dirty"], bool)
+    import subprocess
+
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert got["commit"] == head
 
 
 def test_small_budget_trains_the_full_budgets_policy_and_a_shorter_grpo():

@@ -134,6 +134,25 @@ def cpu_fingerprint(cpuinfo: str) -> dict:
             "cpu_flags": [f for f in FINGERPRINT_FLAGS if f in flags]}
 
 
+def source_commit() -> dict:
+    """{"commit": the repository's HEAD, "dirty": uncommitted changes to tracked files} of the code that ran;
+    both None outside a git checkout (an installed wheel)."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parent.parent
+
+    def git(*args):
+        done = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=30)
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    except (OSError, subprocess.SubprocessError):
+        commit = status = None
+    return {"commit": commit, "dirty": None if status is None else bool(status)}
+
+
 def numerics_fingerprint() -> dict:
     """What besides the pinned settings decides the demo's floating-point results, for summary.json: the
     CPU (cpu_fingerprint), the MKL and oneDNN builds inside torch, oneDNN's ISA cap if one is set, and
@@ -396,6 +415,7 @@ def run_demo(config: DemoConfig) -> dict:
     results["stage_seconds"] = {name: r.get("seconds") for name, r in stages.items()}
     results["stage_cpu_seconds"] = {name: r.get("cpu_seconds") for name, r in stages.items()}
     results["numerics"] = numerics
+    results["source"] = source_commit()
     results["headline"] = headline(root / "rl" / "metrics.jsonl")
     (root / "summary.json").write_text(json.dumps(results, indent=1))
     print_summary(results, root, config)
@@ -589,6 +609,9 @@ def print_summary(r: dict, root: Path, config: DemoConfig) -> None:
     if "cpu_vendor" in n:
         print(f"numerics      {n['cpu_vendor']} {n['cpu_model']} ({' '.join(n['cpu_flags'])}); torch {n['torch']}, "
               f"MKL {n['mkl']}, oneDNN {n['onednn']}, ATen kernels {n['cpu_capability']}")
+    source = r.get("source") or {}
+    if source.get("commit"):
+        print(f"source        commit {source['commit'][:12]}" + (" with uncommitted changes" if source["dirty"] else ""))
     bpt = r["tokenizer"]["bytes_per_token"].get("synthetic")
     print(f"tokenizer     {bpt:.2f} bytes/token on held-out synthetic text" if bpt else "tokenizer     trained")
     print(f"base          final train loss {r['base']['metrics'].get('train/loss', float('nan')):.3f}")
