@@ -92,13 +92,12 @@ def test_export_refuses_2026_features_naming_them(tmp_path):
 
 def test_eval_hf_dir_equals_eval_checkpoint(tmp_path, capsys):
     """`eval --hf-dir` on an export gives the same predictions as `eval --checkpoint` on its source."""
-    from pathlib import Path
+
+    from test_nanochat_checkpoints import FIXTURES as fixtures  # ../shared, or AQUAINTERP_SHARED_FIXTURES
 
     from aquainterp.checkpoint import save_checkpoint
     from aquainterp.cli import main
     from aquainterp.nanochat_tokenizer import load_nanochat_tokenizer
-
-    fixtures = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "nanochat"
     tokenizer = load_nanochat_tokenizer(fixtures / "nanochat-head-d4" / "tokenizer")
     torch.manual_seed(4)
     model = GPT(GPTConfig(sequence_len=256, vocab_size=tokenizer.vocab_size, n_layer=2, n_head=2, n_kv_head=2,
