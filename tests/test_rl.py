@@ -415,3 +415,19 @@ def test_gradient_buckets_keep_order_dtype_and_size_bound():
     assert [g for b in buckets for g in b] == [p.grad for p in params]  # the tensors themselves, in order
     assert all(len({g.dtype for g in b}) == 1 for b in buckets)
     assert len(rl.gradient_buckets(params)) == 3  # the default size: split only where the dtype changes
+
+
+def test_faith_probes_on_their_cadence_and_after_the_last_step(tmp_path, shared_data):
+    """--faith-every 3 with probes every step: the faith family runs at step 0 and after the last step (3 is
+    not a multiple), rollout consistency every step; --faith-every 0 logs no faith/ metric at all."""
+    config = _smoke_config(tmp_path, shared_data, probes=("counts", "faith"), probe_every=1, probe_batch=3,
+                           max_steps=2, faith_every=3, table_every=0)
+    rl.run(config, policy=_policy())
+    rows = _metrics(Path(config.out))
+    assert [r["step"] for r in rows if "faith/shuffle_n" in r] == [0, 2]
+    assert [r["step"] for r in rows if "faith/rollout_consistency/n" in r] == [0, 1]
+    assert all(r["faith/rollout_consistency/n"] == 2 * 3 for r in rows if "faith/rollout_consistency/n" in r)
+    off = _smoke_config(tmp_path, shared_data, probes=("counts", "faith"), probe_every=1, probe_batch=3,
+                        max_steps=2, faith_every=0, table_every=0, out=str(tmp_path / "off"))
+    rl.run(off, policy=_policy())
+    assert not [k for r in _metrics(Path(off.out)) for k in r if k.startswith("faith/")]

@@ -413,7 +413,8 @@ def rollout_metrics(rollouts: list[Rollout], ddp: Dist) -> dict[str, float]:
 
 
 def run_probes(suite, logger: Logger, step: int, rollouts: list[Rollout] | None,
-               figures: tuple[int, ...] = (), table: bool | None = None) -> dict[str, float]:
+               figures: tuple[int, ...] = (), table: bool | None = None, faith: bool | None = None
+               ) -> dict[str, float]:
     """Probe metrics on the fixed probe set (rank 0), sequence KL along this step's sampled completions,
     and the letter probes on this step's rollouts (rl/rollout_*; this rank's rollouts).
 
@@ -421,11 +422,12 @@ def run_probes(suite, logger: Logger, step: int, rollouts: list[Rollout] | None,
     rl/letter_pred_counts/* is taken by the rollout counts, which are logged every step.
     `figures`: probe prompts whose layer×head attention patterns are logged as figures too.
     `table`: build the hardest-questions table (None = the suite's own cadence, table_every).
+    `faith`: run the faith family (None = the suite's own cadence, faith_every; never when that is 0).
     """
     pairs = None
     if rollouts is not None:
         pairs = [(r.prompt, c) for r in rollouts for c in r.completions if c][: suite.kl_sequences]
-    metrics = suite.run(step, completions=pairs or None, table=table, rollouts=rollouts)
+    metrics = suite.run(step, completions=pairs or None, table=table, rollouts=rollouts, faith=faith)
     metrics = {k.replace("rl/letter_pred_counts/", "rl/probe_letter_pred_counts/"): v for k, v in metrics.items()}
     if metrics:
         logger.log(metrics, step=step)
@@ -626,7 +628,8 @@ def _run(config: RLConfig, ddp: Dist, policy: tuple | None = None) -> dict:
     after = evaluate_policy(model, tokenizer, held_out, config)
     logger.log(after, step=config.max_steps)
     if suite is not None:
-        run_probes(suite, logger, config.max_steps, None, figures=(0,), table=True)  # final table, any max_steps
+        # the final table and faith read, whatever max_steps is a multiple of
+        run_probes(suite, logger, config.max_steps, None, figures=(0,), table=True, faith=True)
     logger.finish()
     summary = {"before": before, "after": after, "steps": config.max_steps - start_step,
                "minutes": (time.time() - t0) / 60, "history": history}
