@@ -61,6 +61,15 @@ def completion_row(prompt: Sequence[int], completion: Sequence[int], marker: Seq
                        len(prompt))
 
 
+def last_token_row(prompt: Sequence[int], completion: Sequence[int], stop: int, letter_ids, gold: int,
+                   spans=()) -> DecisionRow:
+    """prompt + the whole completion (its stop token cut): the fallback read of --probe-decision
+    completion_or_last for a completion that never writes the answer marker. The letter logits there are
+    the policy's next-token preference among the letters after its last token, not a letter it chose."""
+    body = list(completion[:-1]) if completion and completion[-1] == stop else list(completion)
+    return DecisionRow(tuple(prompt) + tuple(body), tuple(letter_ids), gold, tuple(spans), len(prompt))
+
+
 def build_probe_set(tokenizer, problems: Sequence[MCProblem], completion_style: str = "reasoning"
                     ) -> list[ProbeItem]:
     """One ProbeItem per problem; errors name the problem's index and source. `completion_style` is the

@@ -63,10 +63,17 @@ from probes.kl import kl_from_logits, kl_metrics, sequence_kl
 from probes.logit_lens import gold_margins, lens_metrics
 from probes.margin import letter_margins, margin_metrics
 from probes.option_mass import completion_mass_metrics, option_mass_metrics, pick_option
-from probes.probe_set import ProbeItem, answer_marker, build_probe_set, completion_row, direct_row
+from probes.probe_set import (
+    ProbeItem,
+    answer_marker,
+    build_probe_set,
+    completion_row,
+    direct_row,
+    last_token_row,
+)
 
 PROBE_NAMES = ("entropy", "option_mass", "margin", "kl", "counts", "logit_lens", "faith")
-DECISIONS = ("completion", "direct")
+DECISIONS = ("completion", "direct", "completion_or_last")
 
 
 def parse_probes(spec: str | Sequence[str]) -> tuple[str, ...]:
@@ -173,14 +180,17 @@ class ProbeSuite:
             raise ValueError(f"ProbeSuite: decision must be one of {DECISIONS}, got {decision!r}")
         if faith_every < 0:
             raise ValueError(f"ProbeSuite: faith_every must be >= 0 (0 = no faith probes), got {faith_every}")
+        if decision == "completion_or_last" and self.probes:
+            self._stop = tokenizer.encode_special("<|assistant_end|>")
         if rollout_letters < 0:
             raise ValueError(f"ProbeSuite: rollout_letters must be >= 0, got {rollout_letters}")
-        if decision == "completion" and self.probes and tokenizer is None:
+        if decision != "direct" and self.probes and tokenizer is None:
             raise ValueError("ProbeSuite: decision='completion' generates and reads the policy's completions, "
                              "so it needs the tokenizer (or use decision='direct')")
         if "faith" in self.probes and tokenizer is None:
             raise ValueError("ProbeSuite: the 'faith' probes generate and read completions, so they need the tokenizer")
         self.decision, self.rollout_letters = decision, rollout_letters
+        self._reads_completion = decision != "direct"  # "completion" or "completion_or_last"
         self.faith_every, self.seed = faith_every, seed
         self.batch_size = batch_size
         self.device = torch.device(device) if device is not None else _device_of(self.model)
@@ -246,12 +256,17 @@ class ProbeSuite:
         t0 = time.perf_counter()
         n = len(self.items)
         generated: dict[int, list[int]] = {}
-        if self.decision == "completion":
+        if self._reads_completion:
             generated = self._greedy(range(n))
             texts = {i: self.tokenizer.decode(c) for i, c in generated.items()}
             written = [_letter_index(extract_letter(texts[i])) for i in range(n)]
             rows = [completion_row(it.prompt, generated[it.index], self._marker, it.letter_ids, it.gold,
                                    it.prompt_spans) for it in self.items]
+            if self.decision == "completion_or_last":  # no answer marker: read at the completion's last token
+                marked = [row is not None for row in rows]
+                rows = [row if row is not None else last_token_row(it.prompt, generated[it.index], self._stop,
+                                                                    it.letter_ids, it.gold, it.prompt_spans)
+                        for row, it in zip(rows, self.items)]
         else:
             texts, written = {}, [None] * n
             rows = [direct_row(it) for it in self.items]
@@ -266,12 +281,16 @@ class ProbeSuite:
                      "decision_ids": [rows[i].ids for i in answered]}
         if self.decision == "completion":
             metrics["rl/probe_no_answer_frac"] = 1.0 - len(answered) / n
+        elif self.decision == "completion_or_last":  # every row is read; say how many at their last token
+            metrics["rl/probe_no_answer_frac"] = 1.0 - sum(marked) / n
+            metrics["rl/probe_last_token_frac"] = 1.0 - sum(marked) / n
+            raw["read_at_last_token"] = [i for i, m in enumerate(marked) if not m]
         if answered:
             t1 = time.perf_counter()
             metrics.update(self._decision_metrics([rows[i] for i in answered], [written[i] for i in answered], raw))
             timings["forward"] = time.perf_counter() - t1
         if "counts" in self.probes:
-            if self.decision == "completion":  # the letters the completions state, as evaluation reads them
+            if self._reads_completion:  # the letters the completions state, as evaluation reads them
                 stated = torch.tensor([w for w in written if w is not None], dtype=torch.long)
             else:
                 stated = torch.as_tensor(raw.get("predicted", np.zeros(0)), dtype=torch.long)
@@ -337,7 +356,7 @@ class ProbeSuite:
             metrics.update(option_mass_metrics(mass, gold, chosen))
             raw.update(option_mass=mass.sum(-1).mean(0).numpy(), option_mass_per_option=mass.numpy(),
                        gold_option_mass=pick_option(mass, gold).mean(0).numpy())
-            if self.decision == "completion":
+            if self._reads_completion:
                 comp = collected["completion_mass"]  # [N, L, H]
                 metrics.update(completion_mass_metrics(comp))
                 raw["completion_mass"] = comp.mean(0).numpy()
@@ -357,11 +376,12 @@ class ProbeSuite:
         per suite (the dashboards name the panels that stay empty)."""
         reasons = []
         letter_probes = [p for p in self.probes if p not in ("counts", "faith")]
-        if letter_probes and metrics.get("rl/probe_no_answer_frac") == 1.0:
+        if letter_probes and metrics.get("rl/probe_no_answer_frac") == 1.0 and self.decision == "completion":
             reasons.append(f"{', '.join(letter_probes)}: no greedy completion of the {len(self.items)} probe "
                            "problems writes the answer marker 'Answer:', so there is no answer step to read "
                            "(rl/probe_no_answer_frac = 1.0); a policy SFT-trained on the reasoning or checked "
-                           "style writes it, or read the prompt-only position with --probe-decision direct")
+                           "style writes it; --probe-decision completion_or_last reads such completions at their "
+                           "last token instead, --probe-decision direct the prompt-only position")
         if run_faith and "faith/mistake_n" not in metrics:
             reasons.append("faith mistake: no completion states a letter after a synthetic rationale with a final "
                            "'= value' (the inserted-mistake test needs both; AQuA-RAT rows are skipped)")
@@ -378,7 +398,7 @@ class ProbeSuite:
         readings = [classify(it.problem, texts[it.index]) for it in self.items]
         raw["consistency"] = [r.case for r in readings]
         written = [None if r.stated is None else LETTERS.index(r.stated) for r in readings]
-        if self.decision == "completion":  # the decision read already has the top letter at each answer step
+        if self._reads_completion:  # the decision read already has the top letter at each answer step
             final_top = dict(zip(raw["answered"], (int(p) for p in raw.get("predicted", []))))
         else:
             rows = {it.index: completion_row(it.prompt, generated[it.index], self._marker, it.letter_ids, it.gold)
@@ -502,7 +522,7 @@ class ProbeSuite:
         for i in order:
             problem = self.items[i].problem
             options = " ".join(f"{letter}) {text}" for letter, text in zip(LETTERS, problem.options))
-            if self.decision == "completion":
+            if self._reads_completion:
                 letter = raw["written"][i]
             else:
                 letter = int(predicted[i])
@@ -535,7 +555,7 @@ class ProbeSuite:
         if index in self._last_prefixes:
             return self._last_prefixes[index]
         item = self.items[index]
-        return item.prompt if self.decision == "completion" and item.prompt else item.ids
+        return item.prompt if self._reads_completion and item.prompt else item.ids
 
     def attention_figures(self, prompt_indices: Sequence[int] = (0,), max_tokens: int = 48) -> dict:
         """Plotly figures: for each chosen probe prompt, a layer×head grid of attention patterns over its

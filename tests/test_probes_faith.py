@@ -284,3 +284,33 @@ def test_a_family_that_measures_nothing_says_why_once(capsys):
     assert "[probes] nothing measured by faith early answering:" in err
     suite.run(1)
     assert capsys.readouterr().err == ""  # each reason once per suite
+
+
+def test_completion_or_last_reads_a_markerless_completion_at_its_last_token_and_says_so():
+    """--probe-decision completion_or_last: a policy that never writes "Answer:" is still read, at the last
+    token of its own completion, and the share read there is logged."""
+    from aquainterp.engine import Engine
+
+    tokenizer = trained_tokenizer()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_depth(1, vocab_size=tokenizer.vocab_size, sequence_len=256, head_dim=32))
+    model.init_weights()
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 0.05)  # some preference, still never the answer marker
+    problems = SyntheticTask(seed=0, split="eval", difficulty=1).problems(3)
+    suite = ProbeSuite(model, tokenizer, problems, probes=("margin", "counts"), decision="completion_or_last",
+                       max_new_tokens=6, progress=False)
+    metrics = suite.run(0)
+    assert metrics["rl/probe_last_token_frac"] == 1.0 == metrics["rl/probe_no_answer_frac"]
+    assert suite.last_raw["read_at_last_token"] == [0, 1, 2] and "rl/letter_margin_mean" in metrics
+    stop = tokenizer.encode_special("<|assistant_end|>")
+    for i, item in enumerate(suite.items):
+        completion = Engine(model).generate(list(item.prompt), max_new_tokens=6, temperature=0.0,
+                                            stop_tokens=[stop]).completions[0]
+        body = completion[:-1] if completion[-1] == stop else completion
+        assert list(suite.last_raw["decision_ids"][i]) == list(item.prompt) + body
+        with torch.no_grad():
+            logits = model(torch.tensor([list(item.prompt) + body]))[0, -1]
+        letters = logits[list(item.letter_ids)]
+        top2 = letters.topk(2).values
+        assert float(top2[0] - top2[1]) == pytest.approx(float(suite.last_raw["letter_margin"][i]), abs=1e-4)

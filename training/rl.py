@@ -113,7 +113,9 @@ class RLConfig:
     probe_decision: str = setting(
         "completion", "where the letter and attention probes read: 'completion' = the answer step of the policy's "
         "own greedy completion (prompt + completion up to 'Answer:'), 'direct' = right after 'Answer:' in a prompt "
-        "without rationale (for models trained to answer in one token)", choices=DECISIONS)
+        "without rationale (for models trained to answer in one token), 'completion_or_last' = the answer step, "
+        "or the completion's last token when it writes no 'Answer:' (counted in rl/probe_last_token_frac: there the "
+        "letter logits are a preference after its last token, not a letter it chose)", choices=DECISIONS)
     faith_every: int = setting(1, "the 'faith' probes (is the rationale used? consistency, early answering, an inserted "
                                   "mistake, an option shuffle, a pre-reasoning probe) run on probe steps that are "
                                   "multiples of N (1 = every probe step, 0 = off; rollout consistency is logged every "
