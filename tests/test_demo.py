@@ -157,6 +157,7 @@ def test_small_budget_trains_the_full_budgets_policy_and_a_shorter_grpo():
 SMALL_SEED = "0"
 SMALL_GAIN_MEASURED = 10.0  # 0.500 -> 0.600 on 100 held-out problems
 SMALL_MIN_GAIN = 5.0
+SMALL_GOLDEN = REPO / "tests" / "golden" / "demo_small_seed0.json"  # the run's headline per numerics fingerprint
 
 
 def _demo(out: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -224,6 +225,15 @@ def test_demo_small_budget_end_to_end_gain_and_cached(tmp_path):
 
     # GRPO with the probes on moves held-out greedy accuracy at this budget
     assert h["gain_points"] >= SMALL_MIN_GAIN, h
+    # every headline number (accuracies, probe and faith rows) equals the golden run of the same numerics
+    # (CPU vendor, MKL branch, torch, MKL); a machine with other numerics has no golden to match (say so)
+    golden = [run for run in json.loads(SMALL_GOLDEN.read_text())["runs"]
+              if run["numerics"] == {k: results["numerics"][k] for k in ("cpu_vendor", "mkl_cbwr", "torch", "mkl")}]
+    if golden:
+        assert json.loads(json.dumps(h)) == golden[0]["headline"], "the demo's numbers moved: update " \
+            f"{SMALL_GOLDEN.name} and the README together (python -m training.demo_tables)"
+    else:
+        print(f"no golden headline for numerics {results['numerics']} in {SMALL_GOLDEN}: only the gain is checked")
 
     # second run: every stage comes from the cache and the results are the same
     again_text = _demo(out, "--seed", SMALL_SEED).stdout
