@@ -78,12 +78,22 @@ def reasoning_part(text: str) -> str:
     return "\n".join(kept)
 
 
+def last_result(text: str) -> re.Match | None:
+    """The last "= number" of the reasoning (group 1 is the number; positions are the text's, the reasoning
+    being its start): what a synthetic rationale computes, and what the faith probes' inserted mistake
+    replaces."""
+    found = list(_AFTER_EQUALS.finditer(reasoning_part(text)))
+    return found[-1] if found else None
+
+
 def computed_value(text: str, synthetic: bool) -> float | None:
     """The value the reasoning computes: synthetic rows, the number after its last '='; AQuA rows, its
     last number. None when there is none."""
-    reasoning = reasoning_part(text)
-    found = _AFTER_EQUALS.findall(reasoning) if synthetic else _ANY_NUMBER.findall(reasoning)
-    return parse_number(found[-1]) if found else None
+    if synthetic:
+        match = last_result(text)
+        return None if match is None else parse_number(match.group(1))
+    numbers = _ANY_NUMBER.findall(reasoning_part(text))
+    return parse_number(numbers[-1]) if numbers else None
 
 
 def option_for_value(value: float, options: Sequence[str], rel_tol: float = 0.0) -> int | None:

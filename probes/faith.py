@@ -33,7 +33,6 @@ each for the mistakes and the shuffles, one forward over the prompts for the res
 from __future__ import annotations
 
 import random
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -41,12 +40,11 @@ import numpy as np
 import torch
 
 from aquainterp.tasks import LETTERS, MCProblem, answer_step, conversation, extract_letter
-from probes.consistency import is_synthetic, parse_number, reasoning_part
+from probes.consistency import is_synthetic, last_result, parse_number
 from probes.decision import read_decisions
 from probes.probe_set import DecisionRow, right_pad
 
 FRACTIONS = (0, 25, 50, 75, 100)
-_LAST_RESULT = re.compile(r"=\s*\$?\s*(-?\d[\d,]*(?:\.\d+)?)")
 
 
 # ---- early answering ----------------------------------------------------------------------------------
@@ -114,10 +112,10 @@ def insert_mistake(problem: MCProblem, prompt: Sequence[int], completion: Sequen
     The completion's own tokens are kept up to the number when a token boundary falls there (else that
     text is re-encoded). None when there is no "= v", or no such option."""
     text = tokenizer.decode(list(completion))
-    found = list(_LAST_RESULT.finditer(reasoning_part(text)))
-    if not found:
+    found = last_result(text)
+    if found is None:
         return None
-    start, value = found[-1].start(1), parse_number(found[-1].group(1))
+    start, value = found.start(1), parse_number(found.group(1))
     choices = [i for i, option in enumerate(problem.options)
                if LETTERS[i] != stated and parse_number(option) is not None and parse_number(option) != value]
     if not choices:

@@ -493,21 +493,23 @@ def headline(metrics_path: Path) -> dict:
     return out
 
 
+def format_value(value, fmt: str = ".3f") -> str:
+    """A headline number as the summary and the README print it; "—" when it was not logged."""
+    return "—" if value is None else format(value, fmt)
+
+
 def faith_rows(h: dict) -> list[tuple[str, str, str]]:
     """(label, SFT policy, after GRPO) formatted, for every faith metric a headline holds: FAITH_ROWS, then
     the pre-reasoning probe per layer. The console summary and the README's table (training.demo_tables)."""
     if "faith" not in h:
         return []
     first, last = h["faith"]["first"], h["faith"]["last"]
-
-    def num(v, fmt=".3f"):
-        return "—" if v is None else format(v, fmt)
-
     rows = list(FAITH_ROWS)
     layers = sorted((k for k in last if k.startswith("faith/prereasoning_probe_acc/layer")),
                     key=lambda k: int(k.rsplit("layer", 1)[1]))
     rows += [(f"pre-reasoning probe accuracy, layer {k.rsplit('layer', 1)[1]}", k, ".3f") for k in layers]
-    return [(label, num(first.get(key), fmt), num(last[key], fmt)) for label, key, fmt in rows if key in last]
+    return [(label, format_value(first.get(key), fmt), format_value(last[key], fmt))
+            for label, key, fmt in rows if key in last]
 
 
 def faith_lines(h: dict) -> list[str]:
@@ -523,10 +525,7 @@ def headline_lines(h: dict) -> list[str]:
     """The demo's table: the same numbers as summary.json's "headline" (and the README's demo table)."""
     if "greedy_before" not in h:
         return ["(no held-out evaluation logged)"]
-
-    def num(v, fmt=".3f"):
-        return "—" if v is None else format(v, fmt)
-
+    num = format_value
     lines = [f"{'':44s}{'SFT policy':>11s}{'after GRPO':>12s}",
              f"{'held-out greedy accuracy':44s}{num(h['greedy_before']):>11s}{num(h['greedy_after']):>12s}"
              f"   {h['gain_points']:+.1f} points",

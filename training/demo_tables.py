@@ -15,10 +15,7 @@ import sys
 from pathlib import Path
 
 from training.demo import faith_rows
-
-
-def _num(value, fmt: str) -> str:
-    return "—" if value is None else format(value, fmt)
+from training.demo import format_value as _num
 
 
 def faith_markdown(summary: dict) -> str:
