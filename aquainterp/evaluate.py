@@ -175,7 +175,7 @@ def generative_eval(model, tokenizer, problems: list[MCProblem], num_samples: in
     seed + i, so results do not depend on how problems are sharded over ranks (up to the float rounding
     of batched kernels). batch_size: problems decoded together (Engine.generate_batch).
     """
-    from aquainterp.engine import Engine
+    from aquainterp.model.engine import Engine
 
     if num_samples < 1:
         raise ValueError(f"generative_eval: num_samples must be >= 1, got {num_samples}")
@@ -255,7 +255,7 @@ def load_problems(task: str, data: str | None = None, n: int | None = None, seed
 
 
 def add_arguments(parser) -> None:
-    from aquainterp.cliargs import (
+    from aquainterp.cli.args import (
         SEED,
         count_int,
         data_source,
@@ -264,7 +264,7 @@ def add_arguments(parser) -> None:
         number,
         positive_int,
     )
-    from aquainterp.rundir import output_path
+    from aquainterp.cli.rundir import output_path
 
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", type=existing_path("dir"),
@@ -311,7 +311,7 @@ def run(args) -> int:
     """Under torchrun (WORLD_SIZE > 1) the ranks share the problems; rank 0 prints and writes JSON."""
     import os
 
-    from aquainterp.rundir import claim_output
+    from aquainterp.cli.rundir import claim_output
 
     if args.json:  # a bad --json path fails now, not after the evaluation; never over what eval reads
         inputs = [args.checkpoint, getattr(args, "hf_dir", None), getattr(args, "tokenizer", None),
@@ -332,11 +332,11 @@ def run(args) -> int:
 
 
 def _run_on(args, device: str) -> int:
-    from aquainterp.checkpoint import load_model
+    from aquainterp.checkpoints.load import load_model
 
     rank = dist.get_rank() if dist.is_initialized() else 0
     if getattr(args, "hf_dir", None) is not None:
-        from aquainterp.bridge import import_hf
+        from aquainterp.checkpoints.huggingface import import_hf
         from aquainterp.tokenizer import Tokenizer
 
         model = import_hf(args.hf_dir).to(device)
@@ -362,7 +362,7 @@ def _run_on(args, device: str) -> int:
     print(f"{args.task} ({len(problems)} problems)")
     print(result.report())
     if args.json:
-        from aquainterp.rundir import write_output
+        from aquainterp.cli.rundir import write_output
 
         record = {"task": args.task, **result.to_dict(), "metrics": result.metrics(args.task)}
         write_output(args.json, json.dumps(strict_json(record), indent=2, allow_nan=False) + "\n", OWNER)

@@ -54,7 +54,7 @@ def run_base(out: Path, extra_env: dict, seed: int, threads: int, checkout: Path
     numerics plus `extra_env`; returns base/metrics.jsonl."""
     env = {**os.environ, **NUMERICS_ENV, **extra_env, "PYTHONUNBUFFERED": "1"}
     marker = out / "base" / "stage.json"
-    cmd = [sys.executable, "-c", "import sys; from aquainterp.cli import main; sys.exit(main())", "demo", "--out", str(out), "--fresh",
+    cmd = [sys.executable, "-c", "import sys; from aquainterp.cli.main import main; sys.exit(main())", "demo", "--out", str(out), "--fresh",
            "--seed", str(seed), "--threads", str(threads)]
     t0 = time.time()
     proc = subprocess.Popen(cmd, cwd=checkout, env=env)  # its own code first on sys.path

@@ -32,7 +32,7 @@ sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).re
 
 import torch  # noqa: E402
 
-from aquainterp.cli import normalize_flag_spelling  # noqa: E402
+from aquainterp.cli.main import normalize_flag_spelling  # noqa: E402
 from aquainterp.logger import Logger  # noqa: E402
 from probes.reference import freeze_reference  # noqa: E402
 from probes.suite import PROBE_NAMES, ProbeSuite, due  # noqa: E402

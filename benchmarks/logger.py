@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aquainterp.cli import normalize_flag_spelling  # noqa: E402
+from aquainterp.cli.main import normalize_flag_spelling  # noqa: E402
 from aquainterp.logger import Logger  # noqa: E402
 
 

@@ -29,10 +29,10 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from aquainterp.bridge import export_hf, load_transformer_bridge  # noqa: E402
-from aquainterp.cli import normalize_flag_spelling  # noqa: E402
-from aquainterp.engine import Engine  # noqa: E402
-from aquainterp.model import GPT, GPTConfig, apply_rotary_emb, norm  # noqa: E402
+from aquainterp.checkpoints.huggingface import export_hf, load_transformer_bridge  # noqa: E402
+from aquainterp.cli.main import normalize_flag_spelling  # noqa: E402
+from aquainterp.model.engine import Engine  # noqa: E402
+from aquainterp.model.gpt import GPT, GPTConfig, apply_rotary_emb, norm  # noqa: E402
 
 
 def hookless_forward(model: GPT, idx: torch.Tensor) -> torch.Tensor:

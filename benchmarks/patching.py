@@ -4,7 +4,7 @@
                                   [--clock wall|cpu] [--method exact|attribution|all] [--checkpoint DIR]
 
 Three ways to compute the same sweeps (resid_pre per layer × position, hook_z per layer × position × head):
-- batched: aquainterp.patching.Patcher, --batch-size patched sequences per forward, each resumed at its
+- batched: aquainterp.patching.patcher.Patcher, --batch-size patched sequences per forward, each resumed at its
   patch's layer and first patched position from the base run's cache (reuse_prefix, the default), and no
   forward at all for a patch whose clean and corrupted activations are bitwise equal (skip_identical);
 - naive: the same engine with one patch (all pairs of one cell) per forward from the first token,
@@ -17,7 +17,7 @@ gap, and the tests check 1e-5 normalised on a smaller model); the script prints 
 weights (timing does not depend on training); prompts are the synthetic task's, tokenised by a
 tokenizer trained here on the synthetic corpus.
 
---method attribution compares attribution patching (aquainterp.attribution: one clean forward, one
+--method attribution compares attribution patching (aquainterp.patching.attribution: one clean forward, one
 corrupted forward + backward for every cell) with the exact batched sweep of the same pairs: seconds,
 speed ratio, Pearson correlation of the normalised cells and of the per-pair logit differences, overlap
 of the 10 strongest cells, and per layer where the estimate breaks (correlation, worst cell). With
@@ -36,10 +36,10 @@ import warnings
 import torch
 import transformer_lens.patching as tlp
 
-from aquainterp.cli import normalize_flag_spelling
-from aquainterp.model import GPT, GPTConfig
-from aquainterp.patch_pairs import make_pairs
-from aquainterp.patching import Patcher
+from aquainterp.cli.main import normalize_flag_spelling
+from aquainterp.model.gpt import GPT, GPTConfig
+from aquainterp.patching.pairs import make_pairs
+from aquainterp.patching.patcher import Patcher
 from aquainterp.tasks.synthetic import SyntheticTask, corpus
 from aquainterp.tokenizer import Tokenizer
 
@@ -82,7 +82,7 @@ def best_time(device, repeats, fn, *args):
 
 def attribution_table(patcher: Patcher, device, sweeps: str, repeats: int) -> None:
     """Attribution vs the exact batched sweep of the same pairs, one line per sweep, then per layer."""
-    from aquainterp.attribution import attribution_sweeps
+    from aquainterp.patching.attribution import attribution_sweeps
 
     names = sweeps.split(",")
     _, t_all = best_time(device, repeats, attribution_sweeps, patcher, names)
@@ -110,8 +110,8 @@ def attribution_table(patcher: Patcher, device, sweeps: str, repeats: int) -> No
 def attribution_on_checkpoint(args, device) -> int:
     from functools import partial
 
-    from aquainterp.checkpoint import load_model
-    from aquainterp.completion_pairs import completion_pairs, greedy_completions
+    from aquainterp.checkpoints.load import load_model
+    from aquainterp.patching.completion_pairs import completion_pairs, greedy_completions
 
     model, tokenizer, meta = load_model(args.checkpoint, device=str(device))
     model.eval()

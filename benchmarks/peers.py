@@ -46,9 +46,9 @@ def _worker(args) -> dict:
     import nanochat.engine as nengine
     import nanochat.gpt as ngpt
 
-    from aquainterp.engine import Engine
-    from aquainterp.model import GPT
-    from aquainterp.nanochat_import import config_from_nanochat, state_from_nanochat
+    from aquainterp.checkpoints.nanochat import config_from_nanochat, state_from_nanochat
+    from aquainterp.model.engine import Engine
+    from aquainterp.model.gpt import GPT
     from training.optim import build_optimizers
 
     is_head = hasattr(ngpt.GPT, "setup_optimizer")

@@ -26,8 +26,8 @@ sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).re
 
 import torch  # noqa: E402
 
-from aquainterp.checkpoint import load_model  # noqa: E402
-from aquainterp.cli import normalize_flag_spelling  # noqa: E402
+from aquainterp.checkpoints.load import load_model  # noqa: E402
+from aquainterp.cli.main import normalize_flag_spelling  # noqa: E402
 from aquainterp.tasks import LETTERS  # noqa: E402
 from aquainterp.tasks.synthetic import SyntheticTask  # noqa: E402
 from probes.suite import DECISIONS, ProbeSuite  # noqa: E402

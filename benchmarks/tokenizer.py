@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from aquainterp import _rustbpe
-from aquainterp.cli import normalize_flag_spelling
+from aquainterp.cli.main import normalize_flag_spelling
 from aquainterp.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k"

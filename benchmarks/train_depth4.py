@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aquainterp.rundir import RunDirError, remove_owned, write_marker  # noqa: E402
+from aquainterp.cli.rundir import RunDirError, remove_owned, write_marker  # noqa: E402
 
 OWNER = "benchmarks/train_depth4.py"
 # depth 4 × aspect ratio 32 = width 128, 4 heads of 32 (the demo: depth 2 × 64, 4 heads of 32): twice the

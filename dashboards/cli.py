@@ -48,8 +48,8 @@ class DashboardConfig:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from aquainterp.cliargs import existing_path, positive_int
-    from aquainterp.rundir import output_path
+    from aquainterp.cli.args import existing_path, positive_int
+    from aquainterp.cli.rundir import output_path
 
     overwrite = "replace an output this command did not write, or that was edited since (never one of its inputs)"
 
@@ -103,8 +103,8 @@ def owner(action: str) -> str:
 
 
 def _write(text: str, output: str | None, action: str) -> None:
-    """stdout, or a file claimed before (aquainterp.rundir.claim_output), written atomically and recorded."""
-    from aquainterp.rundir import write_output
+    """stdout, or a file claimed before (aquainterp.cli.rundir.claim_output), written atomically and recorded."""
+    from aquainterp.cli.rundir import write_output
 
     if output is None:
         sys.stdout.write(text)
@@ -149,7 +149,7 @@ def _reachable(base_url: str, timeout: float = 5.0) -> str | None:
 def run(config: DashboardConfig | argparse.Namespace) -> int:
     """Do `config.action`; 0, or after one line on stderr 2 (usage) or 1 (a failed push or page check).
     `aquainterp dashboard` passes its parsed flags (the same fields)."""
-    from aquainterp.cliargs import one_line
+    from aquainterp.cli.args import one_line
 
     if isinstance(config, argparse.Namespace):
         config = DashboardConfig(**vars(config))
@@ -167,7 +167,7 @@ def _run(args: DashboardConfig) -> int:
         return 0
 
     if args.action == "export":
-        from aquainterp.rundir import claim_output
+        from aquainterp.cli.rundir import claim_output
         from dashboards.workspace import workspace_json
 
         templates = _templates(args.template)
@@ -187,7 +187,7 @@ def _run(args: DashboardConfig) -> int:
         return 0
 
     if args.action == "load":
-        from aquainterp.rundir import claim_output
+        from aquainterp.cli.rundir import claim_output
         from dashboards.workspace import template_from_model
 
         path = Path(args.workspace)
@@ -224,7 +224,7 @@ def _run(args: DashboardConfig) -> int:
         return 0
 
     if args.action == "html":
-        from aquainterp.rundir import claim_output, record_written
+        from aquainterp.cli.rundir import claim_output, record_written
         from dashboards.html import write_html
 
         # never over the run's record or the template being read, nor over a file html did not write
@@ -259,7 +259,7 @@ def _run(args: DashboardConfig) -> int:
     if args.action == "sample":
         import shutil
 
-        from aquainterp.rundir import claim_output, record_written
+        from aquainterp.cli.rundir import claim_output, record_written
         from dashboards.sample_run import record_sample_run
 
         if args.steps < 1:

@@ -27,8 +27,8 @@ import plotly.io as pio
 import plotly.offline
 from plotly.subplots import make_subplots
 
+from aquainterp.cli.rundir import inside
 from aquainterp.logger import METRICS_FILE, read_metrics
-from aquainterp.rundir import inside
 from dashboards.safe_regex import safe_compile
 from dashboards.template import Panel, Template, report_groups
 from dashboards.wandb_run import history_as_metrics
@@ -677,7 +677,7 @@ def render_html(templates: list[Template], data: RunData, title: str | None = No
 def check_report_output(run_dir: str | Path, out: str | Path) -> None:
     """The report never replaces what it reads: not metrics.jsonl, not the W&B run, not a folder, not a
     non-HTML file of the run (a logged figure, say)."""
-    from aquainterp.rundir import RunDirError, check_output, inside
+    from aquainterp.cli.rundir import RunDirError, check_output, inside
 
     run_dir, out = Path(run_dir), Path(out)
     check_output(out, [run_dir / METRICS_FILE, run_dir / "wandb"], "-o")

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from aquainterp.cli.rundir import contained_path
 from aquainterp.logger import find_wandb_files, iter_wandb_records
-from aquainterp.rundir import contained_path
 
 
 def _item_value(item):

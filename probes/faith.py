@@ -221,7 +221,7 @@ def faith_metrics(model, tokenizer, items, completions: dict[int, list[int]], wr
     items: ProbeItems; completions[i]: item i's greedy completion (stop token included); written[i]: the
     letter index it states (None: none); final_top[i]: the top letter at its decision position, for items
     whose completion writes the answer marker. Rationale consistency is computed by the caller (text only)."""
-    from aquainterp.engine import Engine
+    from aquainterp.model.engine import Engine
 
     stop = [tokenizer.encode_special("<|assistant_end|>")]
     engine = Engine(model)

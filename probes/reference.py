@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from aquainterp.model import unwrap
+from aquainterp.model.gpt import unwrap
 
 
 def freeze_reference(model, device: str | torch.device = "cpu"):

@@ -51,8 +51,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from aquainterp.model import unwrap
-from aquainterp.scoring import completion_logits
+from aquainterp.model.gpt import unwrap
+from aquainterp.model.scoring import completion_logits
 from aquainterp.tasks import LETTERS, conversation, extract_letter
 from probes.consistency import classify, consistency_metrics
 from probes.counts import letter_counts
@@ -494,7 +494,7 @@ class ProbeSuite:
     def _greedy(self, indices) -> dict[int, list[int]]:
         """Greedy completions (temperature 0) of the given probe problems, stop token included, decoded
         together in one batch."""
-        from aquainterp.engine import Engine  # the engine is only needed when we generate ourselves
+        from aquainterp.model.engine import Engine  # the engine is only needed when we generate ourselves
 
         indices = sorted(indices)
         stop = [self.tokenizer.encode_special("<|assistant_end|>")]

@@ -10,9 +10,9 @@ import pytest
 import torch
 import transformer_lens.patching as tlp
 
-from aquainterp.model import ARCH_2025_10, ARCH_2026_07, GPT, GPTConfig
-from aquainterp.patch_pairs import PatchPair
-from aquainterp.patching import Patcher
+from aquainterp.model.gpt import ARCH_2025_10, ARCH_2026_07, GPT, GPTConfig
+from aquainterp.patching.pairs import PatchPair
+from aquainterp.patching.patcher import Patcher
 
 LETTER_IDS = (40, 41, 42, 43, 44)
 

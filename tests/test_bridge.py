@@ -12,8 +12,8 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from test_model import random_gpt  # noqa: E402
 from transformers import NanoChatConfig, NanoChatForCausalLM  # noqa: E402
 
-from aquainterp.bridge import export_hf, import_hf, load_transformer_bridge  # noqa: E402
-from aquainterp.model import GPT, GPTConfig  # noqa: E402
+from aquainterp.checkpoints.huggingface import export_hf, import_hf, load_transformer_bridge  # noqa: E402
+from aquainterp.model.gpt import GPT, GPTConfig  # noqa: E402
 
 VOCAB = 96
 
@@ -211,17 +211,17 @@ def test_export_with_tokenizer_gives_hf_and_bridge_the_same_tokens(tmp_path):
 def test_export_command_writes_a_checkpoint_that_hf_loads(tmp_path, capsys):
     import argparse
 
-    from aquainterp import bridge
-    from aquainterp.checkpoint import save_checkpoint
+    from aquainterp.checkpoints import huggingface
+    from aquainterp.checkpoints.native import save_checkpoint
 
     model = random_gpt(
         GPTConfig(sequence_len=32, vocab_size=VOCAB, n_layer=1, n_head=2, n_kv_head=1, n_embd=64)
     )
     save_checkpoint(tmp_path / "ckpt", 7, model, None, {})
     parser = argparse.ArgumentParser()
-    bridge.add_arguments(parser)
+    huggingface.add_arguments(parser)
     args = parser.parse_args([str(tmp_path / "ckpt"), str(tmp_path / "hf"), "--check"])
-    assert bridge.run(args) == 0
+    assert huggingface.run(args) == 0
     printed = capsys.readouterr().out
     assert f"wrote {tmp_path / 'hf'} ({model.num_params():,} parameters)" in printed
     assert "max |logits(HF) - logits(ours)| = " in printed

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from aquainterp.checkpoint import (
+from aquainterp.checkpoints.native import (
     MODEL_FILE,
     OPTIM_FILE,
     CheckpointError,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from aquainterp.cli import main
+from aquainterp.cli.main import main
 from aquainterp.logger import Logger, read_metrics
 from dashboards.browser import find_chromium, inspect_page
 from dashboards.html import (

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aquainterp.cli import main
+from aquainterp.cli.main import main
 from dashboards.cli import push_blocker
 from dashboards.template import KINDS, Template, TemplateError, all_templates, template_names
 from dashboards.workspace import CARRIER_SECTION, template_from_model, workspace_json, workspace_model

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from aquainterp.checkpoint import load_checkpoint, load_model
-from aquainterp.cli import main
+from aquainterp.checkpoints.load import load_model
+from aquainterp.checkpoints.native import load_checkpoint
+from aquainterp.cli.main import main
 from aquainterp.tasks.aqua import load_aqua
 from aquainterp.tasks.synthetic import SyntheticTask, document
 from training import rl

@@ -15,14 +15,12 @@ from training.demo import (
     DemoConfig,
     Stage,
     cpu_fingerprint,
-    headline,
-    headline_lines,
     numerics_fingerprint,
     pin_numerics,
     run_demo,
     source_commit,
-    strongest_patch,
 )
+from training.demo_summary import headline, headline_lines, strongest_patch
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -179,7 +179,7 @@ def _help_text(command: tuple[str, ...]) -> str:
         spec.loader.exec_module(module)
         main, argv = module.main, ["--help"]
     else:
-        from aquainterp.cli import main
+        from aquainterp.cli.main import main
         argv = [*rest, "--help"]
     out = io.StringIO()
     with contextlib.redirect_stdout(out):

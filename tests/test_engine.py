@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aquainterp.engine import Engine, Generation
-from aquainterp.kv_cache import KVCache
-from aquainterp.model import GPT, GPTConfig
+from aquainterp.model.engine import Engine, Generation
+from aquainterp.model.gpt import GPT, GPTConfig
+from aquainterp.model.kv_cache import KVCache
 
 VOCAB = 48
 

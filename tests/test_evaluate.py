@@ -9,7 +9,7 @@ import torch
 from tasks_tokenizer import trained_tokenizer
 
 from aquainterp.evaluate import evaluate, load_problems, pass_at_k
-from aquainterp.model import GPT, GPTConfig
+from aquainterp.model.gpt import GPT, GPTConfig
 from aquainterp.tasks import LETTERS
 from aquainterp.tasks.chat import letter_token_ids
 from aquainterp.tasks.synthetic import SyntheticTask

@@ -11,8 +11,8 @@ import torch.multiprocessing as mp
 from tasks_tokenizer import trained_tokenizer
 from test_evaluate import force_answer, tiny_gpt
 
-from aquainterp.checkpoint import save_checkpoint
-from aquainterp.cli import main
+from aquainterp.checkpoints.native import save_checkpoint
+from aquainterp.cli.main import main
 from aquainterp.evaluate import evaluate, load_problems
 
 
@@ -100,7 +100,7 @@ def test_ddp_two_processes_equal_one(tmp_path, shared_data):
 
 @pytest.mark.slow
 def test_eval_command_under_torchrun_matches_one_process(tmp_path, shared_data):
-    """`torchrun --nproc_per_node=2 -m aquainterp.cli eval` writes the same JSON as one process, and both
+    """`torchrun --nproc_per_node=2 -m aquainterp.cli.main eval` writes the same JSON as one process, and both
     ranks leave cleanly (the group is destroyed after a barrier, so rank 1 never exits under rank 0)."""
     import subprocess
     import sys
@@ -112,7 +112,7 @@ def test_eval_command_under_torchrun_matches_one_process(tmp_path, shared_data):
             "--num-samples", "3", "--max_new_tokens", "5"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-              "-m", "aquainterp.cli"]
+              "-m", "aquainterp.cli.main"]
     done = subprocess.run([*launch, *args, "--json", str(tmp_path / "two.json")], env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 import aquainterp
-from aquainterp.cli import main, normalize_flag_spelling
+from aquainterp.cli.main import main, normalize_flag_spelling
 
 
 def test_rust_extension_imports_and_matches_package_version():
@@ -14,10 +14,10 @@ def test_rust_extension_imports_and_matches_package_version():
 
 
 def test_cli_version_and_help():
-    out = subprocess.run([sys.executable, "-m", "aquainterp.cli", "--version"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "aquainterp.cli.main", "--version"], capture_output=True, text=True)
     assert out.returncode == 0
     assert out.stdout.strip() == f"aquainterp {aquainterp.__version__}"
-    out = subprocess.run([sys.executable, "-m", "aquainterp.cli", "--help"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "aquainterp.cli.main", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
     assert "usage: aquainterp" in out.stdout
 

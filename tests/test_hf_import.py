@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import NanoChatConfig, NanoChatForCausalLM
 
-from aquainterp.bridge import export_hf, import_hf
-from aquainterp.model import ARCH_2026_07, GPT, GPTConfig
+from aquainterp.checkpoints.huggingface import export_hf, import_hf
+from aquainterp.model.gpt import ARCH_2026_07, GPT, GPTConfig
 
 
 def hf_model(**overrides):
@@ -95,9 +95,9 @@ def test_eval_hf_dir_equals_eval_checkpoint(tmp_path, capsys):
 
     from test_nanochat_checkpoints import FIXTURES as fixtures  # ../shared, or AQUAINTERP_SHARED_FIXTURES
 
-    from aquainterp.checkpoint import save_checkpoint
-    from aquainterp.cli import main
-    from aquainterp.nanochat_tokenizer import load_nanochat_tokenizer
+    from aquainterp.checkpoints.nanochat_tokenizer import load_nanochat_tokenizer
+    from aquainterp.checkpoints.native import save_checkpoint
+    from aquainterp.cli.main import main
     tokenizer = load_nanochat_tokenizer(fixtures / "nanochat-head-d4" / "tokenizer")
     torch.manual_seed(4)
     model = GPT(GPTConfig(sequence_len=256, vocab_size=tokenizer.vocab_size, n_layer=2, n_head=2, n_kv_head=2,

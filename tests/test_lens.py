@@ -26,9 +26,10 @@ from transformer_lens import utilities as tl_utils  # noqa: E402
 from transformer_lens.utilities import Slice  # noqa: E402
 from transformer_lens.utilities.lm_utils import lm_cross_entropy_loss  # noqa: E402
 
-from aquainterp.bridge import export_hf, load_transformer_bridge  # noqa: E402
-from aquainterp.checkpoint import load_model, save_checkpoint  # noqa: E402
-from aquainterp.model import GPT, GPTConfig  # noqa: E402
+from aquainterp.checkpoints.huggingface import export_hf, load_transformer_bridge  # noqa: E402
+from aquainterp.checkpoints.load import load_model  # noqa: E402
+from aquainterp.checkpoints.native import save_checkpoint
+from aquainterp.model.gpt import GPT, GPTConfig  # noqa: E402
 from aquainterp.tokenizer import Tokenizer  # noqa: E402
 
 IOI_FORMATS = [
@@ -469,7 +470,7 @@ def test_load_model_attaches_the_tokenizer(checkpoint_dir, tok):
 def test_import_hf_attaches_an_exported_tokenizer(checkpoint_dir, tmp_path):
     import json
 
-    from aquainterp.bridge import import_hf
+    from aquainterp.checkpoints.huggingface import import_hf
 
     model, tokenizer, _ = load_model(checkpoint_dir)
     back = import_hf(export_hf(model, tokenizer, tmp_path / "hf"))

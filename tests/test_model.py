@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from transformer_lens import ActivationCache
 from transformer_lens.patching import get_act_patch_resid_pre
 
-from aquainterp.kv_cache import KVCache
-from aquainterp.model import GPT, GPTConfig
+from aquainterp.model.gpt import GPT, GPTConfig
+from aquainterp.model.kv_cache import KVCache
 
 VOCAB = 64
 

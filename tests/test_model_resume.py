@@ -7,7 +7,7 @@ import torch
 from test_arch_2026 import random_2026
 from test_model import random_gpt, small_config, tokens
 
-from aquainterp.kv_cache import KVCache
+from aquainterp.model.kv_cache import KVCache
 
 
 @pytest.fixture(scope="module")

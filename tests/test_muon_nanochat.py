@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from aquainterp.model import GPT
-from aquainterp.nanochat_import import config_from_nanochat, state_from_nanochat
+from aquainterp.checkpoints.nanochat import config_from_nanochat, state_from_nanochat
+from aquainterp.model.gpt import GPT
 from training.optim import build_optimizers
 
 GOLDEN = Path(__file__).parent / "golden" / "optim"

@@ -14,9 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from aquainterp.checkpoint import CheckpointError, load_model
-from aquainterp.cli import main
-from aquainterp.nanochat_tokenizer import read_encoding_state
+from aquainterp.checkpoints.load import load_model
+from aquainterp.checkpoints.nanochat_tokenizer import read_encoding_state
+from aquainterp.checkpoints.native import CheckpointError
+from aquainterp.cli.main import main
 
 FIXTURES = Path(os.environ.get("AQUAINTERP_SHARED_FIXTURES",
                                Path(__file__).resolve().parents[2] / "shared" / "fixtures")) / "nanochat"
@@ -189,8 +190,8 @@ def test_rl_two_steps_with_probes_on_a_nanochat_checkpoint(tmp_path):
 def test_our_models_write_nanochat_checkpoints_that_read_back(tmp_path, architecture):
     """An aquainterp-trained model (unpadded vocabulary 100 for 2025-10) written in nanochat's layout gets
     nanochat's 64-row padding and reads back to the same logits."""
-    from aquainterp.model import GPT, GPTConfig
-    from aquainterp.nanochat_import import save_nanochat
+    from aquainterp.checkpoints.nanochat import save_nanochat
+    from aquainterp.model.gpt import GPT, GPTConfig
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(sequence_len=64, vocab_size=100, n_layer=2, n_head=2, n_kv_head=2, n_embd=64,

@@ -14,11 +14,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from aquainterp.engine import Engine
-from aquainterp.kv_cache import KVCache
-from aquainterp.model import ARCH_2025_10, ARCH_2026_07
-from aquainterp.nanochat_import import load_nanochat, state_to_nanochat
-from aquainterp.scoring import completion_logits
+from aquainterp.checkpoints.nanochat import load_nanochat, state_to_nanochat
+from aquainterp.model.engine import Engine
+from aquainterp.model.gpt import ARCH_2025_10, ARCH_2026_07
+from aquainterp.model.kv_cache import KVCache
+from aquainterp.model.scoring import completion_logits
 
 FIXTURES = Path(os.environ.get("AQUAINTERP_SHARED_FIXTURES",
                                Path(__file__).resolve().parents[2] / "shared" / "fixtures")) / "nanochat"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from aquainterp.nanochat_tokenizer import (
+from aquainterp.checkpoints.nanochat_tokenizer import (
     NanochatTokenizerError,
     load_nanochat_tokenizer,
     read_encoding_state,

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from aquainterp.nanochat_import import load_nanochat
+from aquainterp.checkpoints.nanochat import load_nanochat
 
 FIXTURES = Path(os.environ.get("AQUAINTERP_SHARED_FIXTURES",
                                Path(__file__).resolve().parents[2] / "shared" / "fixtures")) / "nanochat"

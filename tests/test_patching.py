@@ -13,9 +13,9 @@ import transformer_lens.patching as tlp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aquainterp.model import GPT, GPTConfig
-from aquainterp.patch_pairs import PatchPair
-from aquainterp.patching import SWEEPS, Patcher
+from aquainterp.model.gpt import GPT, GPTConfig
+from aquainterp.patching.pairs import PatchPair
+from aquainterp.patching.patcher import SWEEPS, Patcher
 
 LETTER_IDS = (40, 41, 42, 43, 44)
 

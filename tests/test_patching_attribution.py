@@ -8,9 +8,9 @@ from torch import nn
 from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
-from aquainterp.attribution import _first_change, attribution_sweeps
-from aquainterp.patch_pairs import PatchPair
-from aquainterp.patching import SWEEPS, Patcher
+from aquainterp.patching.attribution import _first_change, attribution_sweeps
+from aquainterp.patching.pairs import PatchPair
+from aquainterp.patching.patcher import SWEEPS, Patcher
 
 
 class _Cfg:
@@ -215,7 +215,7 @@ def test_tracks_exact_patching_on_a_trained_model():
     from tasks_tokenizer import trained_tokenizer
     from test_patching_trained import train_checked
 
-    from aquainterp.patch_pairs import make_pairs as task_pairs
+    from aquainterp.patching.pairs import make_pairs as task_pairs
     from aquainterp.tasks.synthetic import SyntheticTask
 
     tokenizer = trained_tokenizer()

@@ -9,9 +9,9 @@ from safetensors import safe_open
 from tasks_tokenizer import trained_tokenizer
 from test_patching import random_gpt
 
-from aquainterp.bridge import export_hf
-from aquainterp.checkpoint import save_checkpoint
-from aquainterp.cli import main
+from aquainterp.checkpoints.huggingface import export_hf
+from aquainterp.checkpoints.native import save_checkpoint
+from aquainterp.cli.main import main
 
 # a random model writes no "Answer:" of its own, so these runs patch the fixed-prompt decision
 # a random model is wrong on most clean prompts: --keep-all-pairs patches its pairs anyway (the plumbing under test)
@@ -141,10 +141,10 @@ def test_completion_decision_counts_completions_without_a_marker(saved, tmp_path
 
 
 def test_attribution_method_writes_the_same_outputs(saved, tmp_path, capsys):
-    from aquainterp.attribution import attribution_sweeps
-    from aquainterp.checkpoint import load_model
-    from aquainterp.patch_pairs import make_pairs
-    from aquainterp.patching import Patcher
+    from aquainterp.checkpoints.load import load_model
+    from aquainterp.patching.attribution import attribution_sweeps
+    from aquainterp.patching.pairs import make_pairs
+    from aquainterp.patching.patcher import Patcher
     from aquainterp.tasks.synthetic import SyntheticTask
 
     ckpt, _ = saved
@@ -162,7 +162,7 @@ def test_attribution_method_writes_the_same_outputs(saved, tmp_path, capsys):
 def test_library_entry_equals_the_command_line(saved, tmp_path, capsys):
     """run(PatchConfig(...)), what the demo calls, writes what `aquainterp patch` writes for the same
     settings; a config built in Python is checked like the flags, and is not modified."""
-    from aquainterp.patch_cmd import PatchConfig, run
+    from aquainterp.patching.command import PatchConfig, run
 
     ckpt, _ = saved
     code, _, err = run_cli(["--checkpoint", ckpt, *FAST, "--out", tmp_path / "cli"], capsys)

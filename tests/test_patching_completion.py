@@ -4,8 +4,8 @@ import pytest
 import torch
 from tasks_tokenizer import trained_tokenizer
 
-from aquainterp.completion_pairs import completion_pairs, greedy_completions
-from aquainterp.patching import Patcher
+from aquainterp.patching.completion_pairs import completion_pairs, greedy_completions
+from aquainterp.patching.patcher import Patcher
 from aquainterp.tasks import LETTERS, conversation, letter_token_ids
 from aquainterp.tasks.synthetic import SyntheticTask
 
@@ -82,7 +82,7 @@ def test_greedy_completions_are_the_engines_and_patch(tok, problems):
     lack the marker is counted. With the marker forced into the completion the Patcher runs on the pairs."""
     from test_patching import random_gpt
 
-    from aquainterp.engine import Engine
+    from aquainterp.model.engine import Engine
 
     model = random_gpt(n_layer=1, vocab=tok.vocab_size, seed=3)
     prompts = [tok.render_for_completion(conversation(p, "reasoning")) for p in problems[:2]]

@@ -8,8 +8,8 @@ import torch
 from tasks_tokenizer import trained_tokenizer
 from test_patching import random_gpt
 
-from aquainterp.patch_pairs import make_pairs
-from aquainterp.patching import Patcher
+from aquainterp.patching.pairs import make_pairs
+from aquainterp.patching.patcher import Patcher
 from aquainterp.tasks import LETTERS, MCProblem, decision_prompt, reasoning_decision_prompt
 from aquainterp.tasks.aqua import load_aqua
 from aquainterp.tasks.synthetic import SyntheticTask, counterfactuals

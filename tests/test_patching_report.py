@@ -10,10 +10,10 @@ import torch
 from tasks_tokenizer import trained_tokenizer
 from test_patching import random_gpt
 
-from aquainterp.completion_pairs import completion_pairs, greedy_completions
-from aquainterp.patch_cmd import write_report
-from aquainterp.patch_report import CHECK_JS, MAX_COLUMNS, MIN_COLUMNS, informative_columns
-from aquainterp.patching import MIN_GAP, Patcher
+from aquainterp.patching.command import write_report
+from aquainterp.patching.completion_pairs import completion_pairs, greedy_completions
+from aquainterp.patching.patcher import MIN_GAP, Patcher
+from aquainterp.patching.report import CHECK_JS, MAX_COLUMNS, MIN_COLUMNS, informative_columns
 from aquainterp.tasks import letter_token_ids
 from aquainterp.tasks.synthetic import SyntheticTask
 from dashboards.browser import find_chromium, inspect_page

@@ -7,9 +7,9 @@ import pytest
 import torch
 from test_patching import LETTER_IDS, make_pairs, noise_pairs, random_gpt
 
-from aquainterp.model import GPT, GPTConfig
-from aquainterp.patch_pairs import PatchPair
-from aquainterp.patching import SWEEPS, Patcher
+from aquainterp.model.gpt import GPT, GPTConfig
+from aquainterp.patching.pairs import PatchPair
+from aquainterp.patching.patcher import SWEEPS, Patcher
 
 
 @pytest.fixture(scope="module")

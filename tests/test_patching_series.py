@@ -10,9 +10,9 @@ from safetensors import safe_open
 from tasks_tokenizer import trained_tokenizer
 from test_patching import random_gpt
 
-from aquainterp.checkpoint import save_checkpoint
-from aquainterp.cli import main
-from aquainterp.patch_series import select_steps
+from aquainterp.checkpoints.native import save_checkpoint
+from aquainterp.cli.main import main
+from aquainterp.patching.series import select_steps
 from dashboards.template import get_template
 
 ARGS = ["--task", "synthetic", "--n-pairs", "2", "--batch-size", "64", "--sweeps", "resid_pre,attn_out,z",
@@ -105,7 +105,7 @@ def test_step_selection_and_a_step_with_nothing_to_restore(run_dir, tmp_path, ca
 
 
 def test_training_patcher_keeps_its_pairs_and_restores_the_mode():
-    from aquainterp.patch_series import TrainingPatcher
+    from aquainterp.patching.series import TrainingPatcher
     from aquainterp.tasks import letter_token_ids
     from aquainterp.tasks.synthetic import SyntheticTask
 
@@ -116,7 +116,7 @@ def test_training_patcher_keeps_its_pairs_and_restores_the_mode():
     calls = []
 
     def generate(m, prompts):  # the model's own greedy completions, with the marker written after them
-        from aquainterp.completion_pairs import greedy_completions
+        from aquainterp.patching.completion_pairs import greedy_completions
 
         calls.append(len(prompts))
         return [c + marker for c in greedy_completions(m, tok, prompts, max_new_tokens=4)]

@@ -12,9 +12,9 @@ import pytest
 import torch
 from tasks_tokenizer import trained_tokenizer
 
-from aquainterp.model import GPT, GPTConfig
-from aquainterp.patch_pairs import make_pairs
-from aquainterp.patching import Patcher
+from aquainterp.model.gpt import GPT, GPTConfig
+from aquainterp.patching.pairs import make_pairs
+from aquainterp.patching.patcher import Patcher
 from aquainterp.tasks import conversation
 from aquainterp.tasks.synthetic import SyntheticTask
 

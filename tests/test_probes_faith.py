@@ -12,7 +12,7 @@ import torch
 from faith_policies import fixed_options, letter_fixed, rationale_following
 from tasks_tokenizer import trained_tokenizer
 
-from aquainterp.model import GPT, GPTConfig
+from aquainterp.model.gpt import GPT, GPTConfig
 from aquainterp.tasks import LETTERS, MCProblem
 from aquainterp.tasks.synthetic import SyntheticTask
 from probes.consistency import (
@@ -289,7 +289,7 @@ def test_a_family_that_measures_nothing_says_why_once(capsys):
 def test_completion_or_last_reads_a_markerless_completion_at_its_last_token_and_says_so():
     """--probe-decision completion_or_last: a policy that never writes "Answer:" is still read, at the last
     token of its own completion, and the share read there is logged."""
-    from aquainterp.engine import Engine
+    from aquainterp.model.engine import Engine
 
     tokenizer = trained_tokenizer()
     torch.manual_seed(0)

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from aquainterp.model import GPT, GPTConfig
+from aquainterp.model.gpt import GPT, GPTConfig
 from aquainterp.tasks.problem import MCProblem
 from probes.probe_set import ProbeItem
 from probes.reference import freeze_reference

@@ -13,7 +13,7 @@ import pytest
 import torch
 from tasks_tokenizer import trained_tokenizer
 
-from aquainterp.model import GPT, GPTConfig
+from aquainterp.model.gpt import GPT, GPTConfig
 from aquainterp.tasks import LETTERS, conversation
 from aquainterp.tasks.synthetic import SyntheticTask
 from probes.probe_set import build_probe_set
@@ -140,8 +140,8 @@ def test_greedy_probe_run_between_training_steps_changes_nothing(tokenizer, prob
 
 
 def test_table_completions_only_on_table_steps_and_only_for_the_shown_rows(tokenizer, problems):
-    from aquainterp.engine import Engine
-    from aquainterp.kv_cache import KVCache
+    from aquainterp.model.engine import Engine
+    from aquainterp.model.kv_cache import KVCache
 
     model = model_for(tokenizer, seed=2)
     no_faith = tuple(p for p in PROBE_NAMES if p != "faith")  # the faith family decodes every problem itself

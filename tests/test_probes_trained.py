@@ -15,7 +15,7 @@ import torch
 from tasks_tokenizer import trained_tokenizer
 from test_patching_trained import train_checked
 
-from aquainterp.engine import Engine
+from aquainterp.model.engine import Engine
 from aquainterp.tasks import LETTERS, answer_step, extract_letter
 from aquainterp.tasks.synthetic import SyntheticTask
 from probes.probe_set import answer_marker

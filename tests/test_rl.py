@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from aquainterp.model import GPT, GPTConfig
-from aquainterp.scoring import completion_targets
+from aquainterp.model.gpt import GPT, GPTConfig
+from aquainterp.model.scoring import completion_targets
 from aquainterp.tasks import MCProblem
 from training import rl
 from training.common import Dist
@@ -136,7 +136,7 @@ def test_bad_config_names_the_option(kwargs, message):
 def test_cli_accepts_both_spellings(capsys, tmp_path):
     import argparse
 
-    from aquainterp.cli import normalize_flag_spelling
+    from aquainterp.cli.main import normalize_flag_spelling
 
     parser = argparse.ArgumentParser()
     rl.add_arguments(parser)
@@ -217,8 +217,8 @@ def test_one_rl_step_on_aqua_dev_rows_end_to_end(tmp_path, shared_data):
 def test_rollouts_do_not_depend_on_how_prompts_are_grouped(tmp_path, shared_data):
     """Four AQuA prompts of different lengths sampled one at a time or decoded together (left-padded, one
     generator per prompt) give the same completions, log-prob-level equal rewards and letters."""
-    from aquainterp.engine import Engine
     from aquainterp.evaluate import load_problems
+    from aquainterp.model.engine import Engine
 
     model, tokenizer = _policy(seed=1)
     with torch.no_grad():  # a random head: the samples differ between prompts and seeds
@@ -298,8 +298,8 @@ def test_two_gloo_ranks_equal_one_process_cli(tmp_path, shared_data):
 UPDATE_WORKER = """
 import sys, torch
 from safetensors.torch import save_file
-from aquainterp.scoring import completion_targets
-from aquainterp.model import GPT, GPTConfig
+from aquainterp.model.scoring import completion_targets
+from aquainterp.model.gpt import GPT, GPTConfig
 from aquainterp.tasks import MCProblem
 from probes.reference import freeze_reference
 from training import common, rl

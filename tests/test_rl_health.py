@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from aquainterp.model import GPT, GPTConfig
+from aquainterp.model.gpt import GPT, GPTConfig
 from aquainterp.tasks import MCProblem
 from training import rl
 from training.common import Dist

@@ -1,4 +1,4 @@
-"""Settings declared once (aquainterp.settings): RLConfig's fields make its flags, and the ranges the
+"""Settings declared once (aquainterp.cli.settings): RLConfig's fields make its flags, and the ranges the
 command line enforces are the ones a config built in Python is checked against."""
 
 import argparse
@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from aquainterp.cliargs import Number
+from aquainterp.cli.args import Number
 from training import rl
 
 
@@ -50,7 +50,7 @@ def _parsers():
     commands included)."""
     import importlib
 
-    from aquainterp.cli import COMMANDS, subcommand_parser
+    from aquainterp.cli.main import COMMANDS, subcommand_parser
     from training import common
 
     out = []

@@ -129,7 +129,7 @@ def test_mixture_styles_sources_and_determinism(shared_data):
 
 
 def test_bits_per_byte_matches_direct_loss():
-    from aquainterp.model import GPT, GPTConfig
+    from aquainterp.model.gpt import GPT, GPTConfig
     from aquainterp.tasks.synthetic import corpus
     from aquainterp.tokenizer import Tokenizer
     from training.base import evaluate_bpb

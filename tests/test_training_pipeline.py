@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from aquainterp.checkpoint import load_model
+from aquainterp.checkpoints.load import load_model
 from aquainterp.evaluate import evaluate
 from aquainterp.tasks.synthetic import SyntheticTask
 from training.base import BaseConfig
@@ -23,7 +23,7 @@ BASE_STEPS, MID_STEPS, SFT_STEPS = 150, 60, 150
 
 def rationale_match_rate(model, tok, problems) -> float:
     """Share of held-out problems whose greedy "reasoning" completion writes the gold rationale exactly."""
-    from aquainterp.engine import Engine
+    from aquainterp.model.engine import Engine
     from aquainterp.tasks import conversation
 
     end = tok.encode_special("<|assistant_end|>")

@@ -14,7 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from aquainterp.checkpoint import latest_step, load_checkpoint, load_model
+from aquainterp.checkpoints.load import load_model
+from aquainterp.checkpoints.native import latest_step, load_checkpoint
 from training.base import BaseConfig
 from training.base import run as run_base
 from training.common import Dist, NonFiniteLossError, clean_stale_temp
@@ -149,7 +150,7 @@ def test_sigkill_mid_run_then_resume_is_bit_exact(tmp_path, tokenizer_dir):
 KILL_DURING_WRITE = """
 import sys, torch
 from torch import nn
-from aquainterp.checkpoint import save_checkpoint
+from aquainterp.checkpoints.native import save_checkpoint
 model = nn.Linear(2000, 2000, bias=False)
 save_checkpoint(sys.argv[1], 1, model, None, {"good": True})
 print("first", flush=True)

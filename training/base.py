@@ -66,7 +66,7 @@ class BaseConfig(LearningRates, RunSettings):
 
 
 def build_model(config, vocab_size: int, device):
-    from aquainterp.model import GPT, GPTConfig
+    from aquainterp.model.gpt import GPT, GPTConfig
 
     gpt_config = GPTConfig.from_depth(config.depth, vocab_size=vocab_size, sequence_len=config.seq_len,
                                       aspect_ratio=config.aspect_ratio, head_dim=config.head_dim,

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 
-from aquainterp.checkpoint import (
+from aquainterp.checkpoints.native import (
     CheckpointError,
     latest_step,
     load_checkpoint,
@@ -39,7 +39,7 @@ from aquainterp.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from aquainterp.model import unwrap
+from aquainterp.model.gpt import unwrap
 
 
 @dataclass
@@ -182,11 +182,11 @@ def check_finite(loss: float, step: int, skip: bool, ckpt_dir: Path, grads_ok: b
 
 
 def run_cli(run, config, prog: str, debug: bool | None = None):
-    """Run a stage from its command line (aquainterp.cliargs.guarded): a usage error (a run dir holding
+    """Run a stage from its command line (aquainterp.cli.args.guarded): a usage error (a run dir holding
     an earlier run, a missing data file) ends with one line on stderr and exit status 2, a runtime
     failure (a corrupt, mismatched or unwritable checkpoint, e.g. a full disk; a non-finite loss) with
     one line and exit status 1; the traceback only with --debug."""
-    from aquainterp.cliargs import guarded, pop_debug
+    from aquainterp.cli.args import guarded, pop_debug
 
     if debug is None:
         debug = pop_debug(sys.argv[1:])[1]
@@ -203,12 +203,12 @@ def run_cli(run, config, prog: str, debug: bool | None = None):
 
 
 def claim_run_dir(config, run_dir: str | None = None, flag: str = "--run-dir"):
-    """aquainterp.rundir.claim_run_dir for a stage's config (--resume / --overwrite), with the stage's
+    """aquainterp.cli.rundir.claim_run_dir for a stage's config (--resume / --overwrite), with the stage's
     inputs (--init-from, --checkpoint, --tokenizer-dir, --data): every rank checks, rank 0 takes the run
     folder's lock (returned; the stage releases it when it ends) and deletes with --overwrite, which never
     reaches the stage's own inputs inside this run's checkpoints/."""
-    from aquainterp.rundir import RunDirError, inside
-    from aquainterp.rundir import claim_run_dir as claim
+    from aquainterp.cli.rundir import RunDirError, inside
+    from aquainterp.cli.rundir import claim_run_dir as claim
 
     run_dir = run_dir or config.run_dir
     inputs = [getattr(config, name, None) for name in ("init_from", "checkpoint", "tokenizer_dir", "data")]
@@ -286,7 +286,7 @@ def resume(ckpt_dir: Path, model, optimizers, device, tokenizer=None) -> tuple[i
 
 def init_from(directory: Path, device) -> tuple:
     """(model, tokenizer, meta) from a previous stage's checkpoints (its latest step)."""
-    from aquainterp.checkpoint import load_model
+    from aquainterp.checkpoints.load import load_model
 
     model, tokenizer, meta = load_model(directory, None, device=str(device))
     if tokenizer is None:
@@ -331,8 +331,8 @@ def flag_types() -> dict:
     """Each stage flag's parser: numbers with their range, paths that must exist, devices that must be
     present. Checked while parsing, so a typo (`--max-steps -5`, `--matrix-lr nan`, a missing
     `--init-from`) is one line and exit 2 before anything starts. Fields not listed get the parser's
-    sanity range (aquainterp.cliargs.OneLineParser)."""
-    from aquainterp.cliargs import (
+    sanity range (aquainterp.cli.args.OneLineParser)."""
+    from aquainterp.cli.args import (
         SEED,
         Number,
         count_int,
@@ -341,7 +341,7 @@ def flag_types() -> dict:
         existing_path,
         positive_int,
     )
-    from aquainterp.rundir import output_path
+    from aquainterp.cli.rundir import output_path
 
     lr = Number(float, 0.0, 1e3, lo_open=True)
     fraction = Number(float, 0.0, 1.0)
@@ -495,7 +495,7 @@ def stage_main(run, cls, doc: str, module: str, argv: list[str] | None = None):
 
 def stage_parser(cls, description: str = "", prog: str | None = None) -> argparse.ArgumentParser:
     """The command line parser of a stage config class (its flags, plus --debug)."""
-    from aquainterp.cliargs import OneLineParser
+    from aquainterp.cli.args import OneLineParser
 
     parser = OneLineParser(prog=prog, description=description)
     add_arguments(parser, cls())
@@ -505,8 +505,8 @@ def stage_parser(cls, description: str = "", prog: str | None = None) -> argpars
 
 def parse_config(cls, argv: list[str] | None, description: str, prog: str | None = None):
     """Flags -> config dataclass; `prog` is how the usage line names the command. Errors: one line, exit 2."""
-    from aquainterp.cli import normalize_flag_spelling
-    from aquainterp.cliargs import pop_debug
+    from aquainterp.cli.args import pop_debug
+    from aquainterp.cli.main import normalize_flag_spelling
 
     parser = stage_parser(cls, description, prog)
     argv = pop_debug(list(sys.argv[1:] if argv is None else argv))[0]

@@ -14,8 +14,8 @@ import json
 import sys
 from pathlib import Path
 
-from training.demo import faith_rows
-from training.demo import format_value as _num
+from training.demo_summary import faith_rows
+from training.demo_summary import format_value as _num
 
 
 def faith_markdown(summary: dict) -> str:

@@ -33,7 +33,7 @@ class DepthTableConfig:
 def depth_row(depth: int, config: DepthTableConfig) -> dict:
     import torch
 
-    from aquainterp.model import GPT, GPTConfig
+    from aquainterp.model.gpt import GPT, GPTConfig
 
     gpt_config = GPTConfig.from_depth(depth, vocab_size=config.vocab_size, sequence_len=config.seq_len)
     with torch.device("meta"):

@@ -61,7 +61,7 @@ def sft_eval_aqua(config, eval_set: list[MCProblem]) -> list[MCProblem]:
 
 def parent_config(checkpoint, step: int | None = None) -> dict:
     """The stage config a checkpoint folder records (meta.json "config" of the step, default the latest)."""
-    from aquainterp.checkpoint import META_FILE, latest_step, step_dir
+    from aquainterp.checkpoints.native import META_FILE, latest_step, step_dir
 
     step = latest_step(checkpoint) if step is None else step
     if step is None:

@@ -14,6 +14,10 @@ Probes (probes/) attach through the model's hooks and see a frozen pre-RL refere
 Determinism: every example's sampling seed is a function of (seed, step, global example index), so a
 run is reproducible for a seed on CPU, independent of the number of ranks, and `--resume` continues
 exactly where the last checkpoint left off.
+
+Reads top to bottom like nanochat's chat_rl.py: the settings (RLConfig), the setup (problems, the policy
+RL starts from), the parts of one step (rollouts, the GRPO update, telemetry and probes, eval), the step
+loop (`run` → `_run`), and the command line.
 """
 
 from __future__ import annotations
@@ -31,13 +35,13 @@ from pathlib import Path
 import torch
 import torch.distributed as torch_dist
 
-from aquainterp import settings
-from aquainterp.cliargs import SEED, Number, count_int, data_source, device_name, existing_path, positive_int
-from aquainterp.engine import Engine
+from aquainterp.cli import settings
+from aquainterp.cli.args import SEED, Number, count_int, data_source, device_name, existing_path, positive_int
+from aquainterp.cli.rundir import output_path
+from aquainterp.cli.settings import check_settings, setting
 from aquainterp.logger import Logger
-from aquainterp.rundir import output_path
-from aquainterp.scoring import completion_logits, completion_targets
-from aquainterp.settings import check_settings, setting
+from aquainterp.model.engine import Engine
+from aquainterp.model.scoring import completion_logits, completion_targets
 from aquainterp.tasks import LETTERS, MCProblem, conversation, extract_letter
 from probes.suite import DECISIONS, PROBE_NAMES, parse_probes
 from training import common
@@ -45,6 +49,9 @@ from training.common import Dist
 from training.grpo import completion_reward, group_advantages, policy_loss, token_logprobs
 from training.optim import apply_schedule, build_optimizers
 from training.rl_health import entropy_sum, grad_norm, group_counts, group_metrics
+
+
+# ------------------------------------------------------------------------------------------ settings
 
 
 def _existing_dir(text: str) -> str:
@@ -58,7 +65,7 @@ _LR = Number(float, 0.0, 1e3, lo_open=True)
 @dataclass
 class RLConfig:
     """Every knob of one RL run, each declared once: `run(RLConfig(...))` is what the demo calls, and the
-    command line's flags, their ranges and help are generated from these fields (aquainterp.settings)."""
+    command line's flags, their ranges and help are generated from these fields (aquainterp.cli.settings)."""
 
     # where the policy and the data come from
     task: str = setting("synthetic", "problem source", choices=("synthetic", "aqua"))
@@ -143,7 +150,7 @@ class RLConfig:
 
     def validate(self, policy_given: bool = False) -> None:
         """Raise ValueError naming the option for anything that cannot work: each field against its
-        declared range and choices (aquainterp.settings), then the rules that tie fields together."""
+        declared range and choices (aquainterp.cli.settings), then the rules that tie fields together."""
         def need(cond: bool, msg: str) -> None:
             if not cond:
                 raise ValueError(f"training.rl: {msg}")
@@ -204,6 +211,43 @@ def sample_seed(seed: int, step: int, global_example: int) -> int:
     return (seed * 1_000_003 + step * 10_007 + global_example) % (2**31 - 1)
 
 
+# ------------------------------------------------------------------------------------- the policy
+
+
+def start_model(config: RLConfig, train: list[MCProblem], device):
+    """(model, tokenizer, source meta) of the policy RL starts from."""
+    if config.checkpoint is not None:
+        from aquainterp.checkpoints.load import load_model
+
+        model, tokenizer, meta = load_model(config.checkpoint, config.step, device=device)
+        if tokenizer is None:
+            raise ValueError(f"training.rl: checkpoint {config.checkpoint} has no tokenizer/ folder; RL needs it "
+                             "to render prompts")
+        return model, tokenizer, {"checkpoint": str(config.checkpoint), "checkpoint_step": meta.get("step")}
+    model, tokenizer = build_fresh(config, train, device)
+    return model, tokenizer, {"depth": config.depth}
+
+
+FRESH_VOCAB_SIZE = 1024
+FRESH_SEQ_LEN = 1024
+
+
+def build_fresh(config: RLConfig, train: list[MCProblem], device):
+    """A random-init model of --depth and a small tokenizer trained on the task's text (smoke runs)."""
+    from aquainterp.model.gpt import GPT, GPTConfig
+    from aquainterp.tasks.synthetic import corpus, document
+    from aquainterp.tokenizer import Tokenizer
+
+    texts = list(corpus(2000, seed=config.seed)) + [document(p) for p in train[:2000]]
+    tokenizer = Tokenizer.train_from_iterator(texts, vocab_size=FRESH_VOCAB_SIZE)
+    gpt_config = GPTConfig.from_depth(config.depth, vocab_size=tokenizer.vocab_size, sequence_len=FRESH_SEQ_LEN)
+    torch.manual_seed(config.seed)
+    with torch.device(device):
+        model = GPT(gpt_config)
+    model.init_weights()
+    return model, tokenizer
+
+
 # ------------------------------------------------------------------------------------------ rollouts
 
 
@@ -257,7 +301,7 @@ def score_rollout(problem: MCProblem, gen, tokenizer, config: RLConfig, stop_tok
 def completion_logprobs(model, prompt: list[int], completions: list[list[int]], pad_id: int, bf16: bool,
                         entropies: list | None = None) -> torch.Tensor:
     """log p(token | prompt, earlier tokens) at temperature 1 for every completion token, [b, longest],
-    0 on padding. The prompt runs once (aquainterp.scoring.completion_logits). `entropies`: a list that
+    0 on padding. The prompt runs once (aquainterp.model.scoring.completion_logits). `entropies`: a list that
     gets these tokens' summed policy entropy (training.rl_health.entropy_sum) from the same logits."""
     with common.autocast(model.wte.weight.device, bf16):
         logits, targets = completion_logits(model, prompt, completions, pad_id)
@@ -471,43 +515,6 @@ def evaluate_policy(model, tokenizer, problems: list[MCProblem], config: RLConfi
             f"eval/{task}_sampled_acc": sampled.accuracy, "rl/pass@k": sampled.pass_at[config.pass_k]}
 
 
-# ----------------------------------------------------------------------------------- model and data
-
-
-def build_fresh(config: RLConfig, train: list[MCProblem], device):
-    """A random-init model of --depth and a small tokenizer trained on the task's text (smoke runs)."""
-    from aquainterp.model import GPT, GPTConfig
-    from aquainterp.tasks.synthetic import corpus, document
-    from aquainterp.tokenizer import Tokenizer
-
-    texts = list(corpus(2000, seed=config.seed)) + [document(p) for p in train[:2000]]
-    tokenizer = Tokenizer.train_from_iterator(texts, vocab_size=FRESH_VOCAB_SIZE)
-    gpt_config = GPTConfig.from_depth(config.depth, vocab_size=tokenizer.vocab_size, sequence_len=FRESH_SEQ_LEN)
-    torch.manual_seed(config.seed)
-    with torch.device(device):
-        model = GPT(gpt_config)
-    model.init_weights()
-    return model, tokenizer
-
-
-FRESH_VOCAB_SIZE = 1024
-FRESH_SEQ_LEN = 1024
-
-
-def start_model(config: RLConfig, train: list[MCProblem], device):
-    """(model, tokenizer, source meta) of the policy RL starts from."""
-    if config.checkpoint is not None:
-        from aquainterp.checkpoint import load_model
-
-        model, tokenizer, meta = load_model(config.checkpoint, config.step, device=device)
-        if tokenizer is None:
-            raise ValueError(f"training.rl: checkpoint {config.checkpoint} has no tokenizer/ folder; RL needs it "
-                             "to render prompts")
-        return model, tokenizer, {"checkpoint": str(config.checkpoint), "checkpoint_step": meta.get("step")}
-    model, tokenizer = build_fresh(config, train, device)
-    return model, tokenizer, {"depth": config.depth}
-
-
 # ---------------------------------------------------------------------------------------------- run
 
 
@@ -587,7 +594,7 @@ def _run(config: RLConfig, ddp: Dist, policy: tuple | None = None) -> dict:
 
     patching = None
     if config.patch_every and ddp.is_main:
-        from aquainterp.patch_series import TrainingPatcher
+        from aquainterp.patching.series import TrainingPatcher
 
         patching = TrainingPatcher(tokenizer, held_out[: config.patch_pairs], max_new_tokens=config.max_new_tokens,
                                    batch_size=max(config.device_batch_size, 64), seed=config.seed)
@@ -656,8 +663,8 @@ def config_from_args(args: argparse.Namespace) -> RLConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from aquainterp.cli import normalize_flag_spelling
-    from aquainterp.cliargs import OneLineParser, pop_debug
+    from aquainterp.cli.args import OneLineParser, pop_debug
+    from aquainterp.cli.main import normalize_flag_spelling
 
     parser = OneLineParser(prog="python -m training.rl", description=__doc__.split("\n\n")[0])
     add_arguments(parser)

@@ -76,11 +76,11 @@ def run(config: TokTrainConfig) -> dict:
     """Train, save to out_dir (tokenizer.json + compression.json), return {task: bytes per token}."""
     from tqdm.auto import tqdm
 
-    from aquainterp.rundir import claim_output, record_written, write_output
+    from aquainterp.cli.rundir import claim_output, record_written, write_output
     from aquainterp.tokenizer import Tokenizer
 
     # where the tokenizer goes is checked before training: a new folder or tok_train's own, never a
-    # checkpoint's tokenizer/ or one of the text sources it reads (aquainterp.rundir)
+    # checkpoint's tokenizer/ or one of the text sources it reads (aquainterp.cli.rundir)
     sources = [s for s in (config.data, config.aqua, config.gsm8k) if s and Path(s).exists()]
     out_dir = claim_output(config.out_dir, "--out-dir", owner=OWNER, kind="dir", inputs=sources,
                            overwrite=config.overwrite)

@@ -52,8 +52,8 @@ def hub_rows(source: str, config: str | None, split: str) -> Iterator[tuple[str,
 
     `source` is a Hub id (`owner/name` or `hf:owner/name`) or a local dataset folder in the Hub's layout;
     a mistyped local path is a FileNotFoundError at once, never 30 s of Hub retries."""
-    from aquainterp.cliargs import resolve_data_source
-    from aquainterp.rundir import UsageError
+    from aquainterp.cli.args import resolve_data_source
+    from aquainterp.cli.rundir import UsageError
 
     try:
         _kind, source = resolve_data_source(source)

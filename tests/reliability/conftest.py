@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from aquainterp.checkpoint import available_steps, load_checkpoint
+from aquainterp.checkpoints.native import available_steps, load_checkpoint
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -122,7 +122,7 @@ def start_child(config, tmp: Path, pause_step: int | None = None) -> tuple:
 def pause_checkpoint_write(step: int, marker: Path) -> None:
     """In this process only: checkpoint writes of `step` stop after model.safetensors is in the temp
     folder (before the optimizer file, meta.json and the rename), write `marker` and sleep."""
-    import aquainterp.checkpoint as checkpoint
+    import aquainterp.checkpoints.native as checkpoint
 
     real_save_file = checkpoint.save_file
 

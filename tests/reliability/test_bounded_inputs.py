@@ -18,7 +18,7 @@ DEEP = "[" * 100_000 + "]" * 100_000
 
 
 def aquainterp(argv, capsys):
-    from aquainterp.cli import main
+    from aquainterp.cli.main import main
 
     return call_cli(main, argv, capsys)
 

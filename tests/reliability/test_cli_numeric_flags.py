@@ -24,7 +24,7 @@ HUGE = {int: "1" + "0" * 30, float: "1e300"}
 
 def _kind_and_accepts(action):
     """(int|float, accepts(x)) of a numeric action, or None for a non-numeric one."""
-    from aquainterp.cliargs import FLOAT_SANITY, INT_SANITY, Number
+    from aquainterp.cli.args import FLOAT_SANITY, INT_SANITY, Number
 
     t = action.type
     if isinstance(t, Number):
@@ -57,9 +57,9 @@ def _subparsers(parser):
 
 def _commands(base_ckpt: Path, tmp: Path):
     """(label, main, parser, argv prefix with the required arguments, folders a run would create)."""
-    from aquainterp.cli import COMMANDS, subcommand_parser
-    from aquainterp.cli import main as aquainterp_main
-    from aquainterp.cliargs import OneLineParser
+    from aquainterp.cli.args import OneLineParser
+    from aquainterp.cli.main import COMMANDS, subcommand_parser
+    from aquainterp.cli.main import main as aquainterp_main
     from training import base, mid, rl, sft, tok_train
     from training.common import add_arguments
 
@@ -137,7 +137,7 @@ def test_every_numeric_flag_refuses_0_minus1_nan_huge_outside_its_range(base_ckp
     ("text", ["dashboard", "sample", "--steps", "many"]),
 ])
 def test_non_numbers_are_one_line_usage_errors(base_ckpt, tmp_path, capsys, label, argv):
-    from aquainterp.cli import main
+    from aquainterp.cli.main import main
 
     extra = {"eval": ["--checkpoint", base_ckpt], "patch": ["--checkpoint", base_ckpt, "--out", tmp_path / "p"],
              "dashboard": ["--run", tmp_path / "r"]}[argv[0]]

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from aquainterp.checkpoint import CheckpointError, load_checkpoint, load_model
+from aquainterp.checkpoints.load import load_model
+from aquainterp.checkpoints.native import CheckpointError, load_checkpoint
 from aquainterp.tasks.aqua import load_aqua
 from aquainterp.tasks.rows import RowError
 from aquainterp.tokenizer import Tokenizer
@@ -103,10 +104,10 @@ def test_tokenizer_fingerprint_differs_from_the_checkpoint(tmp_path, tokenizer_d
     with pytest.raises(CheckpointError, match=r"step_000004/tokenizer/[\w.]+: corrupt: sha256 differs"):
         load_model(ckpt_copy)
     # with the hash check switched off (load_model has no flag for it: patched), the fingerprint still refuses it
-    import aquainterp.checkpoint as checkpoint
+    import aquainterp.checkpoints.load as load
 
-    real = checkpoint.load_checkpoint
-    monkeypatch.setattr(checkpoint, "load_checkpoint", lambda d, s=None, device="cpu": real(d, s, device,
+    real = load.load_checkpoint
+    monkeypatch.setattr(load, "load_checkpoint", lambda d, s=None, device="cpu": real(d, s, device,
                                                                                            verify_hash=False))
     with pytest.raises(CheckpointError, match=r"step_000004/tokenizer: fingerprint [0-9a-f]{12} differs from meta's"):
         load_model(ckpt_copy)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from aquainterp.checkpoint import CheckpointError, available_steps, load_checkpoint
+from aquainterp.checkpoints.native import CheckpointError, available_steps, load_checkpoint
 from aquainterp.logger import read_metrics
 from reliability.conftest import _FORK, base_config, record, run_stage
 
@@ -35,7 +35,7 @@ def mount_tmpfs(target: Path, size_bytes: int) -> bool:
 
 def fill_disk_at(step: int, monkeypatch=None) -> None:
     """From now on the safetensors writer of `step` writes half its file, then fails with ENOSPC."""
-    import aquainterp.checkpoint as checkpoint
+    import aquainterp.checkpoints.native as checkpoint
 
     real_save_file = checkpoint.save_file
 
@@ -97,7 +97,7 @@ def test_enospc_gives_one_clear_error_and_no_temp_folder(tmp_path, monkeypatch):
     """The fallback fault of the test above, on the writer alone (runs everywhere, in a second)."""
     import torch
 
-    import aquainterp.checkpoint as checkpoint
+    import aquainterp.checkpoints.native as checkpoint
 
     fill_disk_at(7, monkeypatch)
     with pytest.raises(CheckpointError, match=r"step_000007.*disk full \(no space left on device\)") as info:

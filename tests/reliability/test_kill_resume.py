@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from aquainterp.checkpoint import available_steps, latest_step, load_checkpoint
+from aquainterp.checkpoints.native import available_steps, latest_step, load_checkpoint
 from aquainterp.logger import read_metrics
 from reliability.conftest import (
     assert_bit_identical,

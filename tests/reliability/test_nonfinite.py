@@ -9,7 +9,7 @@ import torch
 import training.base
 import training.rl
 import training.sft
-from aquainterp.checkpoint import available_steps, load_checkpoint
+from aquainterp.checkpoints.native import available_steps, load_checkpoint
 from aquainterp.logger import read_metrics
 from reliability.conftest import base_config, record, rl_config, run_stage, sft_config
 from training.common import NonFiniteLossError

@@ -1,5 +1,5 @@
 """Issue 30: no command writes over what is not its own. The table is generated from the argparse
-parsers of every command and stage: each flag declared with `aquainterp.rundir.output_path` is pointed at
+parsers of every command and stage: each flag declared with `aquainterp.cli.rundir.output_path` is pointed at
 a user's file or folder, at the command's own input, into a checkpoint and onto a run's record, and must
 end with one line, exit 2 and every byte where it was. A new output flag is covered by default; a new
 command or stage without a base command line here, or an output-looking flag not declared as one, fails.
@@ -40,8 +40,8 @@ def all_parsers() -> list[tuple[str, argparse.ArgumentParser]]:
     """(prog, parser) of every `aquainterp` command (and dashboard action) and every training stage."""
     import importlib
 
-    from aquainterp.cli import COMMANDS, subcommand_parser
-    from aquainterp.cliargs import OneLineParser
+    from aquainterp.cli.args import OneLineParser
+    from aquainterp.cli.main import COMMANDS, subcommand_parser
     from training import common
 
     out = []
@@ -103,7 +103,7 @@ def test_output_looking_flags_are_declared_as_outputs():
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, base_ckpt, tokenizer_dir):
     """Real inputs (a checkpoint, a tokenizer, a sample run, a workspace JSON) and a user's things."""
-    from aquainterp.cli import main
+    from aquainterp.cli.main import main
 
     root = tmp_path_factory.mktemp("outputs")
     w = {"CK": base_ckpt, "TOK": tokenizer_dir}
@@ -181,7 +181,7 @@ def _main_of(prog: str):
     import importlib
 
     if prog.startswith("aquainterp "):
-        from aquainterp.cli import main
+        from aquainterp.cli.main import main
 
         words = prog.split()[1:]
         return lambda argv: main([*words, *argv])
@@ -234,7 +234,7 @@ def test_output_flag_never_writes_over_what_is_not_its_own(prog, flag, kind, wor
 
 
 def aquainterp(argv, capsys):
-    from aquainterp.cli import main
+    from aquainterp.cli.main import main
 
     return call_cli(main, argv, capsys)
 
@@ -292,7 +292,7 @@ def test_overwrite_replaces_a_users_file(base_ckpt, tmp_path, capsys):
 
 
 def test_tok_train_out_dir_never_replaces_a_tokenizer(base_ckpt, tokenizer_dir, tmp_path, capsys):
-    from aquainterp.checkpoint import load_model
+    from aquainterp.checkpoints.load import load_model
     from training.tok_train import main as tok_main
 
     ckpt = tmp_path / "ckpt"
@@ -319,8 +319,8 @@ def test_tok_train_out_dir_never_replaces_a_tokenizer(base_ckpt, tokenizer_dir, 
 
 
 def test_export_hf_never_over_a_users_model(tmp_path, capsys):
-    from aquainterp.checkpoint import save_checkpoint
-    from aquainterp.model import GPT, GPTConfig
+    from aquainterp.checkpoints.native import save_checkpoint
+    from aquainterp.model.gpt import GPT, GPTConfig
 
     model = GPT(GPTConfig(sequence_len=64, vocab_size=512, n_layer=1, n_head=2, n_kv_head=2, n_embd=64))
     model.init_weights()  # the architecture HF NanoChat can hold (nanochat-2025-10)

@@ -44,7 +44,7 @@ def reference(tmp_path_factory, base_ckpt) -> list[dict]:
 
 def cli_argv(cfg) -> list[str]:
     """The `python -m training.rl` flags of a config (the fields that differ from the defaults)."""
-    from aquainterp.settings import flag_of
+    from aquainterp.cli.settings import flag_of
 
     argv = []
     for f in dataclasses.fields(cfg):
@@ -210,7 +210,7 @@ def test_two_starts_on_one_run_folder(base_ckpt, tmp_path):
 
 
 def test_stale_lock_is_taken_over_with_a_notice(tmp_path, capsys):
-    from aquainterp.rundir import RunDirError, RunLock
+    from aquainterp.cli.rundir import RunDirError, RunLock
 
     dead = _FORK.Process(target=os._exit, args=(0,))
     dead.start()

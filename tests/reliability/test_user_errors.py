@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def aquainterp(argv, capsys):
-    from aquainterp.cli import main
+    from aquainterp.cli.main import main
 
     return call_cli(main, argv, capsys)
 
@@ -61,7 +61,7 @@ def test_demo_refuses_folders_it_did_not_create(tmp_path, capsys, fresh):
 def test_demo_stage_redoes_only_its_own_folders(tmp_path):
     """Stage.start deletes a folder the demo marked (a half-done or outdated stage) and refuses one it did
     not make; the user's files beside the stage folders are never looked at."""
-    from aquainterp.rundir import RunDirError
+    from aquainterp.cli.rundir import RunDirError
     from training.demo import Stage
 
     (tmp_path / "notes.txt").write_text("keep")
@@ -88,7 +88,7 @@ def _base_argv(run_dir: Path, tokenizer_dir: Path, *extra) -> list:
 
 
 def test_same_run_dir_twice_refuses_then_overwrite_replaces(tmp_path, tokenizer_dir, capsys):
-    from aquainterp.checkpoint import available_steps
+    from aquainterp.checkpoints.native import available_steps
     from aquainterp.logger import read_metrics
     from training.base import main as base_main
 
@@ -118,7 +118,7 @@ def test_same_run_dir_twice_refuses_then_overwrite_replaces(tmp_path, tokenizer_
 
 
 def test_export_into_the_checkpoint_refuses(base_ckpt, tmp_path, capsys):
-    from aquainterp.checkpoint import latest_step, load_checkpoint
+    from aquainterp.checkpoints.native import latest_step, load_checkpoint
 
     ckpt = tmp_path / "ckpt"
     shutil.copytree(base_ckpt, ckpt)
@@ -158,7 +158,7 @@ def test_patch_out_is_a_file_fails_before_any_sweep(base_ckpt, tmp_path, capsys)
 
 
 def _lying_checkpoint(base_ckpt: Path, tmp_path: Path, field: str, value) -> Path:
-    from aquainterp.checkpoint import latest_step
+    from aquainterp.checkpoints.native import latest_step
 
     ckpt = tmp_path / f"lie_{field}"
     shutil.copytree(base_ckpt, ckpt)
@@ -173,7 +173,7 @@ CHILD = textwrap.dedent("""
     import json, resource, sys, time
     limit = 4 << 30  # ulimit -v 4 GB: address space, so nothing big can even be mapped
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    from aquainterp.cli import main, subcommand_parser
+    from aquainterp.cli.main import main, subcommand_parser
     subcommand_parser(sys.argv[1])  # the command's imports (torch ...) are paid before the clock starts
     t0 = time.perf_counter()
     code = main(sys.argv[1:])
@@ -188,8 +188,8 @@ CHILD = textwrap.dedent("""
                                                   ("vocab_size", 30_000_000, "patch --hf-dir")])
 def test_lying_model_config_fails_fast_under_4gb(base_ckpt, tmp_path, field, value, command):
     if command == "patch --hf-dir":  # an HF NanoChat directory whose config.json lies
-        from aquainterp.bridge import export_hf
-        from aquainterp.model import GPT, GPTConfig
+        from aquainterp.checkpoints.huggingface import export_hf
+        from aquainterp.model.gpt import GPT, GPTConfig
 
         model = GPT(GPTConfig(sequence_len=64, vocab_size=512, n_layer=1, n_head=2, n_kv_head=2, n_embd=64))
         model.init_weights()  # an HF NanoChat architecture (nanochat-2025-10), whatever the base stage's default
@@ -219,7 +219,7 @@ def test_lying_model_config_fails_fast_under_4gb(base_ckpt, tmp_path, field, val
 
 
 def test_config_that_does_not_fit_the_weights_names_the_tensor(base_ckpt, tmp_path, capsys):
-    from aquainterp.checkpoint import load_checkpoint
+    from aquainterp.checkpoints.native import load_checkpoint
 
     real = load_checkpoint(base_ckpt).meta["model_config"]["vocab_size"]
     ckpt = _lying_checkpoint(base_ckpt, tmp_path, "vocab_size", real * 2)
@@ -384,7 +384,7 @@ def test_rotary_tables_are_sized_lazily():
     forward past 10x is refused by name."""
     import torch
 
-    from aquainterp.model import GPT, GPTConfig, rotary_tables
+    from aquainterp.model.gpt import GPT, GPTConfig, rotary_tables
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(sequence_len=32, vocab_size=64, n_layer=1, n_head=2, n_kv_head=2, n_embd=32)).eval()
@@ -415,7 +415,7 @@ def test_rotary_tables_are_sized_lazily():
 
 
 def test_prompt_longer_than_sequence_len_is_not_silent(base_ckpt, shared_data):
-    from aquainterp.checkpoint import load_model
+    from aquainterp.checkpoints.load import load_model
     from aquainterp.evaluate import evaluate, load_problems
 
     model, tok, _ = load_model(base_ckpt)

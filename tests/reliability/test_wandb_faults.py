@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from aquainterp.checkpoint import latest_step
+from aquainterp.checkpoints.native import latest_step
 from aquainterp.logger import iter_wandb_records, read_metrics
 from dashboards.wandb_run import history_as_metrics
 from reliability.conftest import _FORK, base_config, every_checkpoint_loads, record, run_stage

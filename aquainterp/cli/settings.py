@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from aquainterp.cliargs import Number
+from aquainterp.cli.args import Number
 
 
 def setting(default, help: str = "", *, type=None, choices=None, flag: str | bool | None = None,

@@ -23,7 +23,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from aquainterp.rundir import UsageError
+from aquainterp.cli.rundir import UsageError
 
 INT_SANITY = 2**31  # a bare type=int flag takes |x| < 2**31
 FLOAT_SANITY = 1e12  # a bare type=float flag takes finite |x| <= 1e12

@@ -301,7 +301,7 @@ def _read_meta(path: Path) -> dict:
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{meta_path}: not valid JSON ({e}); the file is truncated or corrupt") from e
     if not isinstance(meta, dict) or "files" not in meta:
-        raise CheckpointError(f"{meta_path}: no 'files' manifest; not written by aquainterp.checkpoint")
+        raise CheckpointError(f"{meta_path}: no 'files' manifest; not written by aquainterp.checkpoints.native")
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{meta_path}: format_version {meta.get('format_version')!r}, "
                               f"this code reads {FORMAT_VERSION}")
@@ -396,43 +396,3 @@ def load_optimizers(optimizers: list, ckpt: Checkpoint) -> None:
             opt.load_state_dict(sd)
         except (ValueError, KeyError) as e:
             raise CheckpointError(f"{where}: optimizer {i} ({saved_type}) does not fit: {e}") from e
-
-
-def load_model(directory, step: int | None = None, device="cpu"):
-    """(GPT, Tokenizer or None, meta) from a checkpoint folder written by save_checkpoint; the tokenizer is
-    also attached to the model (model.tokenizer, model.to_tokens ...)."""
-    from aquainterp.ckpt_guard import preflight
-
-    chosen = step if step is not None else latest_step(directory)
-    if chosen is not None and (step_dir(directory, chosen) / META_FILE).is_file():
-        preflight(step_dir(directory, chosen))  # model_config vs bounds and the weights' header: allocates nothing
-    from aquainterp.model import GPT, GPTConfig
-    from aquainterp.nanochat_import import is_nanochat_dir, load_nanochat
-
-    if is_nanochat_dir(directory):  # nanochat's own layout: model_<step>.pt + meta_<step>.json (+ tokenizer.pkl)
-        return load_nanochat(directory, step, device)
-    ckpt = load_checkpoint(directory, step, device)
-    if "model_config" not in ckpt.meta:
-        raise CheckpointError(f"{ckpt.path / META_FILE}: no 'model_config'; cannot rebuild the model")
-    try:
-        config = GPTConfig.from_dict(ckpt.meta["model_config"])
-    except (TypeError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{ckpt.path / META_FILE}: bad model_config: {e}") from e
-    with torch.device(device):
-        model = GPT(config)
-    load_state_into(model, ckpt.model_state, ckpt.path / MODEL_FILE)
-    model.eval()
-    tokenizer = None
-    if (ckpt.path / TOKENIZER_DIR).is_dir():
-        from aquainterp.tokenizer import Tokenizer
-
-        tokenizer = Tokenizer.load(ckpt.path / TOKENIZER_DIR)
-        expected = ckpt.meta.get("tokenizer_fingerprint")
-        if expected is not None and tokenizer.fingerprint() != expected:
-            raise CheckpointError(f"{ckpt.path / TOKENIZER_DIR}: fingerprint {tokenizer.fingerprint()[:12]} "
-                                  f"differs from meta's {expected[:12]}")
-        try:  # model.to_tokens / to_str_tokens / string input, as on a TransformerLens model
-            model.set_tokenizer(tokenizer)
-        except ValueError as e:
-            raise CheckpointError(f"{ckpt.path / TOKENIZER_DIR}: {e}") from e
-    return model, tokenizer, ckpt.meta

@@ -1,10 +1,10 @@
-"""Clean/corrupted prompt pairs for activation patching (aquainterp.patching sweeps them).
+"""Clean/corrupted prompt pairs for activation patching (aquainterp.patching.patcher sweeps them).
 
 A pair is one problem twice, tokenised up to and including the decision position: the clean prompt,
 where the model should say the gold letter, and a corrupted twin of the same length that moves the
 answer to another letter (options permuted, or numbers changed) or is the same prompt whose question
 embeddings the Patcher blurs at run time (noise). Same length, so every position lines up and a patch
-is one activation written at one (layer, position). aquainterp.completion_pairs builds the same pairs
+is one activation written at one (layer, position). aquainterp.patching.completion_pairs builds the same pairs
 at the decision the model makes in its own completion.
 """
 

@@ -27,14 +27,14 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from aquainterp.patching import Patcher, SweepResult
+from aquainterp.patching.patcher import Patcher, SweepResult
 
 MAX_SERIES_CELLS = 48  # a step x cell heatmap shows at most this many cells
 
 
 def select_steps(directory, every: int) -> list[int]:
     """Saved steps whose number is a multiple of `every`, plus the newest; ValueError if there are none."""
-    from aquainterp.checkpoint import available_steps
+    from aquainterp.checkpoints.native import available_steps
 
     if every < 1:
         raise ValueError(f"--every must be at least 1, got {every}")
@@ -67,7 +67,7 @@ def run_series(args, build_pairs, patch_one, logger=None) -> dict:
     """Patch the pairs on every selected step. `build_pairs(model, tokenizer)` -> (pairs, skipped, no_marker,
     completions) on the newest step; `patch_one(model, pairs)` -> (Patcher, results), or raises ValueError
     when the step has nothing to restore. Returns a dict with everything the outputs need."""
-    from aquainterp.checkpoint import load_model
+    from aquainterp.checkpoints.load import load_model
 
     steps = select_steps(args.checkpoint_series, args.every)
     newest = steps[-1]
@@ -144,7 +144,7 @@ def series_section(stacked: dict, steps: list[int], failed: dict, positions: lis
     """The report section: per sweep a step × cell heatmap of the cells that matter at some step."""
     import plotly.graph_objects as go
 
-    from aquainterp.patch_report import PLOT_CONFIG
+    from aquainterp.patching.report import PLOT_CONFIG
 
     parts = ["<h2>Across checkpoints</h2><p class='note'>The same pairs patched at every selected step (rows); "
              "columns: the cells whose restored fraction reaches 10% of the sweep's strongest at some step "
@@ -192,7 +192,7 @@ class TrainingPatcher:
         self.generate, self.pairs, self.no_marker_frac = generate, None, 0.0
 
     def __call__(self, model, step: int) -> dict:
-        from aquainterp.completion_pairs import completion_pairs, greedy_completions
+        from aquainterp.patching.completion_pairs import completion_pairs, greedy_completions
 
         was_training = model.training
         model.eval()

@@ -32,9 +32,9 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from aquainterp.kv_cache import KVCache
-from aquainterp.model import GPT
-from aquainterp.patch_pairs import PatchPair
+from aquainterp.model.gpt import GPT
+from aquainterp.model.kv_cache import KVCache
+from aquainterp.patching.pairs import PatchPair
 
 DIRECTIONS = ("denoise", "noise")
 ALIGNMENTS = ("start", "end")

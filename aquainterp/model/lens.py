@@ -1,4 +1,4 @@
-"""The TransformerLens surface of `aquainterp.model.GPT`: what TL's functions call on a model.
+"""The TransformerLens surface of `aquainterp.model.gpt.GPT`: what TL's functions call on a model.
 
 TransformerLens 4.x types its analysis functions (`patching`, `head_detector`, `evals`,
 `utilities.test_prompt`, `ActivationCache`, `tools.analysis.logit_lens`) against the structural
@@ -205,7 +205,7 @@ class LensMixin:
         device = self.W_U.device
         tokens = tokens.to(device)
         if mask is not None and not bool(mask[:, 0].all()):  # left padding
-            from aquainterp.kv_cache import KVCache
+            from aquainterp.model.kv_cache import KVCache
 
             left_pad = (~mask).sum(1).to(device)
             kv_cache = KVCache(tokens.shape[0], self.cfg.n_layers, tokens.shape[1], left_pad=left_pad)

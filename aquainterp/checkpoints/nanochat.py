@@ -13,7 +13,7 @@ or a base folder with exactly one checkpoint folder under *_checkpoints/) into o
 - the architecture read from the tensors (resid_lambdas, smear, value embeddings => nanochat-2026-07,
   else nanochat-2025-10 with nanochat 2c4473d's bf16 rotary tables), and every shape `meta_*.json`
   implies compared with the file's before a model is allocated: a meta that disagrees is one line;
-- the tokenizer through aquainterp.nanochat_tokenizer (a restricted unpickler).
+- the tokenizer through aquainterp.checkpoints.nanochat_tokenizer (a restricted unpickler).
 
 `save_nanochat` writes our GPT back in that layout (`aquainterp export --format nanochat`).
 """
@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from aquainterp.checkpoint import CheckpointError
-from aquainterp.model import ARCH_2025_10, ARCH_2026_07, GPT, GPTConfig
+from aquainterp.checkpoints.native import CheckpointError
+from aquainterp.model.gpt import ARCH_2025_10, ARCH_2026_07, GPT, GPTConfig
 
 MODEL_RE = re.compile(r"^model_(\d+)\.pt$")
 NANOCHAT_CONFIG_KEYS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")
@@ -111,7 +111,7 @@ def config_from_nanochat(model_config: dict, state: dict[str, torch.Tensor], whe
         raise NanochatCheckpointError(f"{where}: meta says window_pattern {pattern!r} but the tensors are the "
                                       f"{ARCH_2025_10} architecture (no resid_lambdas/smear/value embeddings)")
     kwargs = {k: model_config[k] for k in NANOCHAT_CONFIG_KEYS}
-    from aquainterp.ckpt_guard import LIMITS
+    from aquainterp.checkpoints.guard import LIMITS
 
     for k, v in kwargs.items():  # before any shape is derived from them
         if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= LIMITS.get(k, 1 << 30):
@@ -231,7 +231,7 @@ def load_nanochat(directory: str | Path, step: int | None = None, device="cpu"):
     tokenizer = None
     tok_dir = find_tokenizer_dir(folder)
     if tok_dir is not None:
-        from aquainterp.nanochat_tokenizer import NanochatTokenizerError, load_nanochat_tokenizer
+        from aquainterp.checkpoints.nanochat_tokenizer import NanochatTokenizerError, load_nanochat_tokenizer
 
         try:
             tokenizer = load_nanochat_tokenizer(tok_dir)
@@ -274,7 +274,7 @@ def save_nanochat(model: GPT, out: str | Path, step: int, tokenizer=None, tag: s
     meta = {"step": step, "model_config": model_config, **(meta_extra or {})}
     (folder / f"meta_{step:06d}.json").write_text(json.dumps(meta, indent=2))
     if tokenizer is not None:
-        from aquainterp.nanochat_tokenizer import write_tokenizer_pkl
+        from aquainterp.checkpoints.nanochat_tokenizer import write_tokenizer_pkl
 
         write_tokenizer_pkl(tokenizer, Path(out) / TOKENIZER_DIRNAME)
     return folder
@@ -284,8 +284,8 @@ def save_nanochat(model: GPT, out: str | Path, step: int, tokenizer=None, tag: s
 
 
 def add_arguments(parser) -> None:
-    from aquainterp.cliargs import count_int, existing_path
-    from aquainterp.rundir import output_path
+    from aquainterp.cli.args import count_int, existing_path
+    from aquainterp.cli.rundir import output_path
 
     parser.add_argument("checkpoint", type=existing_path("dir"),
                         help="nanochat checkpoint folder (base_checkpoints/<tag>/ with model_<step>.pt and "
@@ -296,8 +296,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from aquainterp.checkpoint import save_checkpoint
-    from aquainterp.rundir import HIDDEN, UsageError, claim_output
+    from aquainterp.checkpoints.native import save_checkpoint
+    from aquainterp.cli.rundir import HIDDEN, UsageError, claim_output
 
     claim_output(args.out_dir, "out_dir", owner="aquainterp import-nanochat", kind="dir", inputs=[args.checkpoint],
                  overwrite=None)

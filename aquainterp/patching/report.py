@@ -18,7 +18,7 @@ import json
 
 import torch
 
-from aquainterp.patching import MIN_GAP
+from aquainterp.patching.patcher import MIN_GAP
 
 MAX_COLUMNS = 40  # a cropped heatmap shows at most this many positions
 MIN_COLUMNS = 16  # ... and at least this many (context before the decision), when the prompt has them
@@ -249,7 +249,7 @@ def write_html(path, patcher, results, summary: dict, tokenizer, extra: str = ""
             full = figure(r, positions, n_heads, None, decision, completion)
             parts.append(f"<details class='full'><summary>{html.escape(key)}: all {patcher.n_pos} positions</summary>"
                          + full.to_html(full_html=False, include_plotlyjs=False, config=PLOT_CONFIG) + "</details>")
-    parts.append(extra)  # e.g. the step x cell view of a checkpoint series (aquainterp.patch_series)
+    parts.append(extra)  # e.g. the step x cell view of a checkpoint series (aquainterp.patching.series)
     parts.append(_drilldown(patcher, results, summary, tokenizer, min_gap))
     parts.append("<h2>Raw summary</h2><details><summary>summary.json</summary><pre class='raw'>"
                  + html.escape(json.dumps(summary, indent=1)) + "</pre></details></body></html>")

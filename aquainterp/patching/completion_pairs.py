@@ -9,7 +9,7 @@ A reasoning model does not pick its letter right after the question; it writes a
   letter it writes;
 - corrupted: the corrupted problem's generation prompt (gold option moved by `permute`, or the same
   prompt with the question and options blurred by `noise`) + the SAME completion tokens;
-- metric (aquainterp.patching.Patcher): clean gold letter minus corrupted gold letter (noise: the noisy
+- metric (aquainterp.patching.patcher.Patcher): clean gold letter minus corrupted gold letter (noise: the noisy
   run's best other letter) at that answer step.
 
 A completion that never writes the marker has no answer step: its problem is skipped and counted
@@ -23,7 +23,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from aquainterp.patch_pairs import PatchPair
+from aquainterp.patching.pairs import PatchPair
 from aquainterp.tasks import LETTERS, answer_step, letter_token_ids
 from aquainterp.tasks.chat import generation_prompt, question_span
 from aquainterp.tasks.problem import moved_gold
@@ -62,10 +62,10 @@ def corrupted_prompts(tokenizer, problem, corruption: str, rng: random.Random):
 def greedy_completions(model, tokenizer, prompts: Sequence[list[int]], max_new_tokens: int,
                        batch_size: int = 32, progress: bool = False) -> list[list[int]]:
     """The model's greedy completion of each prompt (stop token included if hit), decoded in batches
-    with aquainterp.engine.Engine.generate_batch."""
+    with aquainterp.model.engine.Engine.generate_batch."""
     from tqdm.auto import tqdm
 
-    from aquainterp.engine import Engine
+    from aquainterp.model.engine import Engine
 
     stop = [tokenizer.encode_special("<|assistant_end|>")]
     engine, out = Engine(model), []

@@ -10,7 +10,7 @@ the whole contract.
   left-padded prompts of different lengths: the model then masks the padding keys and shifts each
   row's rotary positions, so a row computes what it would alone.
 - SharedPrompt: one prompt's keys/values shared by a batch of continuations, with autograd flowing
-  through (aquainterp.scoring: RL's training forward, the probes' sequence KL): the prompt runs once,
+  through (aquainterp.model.scoring: RL's training forward, the probes' sequence KL): the prompt runs once,
   not once per row.
 """
 

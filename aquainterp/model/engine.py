@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from aquainterp.kv_cache import KVCache
-from aquainterp.model import GPT
+from aquainterp.model.gpt import GPT
+from aquainterp.model.kv_cache import KVCache
 
 
 @dataclass

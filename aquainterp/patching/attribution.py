@@ -9,7 +9,7 @@ approximation around the base run:
 
 so one forward of the other run (its activations), one forward of the base run and one backward from
 the metric give the estimate for every layer, position and head of every hook together. Here the
-metric is each pair's letter logit difference at its decision position (aquainterp.patching.Patcher's),
+metric is each pair's letter logit difference at its decision position (aquainterp.patching.patcher.Patcher's),
 so the result is the same SweepResult an exact sweep returns: per-pair estimated logit differences
 [*cells, pairs] and their normalised pair mean (0 = corrupted run, 1 = clean run).
 
@@ -34,9 +34,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from aquainterp.kv_cache import SharedPrompt
-from aquainterp.model import GPT, norm
-from aquainterp.patching import DIRECTIONS, SWEEPS, Patcher, SweepResult
+from aquainterp.model.gpt import GPT, norm
+from aquainterp.model.kv_cache import SharedPrompt
+from aquainterp.patching.patcher import DIRECTIONS, SWEEPS, Patcher, SweepResult
 
 
 def _first_change(patcher: Patcher, pair_index: torch.Tensor) -> int:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from aquainterp.model import GPT, ROPE_BASE, SOFTCAP, GPTConfig
+from aquainterp.model.gpt import GPT, ROPE_BASE, SOFTCAP, GPTConfig
 
 NANOCHAT_EPS = torch.finfo(torch.float32).eps
 
@@ -217,7 +217,7 @@ def import_hf(directory) -> GPT:
     if not config_path.is_file():
         raise FileNotFoundError(f"import_hf: {config_path} not found (expected an exported NanoChatForCausalLM dir)")
     config = _config_from_hf(json.loads(config_path.read_text()), config_path)
-    from aquainterp.ckpt_guard import check_bounds
+    from aquainterp.checkpoints.guard import check_bounds
 
     check_bounds(config.to_dict(), str(config_path))  # sizes within limits before anything is allocated
     hf_state = _hf_weights(directory)
@@ -289,8 +289,8 @@ def _id_tokenizer(vocab_size: int):
 
 
 def add_arguments(parser) -> None:
-    from aquainterp.cliargs import count_int, existing_path
-    from aquainterp.rundir import output_path
+    from aquainterp.cli.args import count_int, existing_path
+    from aquainterp.cli.rundir import output_path
 
     parser.add_argument(
         "checkpoint", type=existing_path("dir"),
@@ -333,12 +333,12 @@ def nanochat_kind(requested: str, meta: dict) -> tuple[str, str]:
 
 
 def _export_nanochat(args, model, tokenizer, meta) -> int:
-    from aquainterp.nanochat_import import save_nanochat
-    from aquainterp.rundir import UsageError
+    from aquainterp.checkpoints.nanochat import save_nanochat
+    from aquainterp.cli.rundir import UsageError
 
     if args.check:
         raise UsageError("--check compares with transformers; it applies to --format hf only")
-    from aquainterp.rundir import HIDDEN
+    from aquainterp.cli.rundir import HIDDEN
 
     out = Path(args.out_dir)
     if out.exists() and (not out.is_dir() or any(p.name not in HIDDEN for p in out.iterdir())):
@@ -356,14 +356,14 @@ def _export_nanochat(args, model, tokenizer, meta) -> int:
 
 
 def run(args) -> int:
-    from aquainterp.checkpoint import load_model
-    from aquainterp.rundir import claim_output, record_written
+    from aquainterp.checkpoints.load import load_model
+    from aquainterp.cli.rundir import claim_output, record_written
 
-    # never into (or over) the checkpoint, never over files export did not write (aquainterp.rundir)
+    # never into (or over) the checkpoint, never over files export did not write (aquainterp.cli.rundir)
     claim_output(args.out_dir, "out_dir", owner=EXPORT_OWNER, kind="dir", inputs=[args.checkpoint],
                  overwrite=getattr(args, "overwrite", False))
     if args.format == "hf" and getattr(args, "kind", "auto") != "auto":
-        from aquainterp.rundir import UsageError
+        from aquainterp.cli.rundir import UsageError
 
         raise UsageError("--kind names nanochat's checkpoint folder; it applies to --format nanochat only")
     model, tokenizer, meta = load_model(args.checkpoint, step=args.step)

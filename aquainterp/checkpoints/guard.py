@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from aquainterp.checkpoint import (
+from aquainterp.checkpoints.native import (
     META_FILE,
     MODEL_FILE,
     CheckpointError,
@@ -107,7 +107,7 @@ def check_bounds(config: dict, where: str) -> None:
 
 def meta_model(config_dict: dict, where: str):
     """The GPT of a config on the meta device: its parameter shapes, no memory."""
-    from aquainterp.model import GPT, GPTConfig
+    from aquainterp.model.gpt import GPT, GPTConfig
 
     try:
         config = GPTConfig.from_dict(config_dict)

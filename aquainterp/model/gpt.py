@@ -27,10 +27,10 @@ from transformer_lens.config import TransformerLensConfig
 from transformer_lens.FactoredMatrix import FactoredMatrix
 from transformer_lens.hook_points import HookPoint
 
-from aquainterp.lens import GPTCache, LensMixin, SoftcapOutput, Unembed, lens_config
+from aquainterp.model.lens import GPTCache, LensMixin, SoftcapOutput, Unembed, lens_config
 
 if TYPE_CHECKING:
-    from aquainterp.kv_cache import KVCache
+    from aquainterp.model.kv_cache import KVCache
 
 SOFTCAP = 15.0
 ROPE_BASE = 10000.0
@@ -611,7 +611,7 @@ class GPT(LensMixin, HookedRootModule):
             act_fn="relu2",
             dtype=self.wte.weight.dtype,
         )
-        # TransformerLens surface (aquainterp/lens.py): the cfg fields TL reads, its unembed module, and
+        # TransformerLens surface (aquainterp/model/lens.py): the cfg fields TL reads, its unembed module, and
         # the soft-cap as the output transform TL's logit lens applies after W_U.
         self.cfg = lens_config(self.cfg, config, SOFTCAP)
         for block in self.blocks:

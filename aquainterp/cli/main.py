@@ -16,16 +16,16 @@ import importlib
 import sys
 
 from aquainterp import __version__
-from aquainterp.cliargs import OneLineParser, guarded, pop_debug
+from aquainterp.cli.args import OneLineParser, guarded, pop_debug
 
 # name -> (module that implements it, one-line help). Only commands that exist are listed here.
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("training.demo", "the whole pipeline on a CPU in minutes: tokenizer, base, SFT, GRPO + probes, dashboards, patching"),
-    "info": ("aquainterp.info", "print versions, devices and the Rust core this install runs on"),
+    "info": ("aquainterp.cli.info", "print versions, devices and the Rust core this install runs on"),
     "eval": ("aquainterp.evaluate", "multiple-choice accuracy of a checkpoint: categorical, generative, pass@k, confusion"),
-    "patch": ("aquainterp.patch_cmd", "activation patching of a checkpoint: tensors, JSON, HTML heatmaps"),
-    "export": ("aquainterp.bridge", "write a checkpoint as an HF NanoChatForCausalLM directory (or --format nanochat: nanochat's own layout)"),
-    "import-nanochat": ("aquainterp.nanochat_import", "convert a nanochat checkpoint (model_<step>.pt + meta + tokenizer.pkl) to an aquainterp checkpoint"),
+    "patch": ("aquainterp.patching.command", "activation patching of a checkpoint: tensors, JSON, HTML heatmaps"),
+    "export": ("aquainterp.checkpoints.huggingface", "write a checkpoint as an HF NanoChatForCausalLM directory (or --format nanochat: nanochat's own layout)"),
+    "import-nanochat": ("aquainterp.checkpoints.nanochat", "convert a nanochat checkpoint (model_<step>.pt + meta + tokenizer.pkl) to an aquainterp checkpoint"),
     "dashboard": ("dashboards.cli", "dashboard templates: W&B workspace push/export/load, offline HTML report"),
 }
 
@@ -65,7 +65,7 @@ def subcommand_parser(name: str) -> tuple[argparse.ArgumentParser, object]:
 
 def main(argv: list[str] | None = None) -> int:
     """Arguments are checked before anything runs; errors end as one line on stderr: exit 2 for usage,
-    1 for runtime failures, a traceback only with --debug (aquainterp.cliargs)."""
+    1 for runtime failures, a traceback only with --debug (aquainterp.cli.args)."""
     argv, debug = pop_debug(list(sys.argv[1:] if argv is None else argv))
     argv = normalize_flag_spelling(argv)
     parser = build_parser()

@@ -3,11 +3,11 @@
     aquainterp patch --checkpoint runs/sft --task synthetic --n-pairs 16 --corruption permute --out runs/patch
 
 Loads the model (our checkpoint, or an HF NanoChat directory through the bridge), builds clean/corrupted
-pairs from the task, runs the sweeps (aquainterp.patching) and writes into --out:
+pairs from the task, runs the sweeps (aquainterp.patching.patcher) and writes into --out:
 - patching.safetensors: per sweep `{direction}/{sweep}/normalized` [*cells] and `.../logit_diff`
   [*cells, pairs], plus the baselines and token ids;
 - summary.json: the run's settings, the pairs, baselines and each sweep's axes, range and top cells;
-- patching.html: the report (aquainterp.patch_report): summary, cropped heatmaps with the decision column,
+- patching.html: the report (aquainterp.patching.report): summary, cropped heatmaps with the decision column,
   per-pair drill-down, raw JSON last (plotly.js inlined, works offline).
 """
 
@@ -22,12 +22,20 @@ from pathlib import Path
 
 import torch
 
-from aquainterp.cliargs import SEED, count_int, data_source, device_name, existing_path, number, positive_int
-from aquainterp.patch_pairs import CORRUPTIONS
-from aquainterp.patching import ALIGNMENTS, DIRECTIONS, MIN_GAP, SWEEPS, Patcher, SweepResult, screen_pairs
-from aquainterp.rundir import output_path
-from aquainterp.settings import add_arguments as add_setting_flags
-from aquainterp.settings import check_settings, setting
+from aquainterp.cli.args import SEED, count_int, data_source, device_name, existing_path, number, positive_int
+from aquainterp.cli.rundir import output_path
+from aquainterp.cli.settings import add_arguments as add_setting_flags
+from aquainterp.cli.settings import check_settings, setting
+from aquainterp.patching.pairs import CORRUPTIONS
+from aquainterp.patching.patcher import (
+    ALIGNMENTS,
+    DIRECTIONS,
+    MIN_GAP,
+    SWEEPS,
+    Patcher,
+    SweepResult,
+    screen_pairs,
+)
 from aquainterp.tasks.chat import STYLES
 
 TASKS = ("synthetic", "aqua")
@@ -39,9 +47,9 @@ METHODS = ("exact", "attribution")
 class PatchConfig:
     """Every setting of one `aquainterp patch` run, each declared once: `run(PatchConfig(...))` is the library
     entry (the demo calls it), and the command's flags, ranges and help are generated from these fields
-    (aquainterp.settings). Exactly one of checkpoint, hf_dir and checkpoint_series; out is required."""
+    (aquainterp.cli.settings). Exactly one of checkpoint, hf_dir and checkpoint_series; out is required."""
 
-    checkpoint: Path | None = setting(None, "checkpoint folder written by aquainterp.checkpoint",
+    checkpoint: Path | None = setting(None, "checkpoint folder written by aquainterp.checkpoints.native",
                                       type=existing_path("dir"), group="source")
     hf_dir: Path | None = setting(None, "HF NanoChatForCausalLM directory (imported via the bridge)",
                                   type=existing_path("dir"), group="source")
@@ -123,7 +131,7 @@ def fail(message: str, code: int = 2) -> int:
 def load(config):
     """(model, tokenizer, description) from --checkpoint or --hf-dir; ValueError with a plain message."""
     if config.checkpoint is not None:
-        from aquainterp.checkpoint import load_model
+        from aquainterp.checkpoints.load import load_model
 
         where = f"checkpoint {config.checkpoint}"
         try:
@@ -132,7 +140,7 @@ def load(config):
             raise LoadFailure(f"cannot load {where}: {e}") from e
         described = {"checkpoint": str(config.checkpoint), "step": meta.get("step", config.step)}
     else:
-        from aquainterp.bridge import import_hf
+        from aquainterp.checkpoints.huggingface import import_hf
 
         where = f"HF directory {config.hf_dir}"
         try:
@@ -192,8 +200,8 @@ def build_pairs(config, tokenizer, pool, model=None):
     """(pairs, skipped sources, no-marker sources, completions by source) for --decision."""
     from functools import partial
 
-    from aquainterp.completion_pairs import completion_pairs, greedy_completions
-    from aquainterp.patch_pairs import make_pairs
+    from aquainterp.patching.completion_pairs import completion_pairs, greedy_completions
+    from aquainterp.patching.pairs import make_pairs
 
     pairs, skipped, no_marker, completions = [], [], [], {}
     for start in range(0, len(pool), config.n_pairs):
@@ -267,7 +275,7 @@ OWNER = "aquainterp patch"
 def write_report(out: Path, patcher: Patcher, results: list[SweepResult], tokenizer, settings: dict,
                  extra_html: str = "") -> dict:
     """Tensors, summary.json and patching.html under `out`; returns the summary."""
-    from aquainterp.patch_report import write_html
+    from aquainterp.patching.report import write_html
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -292,9 +300,9 @@ def write_report(out: Path, patcher: Patcher, results: list[SweepResult], tokeni
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     write_html(out / "patching.html", patcher, results, summary, tokenizer, extra_html)
-    from aquainterp.rundir import record_written
+    from aquainterp.cli.rundir import record_written
 
-    record_written([out], OWNER)  # a later run may replace these files, and only these (aquainterp.rundir)
+    record_written([out], OWNER)  # a later run may replace these files, and only these (aquainterp.cli.rundir)
     return summary
 
 
@@ -333,7 +341,7 @@ def screen(config, pairs, patcher: Patcher) -> tuple[Patcher, dict]:
 
 def run_sweeps(config, patcher: Patcher, names, directions) -> list[SweepResult]:
     if config.method == "attribution":
-        from aquainterp.attribution import attribution_sweeps
+        from aquainterp.patching.attribution import attribution_sweeps
 
         return [r for d in directions for r in attribution_sweeps(patcher, names, d)]
     return [patcher.sweep(name, d) for d in directions for name in names]
@@ -348,11 +356,11 @@ def settings_of(config, pairs, skipped, no_marker, directions, names) -> dict:
 
 
 def run_checkpoint_series(config, names) -> int:
-    """--checkpoint-series: the same pairs on every selected step (aquainterp.patch_series)."""
+    """--checkpoint-series: the same pairs on every selected step (aquainterp.patching.series)."""
     from safetensors.torch import save_file
 
     from aquainterp.logger import Logger
-    from aquainterp.patch_series import run_series, series_section, stack
+    from aquainterp.patching.series import run_series, series_section, stack
 
     directions = DIRECTIONS if config.direction == "both" else (config.direction,)
 
@@ -428,7 +436,7 @@ def run(config: PatchConfig | argparse.Namespace) -> int:
     except RuntimeError as e:
         return fail(f"--device {config.device!r}: {e}")
     # where the results go is checked before any sweep runs: a folder (or a new path), never an input
-    from aquainterp.rundir import claim_output
+    from aquainterp.cli.rundir import claim_output
 
     data = config.data if config.data and Path(config.data).exists() else None
     claim_output(config.out, "--out", owner=OWNER, kind="dir", overwrite=config.overwrite,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from aquainterp.kv_cache import SharedPrompt
+from aquainterp.model.kv_cache import SharedPrompt
 
 
 def completion_targets(completions: list[list[int]]) -> torch.Tensor:
