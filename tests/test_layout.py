@@ -90,3 +90,14 @@ def test_public_names_resolve_from_the_package():
         assert "NoSuchThing" in str(e)
     else:
         raise AssertionError("an unknown name must raise AttributeError")
+
+
+def test_importing_the_package_and_the_command_line_loads_no_torch():
+    """`aquainterp --help` stays fast: the re-exports above resolve on first use, not at import."""
+    import subprocess
+    import sys
+
+    code = ("import sys, aquainterp, aquainterp.cli.main; "
+            "print(sorted(m for m in ('torch', 'numpy', 'transformer_lens') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
