@@ -1,10 +1,12 @@
-"""Docs that cannot drift: docs/api.md's signatures exist in the code with the parameters it names, and
-every flag the README shows for a command is one that command's --help lists.
+"""Docs that cannot drift: docs/api.md's signatures exist in the code with the parameters it names,
+every flag the README or a docs/ page shows for a command is one that command's --help lists, the README
+stays a landing page (at most 200 lines), and every relative link in README.md and docs/*.md reaches an
+existing file and heading.
 
 api.md: each `## module` section's code block is read line by line; `class X`, `def f(...)` (top level or
 indented under a class), `a.b.c(...)` and `.method(...)` under a dotted class are resolved with importlib and
-their documented parameter names compared with inspect.signature. README: every fenced bash command
-(`python -m training.X`, `aquainterp X`, `python benchmarks/X.py`, `torchrun ... -m training.X`) is
+their documented parameter names compared with inspect.signature. README.md and docs/*.md: every fenced
+bash command (`python -m training.X`, `aquainterp X`, `python benchmarks/X.py`, `torchrun ... -m training.X`) is
 parsed, and each `--flag` on it (snake_case spelling accepted, as the CLIs accept it) must appear in
 that command's own --help.
 """
@@ -191,9 +193,12 @@ def _help_text(command: tuple[str, ...]) -> str:
     return out.getvalue()
 
 
+DOC_PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
 def _readme_commands():
-    """(command key, flags, the line) for each command in the README's bash blocks."""
-    text = (REPO / "README.md").read_text()
+    """(command key, flags, the line) for each command in the bash blocks of README.md and docs/*.md."""
+    text = "\n".join(page.read_text() for page in DOC_PAGES)
     found = []
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         for line in block.replace("\\\n", " ").splitlines():
@@ -228,7 +233,7 @@ def _readme_commands():
 
 def test_readme_flags_are_in_each_commands_help():
     commands = _readme_commands()
-    assert len(commands) >= 5  # the parser really finds the README's commands
+    assert len(commands) >= 15  # the parser really finds the commands of the README and docs/ pages
     helps: dict = {}
     problems = []
     for key, flags, line in commands:
@@ -236,32 +241,80 @@ def test_readme_flags_are_in_each_commands_help():
             helps[key] = _help_text(key)
         for flag in flags:
             if flag.replace("_", "-") not in helps[key] and flag not in helps[key]:
-                problems.append(f"README: `{line}`: {flag} is not in `{' '.join(key)} --help`")
+                problems.append(f"README.md or docs/: `{line}`: {flag} is not in `{' '.join(key)} --help`")
     assert not problems, "\n".join(problems)
 
 
-def test_readme_claim_about_every_stage_holds():
-    text = (REPO / "README.md").read_text().replace("\n", " ")
+def test_training_page_claim_about_every_stage_holds():
+    text = (REPO / "docs" / "training.md").read_text().replace("\n", " ")
     m = re.search(r"Every training stage after the tokenizer \((?P<stages>[^)]*)\) takes (?P<flags>.*?);", text)
-    assert m, "README: the 'Every training stage ... takes' sentence moved; update this test with it"
+    assert m, "docs/training.md: the 'Every training stage ... takes' sentence moved; update this test with it"
     stages = re.findall(r"`(\w+)`", m.group("stages"))
     flags = re.findall(r"`(--[\w-]+)", m.group("flags"))
     assert stages == ["base", "mid", "sft", "rl"] and len(flags) == 4
     for stage in stages:
         help_text = _help_text(("training", stage))
         for flag in flags:
-            assert flag in help_text, f"README says every stage takes {flag}; training.{stage} does not"
+            assert flag in help_text, f"docs/training.md says every stage takes {flag}; training.{stage} does not"
 
 
-def test_readme_demo_tables_are_generated_from_the_committed_summary():
-    """The README's seed-0 demo tables are training.demo_tables' output for docs/demo/seed0-summary.json
-    (the summary.json of the run they describe), not typed: a change to the numbers updates both."""
+def test_demo_tables_are_generated_from_the_committed_summary():
+    """The seed-0 demo tables are training.demo_tables' output for docs/demo/seed0-summary.json (the
+    summary.json of the run they describe), not typed: a change to the numbers updates them all. The headline
+    is in README.md and docs/demo.md, the is-the-rationale-used table in docs/probes.md."""
     import json
 
     from training.demo_tables import faith_markdown, headline_markdown
 
     summary = json.loads((REPO / "docs" / "demo" / "seed0-summary.json").read_text())
-    readme = (REPO / "README.md").read_text()
-    for table in (headline_markdown(summary), faith_markdown(summary)):
-        assert table and table in readme, table
+    for table, pages in ((headline_markdown(summary), ("README.md", "docs/demo.md")),
+                         (faith_markdown(summary), ("docs/probes.md",))):
+        for page in pages:
+            assert table and table in (REPO / page).read_text(), f"{page} does not hold this table:\n{table}"
     assert summary["numerics"]["mkl_cbwr"] == "AVX2,STRICT" and summary["config"]["seed"] == 0
+
+
+# ---- README as a landing page, links between the pages ----------------------------------------------
+
+def test_readme_is_a_landing_page():
+    lines = (REPO / "README.md").read_text().splitlines()
+    assert len(lines) <= 200, f"README.md has {len(lines)} lines: move detail to a docs/ page and link it"
+    text = "\n".join(lines)
+    for command in ("scripts/demo    #", "scripts/test    #"):  # the two commands, as .ci/run and scripts/ name them
+        assert command in text
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces as hyphens."""
+    heading = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading.strip().lower())  # a link: its text
+    return re.sub(r"[^\w\- ]", "", heading).replace(" ", "-")
+
+
+def _anchors(text: str) -> set[str]:
+    seen: dict[str, int] = {}
+    anchors = set()
+    for m in re.finditer(r"^#{1,6} +(.+?) *#*$", re.sub(r"```.*?```", "", text, flags=re.S), re.M):
+        slug = _slug(m.group(1))
+        anchors.add(slug if slug not in seen else f"{slug}-{seen[slug]}")
+        seen[slug] = seen.get(slug, 0) + 1
+    return anchors
+
+
+def test_relative_links_reach_a_file_and_heading():
+    """Every relative link in README.md and docs/*.md (markdown links and images, outside code blocks) names
+    a file that exists, and a heading of it when the link has a #fragment."""
+    problems, checked = [], 0
+    for page in DOC_PAGES:
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+        for link in re.findall(r"\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)", text):
+            if re.match(r"[a-z][a-z0-9+.-]*:", link):  # https:, mailto:
+                continue
+            target, _, fragment = link.partition("#")
+            path = (page.parent / target).resolve() if target else page
+            checked += 1
+            if not path.exists():
+                problems.append(f"{page.relative_to(REPO)}: ({link}): no file {path}")
+            elif fragment and path.suffix == ".md" and fragment not in _anchors(path.read_text()):
+                problems.append(f"{page.relative_to(REPO)}: ({link}): no heading #{fragment} in {path.name}")
+    assert checked > 30  # the pages really link to each other
+    assert not problems, "\n".join(problems)

@@ -729,13 +729,13 @@ def test_opt_in_hooks_fire_only_when_switched_on_and_keep_the_numbers(tok, n_kv_
     assert not any(k.endswith(tuple(opt_in)) for k in model.run_with_cache(tokens)[1].keys())
 
 
-# ---------------------------------------------------------------- 5. the README's TransformerLens demo lines
+# ---------------------------------------------------------------- 5. docs/transformerlens.md's TransformerLens demo lines
 
 
 def readme_tl_blocks() -> list[str]:
     from pathlib import Path
 
-    section = (Path(__file__).resolve().parents[1] / "README.md").read_text().split(
+    section = (Path(__file__).resolve().parents[1] / "docs" / "transformerlens.md").read_text().split(
         "## Using it from TransformerLens", 1)[1].split("\n## ", 1)[0]
     return [block.split("```", 1)[0] for block in section.split("```python\n")[1:]]
 
@@ -744,7 +744,7 @@ def test_readme_runs_the_first_lines_of_tl_main_demo(checkpoint_dir, capsys):
     code = readme_tl_blocks()[0]
     assert 'load_model("runs/demo/rl/checkpoints")' in code and 'model(model_description_text, return_type="loss")' in code
     scope = {}
-    exec(compile(code.replace("runs/demo/rl/checkpoints", str(checkpoint_dir)), "README.md", "exec"), scope)
+    exec(compile(code.replace("runs/demo/rl/checkpoints", str(checkpoint_dir)), "docs/transformerlens.md", "exec"), scope)
     out = capsys.readouterr().out
     assert out.startswith("Model loss: tensor(") and "\ncpu\n" in out and "ActivationCache with keys [" in out
     assert "torch.Size([4, 64, 64])" in out  # 4 heads; truncated to n_ctx = 64 as TL's to_tokens does
@@ -755,6 +755,6 @@ def test_readme_circuitsvis_example_renders_our_pattern(checkpoint_dir):
     cv = pytest.importorskip("circuitsvis", reason="circuitsvis is an optional dependency")
     scope = {}
     first, second = readme_tl_blocks()[:2]
-    exec(compile(first.replace("runs/demo/rl/checkpoints", str(checkpoint_dir)), "README.md", "exec"), scope)
-    exec(compile(second.replace("cv.attention", "html = cv.attention", 1), "README.md", "exec"), scope)
+    exec(compile(first.replace("runs/demo/rl/checkpoints", str(checkpoint_dir)), "docs/transformerlens.md", "exec"), scope)
+    exec(compile(second.replace("cv.attention", "html = cv.attention", 1), "docs/transformerlens.md", "exec"), scope)
     assert scope["cv"] is cv and "circuits-vis" in str(scope["html"])

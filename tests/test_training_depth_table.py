@@ -31,7 +31,7 @@ def test_time_scales_inversely_with_mfu_and_table_prints(capsys):
 
 
 def test_readme_table_is_the_codes_output():
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
     config = DepthTableConfig()
     rows = [depth_row(int(d), config) for d in config.depths.split(",")]
-    assert markdown(rows, config) in readme, "README depth table is stale: paste `python -m training.depth_table`"
+    assert markdown(rows, config) in readme, "docs/training.md's depth table is stale: paste `python -m training.depth_table`"

@@ -1,10 +1,11 @@
-"""The README's demo tables, generated from the demo's summary.json (never typed by hand).
+"""The demo's tables in the docs, generated from the demo's summary.json (never typed by hand).
 
-    python -m training.demo_tables runs/demo/summary.json            # markdown, as the README holds it
+    python -m training.demo_tables runs/demo/summary.json            # markdown, as the docs hold it
 
+The headline table goes in README.md and docs/demo.md, the is-the-rationale-used table in docs/probes.md.
 Each table has a column for the SFT policy (the first eval / probe step of the GRPO stage) and one for the
-policy after GRPO (the last). tests/test_docs.py checks that the README's tables are this output for the
-summary committed in docs/demo/.
+policy after GRPO (the last). tests/test_docs.py checks that those pages hold this output for the summary
+committed in docs/demo/.
 """
 
 from __future__ import annotations
