@@ -22,7 +22,7 @@ corrupted forward + backward for every cell) with the exact batched sweep of the
 speed ratio, Pearson correlation of the normalised cells and of the per-pair logit differences, overlap
 of the 10 strongest cells, and per layer where the estimate breaks (correlation, worst cell). With
 --checkpoint DIR the model is a trained checkpoint and the pairs are its own completion decisions
-(noise on question and options, as `aquainterp patch` does by default); the README's trained depth-4 model is
+(noise on question and options, as `aquainterp patch` does by default); docs/patching.md's trained depth-4 model is
 benchmarks/train_depth4.py's (--checkpoint runs/depth4/sft/checkpoints). --method all runs both tables.
 """
 

@@ -229,7 +229,7 @@ def test_demo_small_budget_end_to_end_gain_and_cached(tmp_path):
               if run["numerics"] == {k: results["numerics"][k] for k in ("cpu_vendor", "mkl_cbwr", "torch", "mkl")}]
     if golden:
         assert json.loads(json.dumps(h)) == golden[0]["headline"], "the demo's numbers moved: update " \
-            f"{SMALL_GOLDEN.name} and the README together (python -m training.demo_tables)"
+            f"{SMALL_GOLDEN.name} and README.md, docs/demo.md, docs/probes.md together (python -m training.demo_tables)"
     else:
         print(f"no golden headline for numerics {results['numerics']} in {SMALL_GOLDEN}: only the gain is checked")
 

@@ -5,7 +5,7 @@ matching one, "Answer: X") for 80 AdamW steps. Patched at the decision position 
 Gaussian noise on the question and the options, it shows one route for the answer: the last layer's
 attention at the decision token reads it from a few problem tokens (mostly one head); no other position's
 attention output and no first-layer head matters, and before that layer the decision token's residual
-stream does not hold it. The demo's SFT checkpoint has the same shape one layer earlier (README).
+stream does not hold it. The demo's SFT checkpoint has the same shape one layer earlier (docs/patching.md).
 """
 
 import pytest

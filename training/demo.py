@@ -22,7 +22,7 @@ and on Intel CPUs with AVX2 or AVX-512 alike. Without them, the thread count cha
 (base losses differ from step 3 on) and AVX-512 kernels round differently from AVX2 ones; the tiny model's
 training is chaotic enough that such rounding ends in different accuracies. The demo runs no bf16 math and
 no oneDNN primitive on CPU. Not covered: AMD CPUs (MKL's AVX2 branch is Intel-only; elsewhere MKL runs its
-AUTO branch, and an AMD EPYC's numbers differed from the README's: ../shared/fixtures/demo-numerics;
+AUTO branch, and an AMD EPYC's numbers differed from docs/demo.md's: ../shared/fixtures/demo-numerics;
 `MKL_CBWR=COMPATIBLE,STRICT` is MKL's one branch documented as the same on Intel and AMD, at about twice
 the GEMM time), other torch or MKL versions, builds without MKL (ARM, Apple), GPUs. summary.json's
 `numerics` records the CPU and library fingerprint of a run (numerics_fingerprint).
@@ -50,8 +50,8 @@ from aquainterp.cli.rundir import (
 )
 from training.demo_summary import floats, headline, print_summary, say
 
-# Settings per budget, chosen by measurement (README, "What the demo shows, seed by seed"). "full" is the
-# README's demo: 250 SFT steps leave the policy at 0.37-0.65 held-out greedy accuracy for seeds 0-2 (the
+# Settings per budget, chosen by measurement (docs/demo.md, "What the demo shows, seed by seed"). "full" is the
+# documented demo: 250 SFT steps leave the policy at 0.37-0.65 held-out greedy accuracy for seeds 0-2 (the
 # arithmetic is right, the option checks are not yet), and 120 GRPO steps of 32 problems × 8 samples at 0.3
 # of the base learning rates, with a KL penalty of 0.2 to the SFT policy, add 26.0-32.0 points. Without the KL
 # term seed 0's weaker policy (0.365) drifted into answering without the checks and collapsed onto one letter
@@ -442,7 +442,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=output_path("root"), default=d.out,
                         help=f"where every stage writes (default {d.out})")
     parser.add_argument("--budget", choices=sorted(BUDGETS), default=d.budget,
-                        help="full: the README demo (≤ 10 min on 2 cores); small: the same story in fewer RL "
+                        help="full: the documented demo (≤ 10 min on 2 cores); small: the same story in fewer RL "
                              "steps (the slow test); smoke: every stage with tiny step counts, nothing learned, "
                              "no patching (plumbing checks)")
     parser.add_argument("--seed", type=SEED, default=d.seed, help="one seed for every stage (default 0)")

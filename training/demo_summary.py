@@ -70,13 +70,13 @@ def headline(metrics_path: Path) -> dict:
 
 
 def format_value(value, fmt: str = ".3f") -> str:
-    """A headline number as the summary and the README print it; "—" when it was not logged."""
+    """A headline number as the summary and the docs' tables print it; "—" when it was not logged."""
     return "—" if value is None else format(value, fmt)
 
 
 def faith_rows(h: dict) -> list[tuple[str, str, str]]:
     """(label, SFT policy, after GRPO) formatted, for every faith metric a headline holds: FAITH_ROWS, then
-    the pre-reasoning probe per layer. The console summary and the README's table (training.demo_tables)."""
+    the pre-reasoning probe per layer. The console summary and the docs' table (training.demo_tables)."""
     if "faith" not in h:
         return []
     first, last = h["faith"]["first"], h["faith"]["last"]
@@ -98,7 +98,7 @@ def faith_lines(h: dict) -> list[str]:
 
 
 def headline_lines(h: dict) -> list[str]:
-    """The demo's table: the same numbers as summary.json's "headline" (and the README's demo table)."""
+    """The demo's table: the same numbers as summary.json's "headline" (and the demo table in README.md and docs/demo.md)."""
     if "greedy_before" not in h:
         return ["(no held-out evaluation logged)"]
     num = format_value
@@ -210,7 +210,7 @@ def print_summary(r: dict, root: Path) -> None:
         print("  " + line)
     faith = faith_lines(r["headline"])
     if faith:
-        print(f"\nis the rationale used? ({_panel('faith/early_answer_aoc').split(' › ')[0]} dashboard; README "
+        print(f"\nis the rationale used? ({_panel('faith/early_answer_aoc').split(' › ')[0]} dashboard; docs/probes.md "
               "'Is the rationale used?' says how each is measured)")
         for line in faith:
             print("  " + line)

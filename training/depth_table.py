@@ -1,4 +1,4 @@
-"""The README's depth table, computed: parameters, Chinchilla tokens and expected 8×H100 base-training time.
+"""docs/training.md's depth table, computed: parameters, Chinchilla tokens and expected 8×H100 base-training time.
 
     python -m training.depth_table                  # markdown, depths 4..32
     python -m training.depth_table --mfu 0.5 --depths 12,20,26

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 SOFTCAP = 15.0
 ROPE_BASE = 10000.0
 
-# The two nanochat architectures (see GPTConfig.architecture and the README's model section).
+# The two nanochat architectures (see GPTConfig.architecture and docs/nanochat.md).
 ARCH_2025_10 = "nanochat-2025-10"  # the Oct-2025 speedrun GPT: what HF NanoChat and TL's bridge represent
 ARCH_2026_07 = "nanochat-2026-07"  # nanochat HEAD 92d63d4: windows, value embeddings, smear, backout, λs
 ARCHITECTURES = (ARCH_2025_10, ARCH_2026_07)

@@ -96,7 +96,7 @@ class PatchConfig:
     sweeps: str = setting(",".join(SWEEPS), f"comma list from {','.join(SWEEPS)}")
     method: str = setting("exact", "exact: one patched forward per cell and pair (batched); attribution: the "
                           "gradient estimate of every cell at once (one clean forward, one corrupted forward + "
-                          "backward; exact only where the metric is linear in the activation, see README)",
+                          "backward; exact only where the metric is linear in the activation, see docs/patching.md)",
                           choices=METHODS)
     align: str = setting("end", "position axis counts from the prompt start, or back from the decision token",
                          choices=ALIGNMENTS)
