@@ -50,7 +50,6 @@ from training.grpo import completion_reward, group_advantages, policy_loss, toke
 from training.optim import apply_schedule, build_optimizers
 from training.rl_health import entropy_sum, grad_norm, group_counts, group_metrics
 
-
 # ------------------------------------------------------------------------------------------ settings
 
 
