@@ -156,7 +156,7 @@ def test_bad_arguments(tok, synthetic):
         evaluate(model, tok, synthetic, "vote")
     with pytest.raises(ValueError, match="no problems"):
         evaluate(model, tok, [], "categorical")
-    with pytest.raises(ValueError, match="task must be 'synthetic' or 'aqua', got 'gsm'"):
+    with pytest.raises(ValueError, match="task must be one of synthetic, aqua, gsm8k, arc, mmlu, got 'gsm'"):
         load_problems("gsm")
     with pytest.raises(ValueError, match="n must be >= 1"):
         load_problems("synthetic", n=0)

@@ -3,7 +3,9 @@
 nanochat saves `<base>/base_checkpoints/<tag>/model_<step>.pt` (the state dict, plain tensors),
 `meta_<step>.json` (`model_config` and the step) and keeps its tokenizer in `<base>/tokenizer/`
 (`tokenizer.pkl`, `token_bytes.pt`). `load_nanochat` opens such a folder (the one holding model_*.pt,
-or a base folder with exactly one checkpoint folder under *_checkpoints/) into our GPT:
+the folder above the model tags such as chatsft_checkpoints/ (the tag picked by nanochat's rule: the
+largest d<depth>, then its last step; see pick_model_tag), or a base folder with one *_checkpoints/ folder)
+into our GPT:
 
 - weights through `torch.load(weights_only=True, mmap=True)`: nothing but tensors is unpickled and the
   file is mapped, not copied, until the shapes have been checked;
@@ -23,12 +25,13 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import sys
 import zipfile
 from pathlib import Path
 
 import torch
 
-from aquainterp.checkpoints.native import CheckpointError
+from aquainterp.checkpoints.native import CheckpointError, latest_step
 from aquainterp.model.gpt import ARCH_2025_10, ARCH_2026_07, GPT, GPTConfig
 
 MODEL_RE = re.compile(r"^model_(\d+)\.pt$")
@@ -50,19 +53,70 @@ def _model_files(directory: Path) -> dict[int, Path]:
     return out
 
 
-def checkpoint_folder(directory: str | Path) -> Path | None:
-    """The folder holding model_<step>.pt for `directory` (itself, or the single <base>/*_checkpoints/<tag>/),
-    or None when it is not a nanochat checkpoint folder."""
+CHECKPOINTS_SUFFIX = "_checkpoints"
+DEPTH_TAG_RE = re.compile(r"d(\d+)")
+
+
+def pick_model_tag(checkpoints_dir: Path) -> tuple[Path, str | None]:
+    """nanochat's rule for a folder above the model tags (checkpoint_manager.find_largest_model): every
+    sub-folder is a tag; tags that start with d<number> win, the largest number first; without any, the
+    most recently modified tag. Ties (d4 and d04) go to the name sorted first, where nanochat keeps
+    os.listdir's order. Returns (tag folder, why it was picked; None for the only tag). The tag is picked
+    before its steps are looked at, as nanochat does: a largest tag without model_<step>.pt is an error,
+    not a fallback to a smaller tag."""
+    tags = sorted(p for p in checkpoints_dir.iterdir() if p.is_dir())
+    if not tags:
+        raise NanochatCheckpointError(f"{checkpoints_dir}: no model tags here (nanochat writes "
+                                      f"<base>/{checkpoints_dir.name}/<tag>/model_<step>.pt, tag such as d20)")
+    depths = [(int(m.group(1)), tag) for tag in tags if (m := DEPTH_TAG_RE.match(tag.name))]
+    if depths:
+        chosen = min(depths, key=lambda d: (-d[0], d[1].name))[1]
+        why = f"largest depth tag of {', '.join(t.name for _, t in sorted(depths, key=lambda d: d[0]))}"
+    else:
+        chosen = min(tags, key=lambda t: (-t.stat().st_mtime, t.name))
+        why = f"no d<depth> tag; most recently modified of {', '.join(t.name for t in tags)}"
+    if not _model_files(chosen):
+        others = [t.name for t in tags if t != chosen and _model_files(t)]
+        hint = f"; tags with checkpoints: {', '.join(others)} (pass one of those folders)" if others else ""
+        raise NanochatCheckpointError(f"{chosen}: the model tag nanochat would pick ({why}) holds no "
+                                      f"model_<step>.pt{hint}")
+    return chosen, (why if len(tags) > 1 else None)  # a lone tag is no choice: nothing to report
+
+
+def resolve_folder(directory: str | Path) -> tuple[Path, str | None] | None:
+    """(folder holding model_<step>.pt, how its tag was picked or None when given) for `directory`:
+    - the tag folder itself (holds model_<step>.pt);
+    - a folder above the tags (chatsft_checkpoints/, base_checkpoints/, ... or any folder whose sub-folders
+      hold model_<step>.pt): the tag by nanochat's rule (pick_model_tag);
+    - a nanochat base folder holding one *_checkpoints/ folder with checkpoints: the same, inside it.
+    None when `directory` is not a nanochat checkpoint folder. Several *_checkpoints/ folders with
+    checkpoints (base and sft, say) are an error that lists them: which stage to open is the user's choice
+    (nanochat's -i base|sft|rl)."""
     directory = Path(directory)
     if _model_files(directory):
-        return directory
+        return directory, None
     if not directory.is_dir():
         return None
-    candidates = sorted(p for p in directory.glob("*_checkpoints/*") if _model_files(p))
-    if len(candidates) > 1:
-        raise NanochatCheckpointError(f"{directory}: holds several nanochat checkpoint folders "
-                                      f"({', '.join(str(c.relative_to(directory)) for c in candidates)}); pass one")
-    return candidates[0] if candidates else None
+    subdirs = [p for p in directory.iterdir() if p.is_dir()]
+    ours = directory.name.endswith(CHECKPOINTS_SUFFIX) and latest_step(directory) is not None  # our step_*/ folders
+    if any(_model_files(p) for p in subdirs) or (directory.name.endswith(CHECKPOINTS_SUFFIX) and not ours):
+        return pick_model_tag(directory)
+    stages = sorted(p for p in subdirs if p.name.endswith(CHECKPOINTS_SUFFIX)
+                    and any(_model_files(t) for t in p.iterdir() if t.is_dir()))
+    if len(stages) > 1:
+        raise NanochatCheckpointError(f"{directory}: holds several nanochat stages "
+                                      f"({', '.join(p.name for p in stages)}); pass one of those folders")
+    if stages:
+        folder, why = pick_model_tag(stages[0])
+        return folder, why
+    return None
+
+
+def checkpoint_folder(directory: str | Path) -> Path | None:
+    """The folder holding model_<step>.pt for `directory` (see resolve_folder), or None when it is not a
+    nanochat checkpoint folder."""
+    resolved = resolve_folder(directory)
+    return None if resolved is None else resolved[0]
 
 
 def is_nanochat_dir(directory: str | Path) -> bool:
@@ -183,12 +237,16 @@ def read_nanochat(directory: str | Path, step: int | None = None):
     given = Path(directory)
     if not given.exists():
         raise NanochatCheckpointError(f"{given}: does not exist")
-    folder = checkpoint_folder(given)
-    if folder is None:
+    resolved = resolve_folder(given)
+    if resolved is None:
         raise NanochatCheckpointError(f"{given}: no nanochat checkpoint (model_<step>.pt) here")
+    folder, why = resolved
     files = _model_files(folder)
     if step is None:
         step = max(files)
+    if why is not None:  # nanochat logs its guess too ("No model tag provided, guessing model tag: d12")
+        print(f"nanochat checkpoint: model tag {folder.name} ({why}) in {folder.parent}, step {step}"
+              f"{' (the last)' if step == max(files) else ''}", file=sys.stderr)
     if step not in files:
         raise NanochatCheckpointError(f"{folder}: no model_{step:06d}.pt; steps here: {sorted(files)}")
     meta_path = folder / f"meta_{step:06d}.json"

@@ -20,6 +20,7 @@ HUB_ID = "openai/gsm8k"
 HUB_CONFIG = "main"
 _CALC = re.compile(r"<<([^<>=]*)=([^<>]*)>>")
 _FINAL = re.compile(r"^####\s*(-?[\d,]*\.?\d+)\s*$", re.MULTILINE)
+_NANOCHAT_ANSWER = re.compile(r"#### (-?[0-9.,]+)")
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,16 @@ def parse_row(where: str, row: Any) -> GSM8KProblem:
     calls = tuple((expr, result) for expr, result in _CALC.findall(body))
     return GSM8KProblem(row["question"].strip(), strip_calculator(body), final[0].replace(",", ""),
                         calls, where)
+
+
+def extract_answer(completion: str) -> str | None:
+    """nanochat's GSM8K answer rule (its tasks/gsm8k.py, after OpenAI's grade-school-math): the number after
+    the FIRST "#### " (one space) in the text, a run of ASCII digits, dots and commas with an optional
+    leading minus, commas removed; None when there is none. "####5", "#### $5" and "#### ٥" are None,
+    "#### 10." is "10.", "#### 1,080" is "1080". Compared as a string with the gold number (so "18.0" is
+    not "18"), as nanochat does."""
+    match = _NANOCHAT_ANSWER.search(completion)
+    return None if match is None else match.group(1).strip().replace(",", "")
 
 
 def load_gsm8k(source: str | Path = HUB_ID, split: str = "test", skip_bad_rows: bool = False) -> list[GSM8KProblem]:

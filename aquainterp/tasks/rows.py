@@ -47,6 +47,20 @@ def local_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
                 yield where, RowError(where, "invalid JSON", f"{e.msg} at column {e.colno}")
 
 
+def parquet_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """(path:row N, row dict) per row of a local parquet file (the hub's own storage format; pyarrow reads
+    it), N counted from 1 like file lines."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow's errors name no file: say which one and why, in one line
+        raise ValueError(f"{path}: not a readable parquet file ({type(e).__name__}: {e})") from None
+    for index, row in enumerate(table.to_pylist(), start=1):
+        yield f"{path}:row {index}", row
+
+
 def hub_rows(source: str, config: str | None, split: str) -> Iterator[tuple[str, Any]]:
     """(source:split:index, row dict) from `datasets.load_dataset(source, config, split=split)`.
 
@@ -67,11 +81,11 @@ def hub_rows(source: str, config: str | None, split: str) -> Iterator[tuple[str,
 
 
 def source_rows(source: str | Path, config: str | None, split: str, missing: str) -> Iterator[tuple[str, Any]]:
-    """Rows of a local JSON Lines file (split ignored) or else of a hub dataset; a .json/.jsonl path that does
-    not exist is FileNotFoundError("{missing}: {source}"), never a hub lookup."""
+    """Rows of a local JSON Lines or parquet file (split ignored) or else of a hub dataset; a .json/.jsonl/
+    .parquet path that does not exist is FileNotFoundError("{missing}: {source}"), never a hub lookup."""
     if is_local(source):
-        return local_rows(source)
-    if Path(source).suffix in (".json", ".jsonl"):
+        return parquet_rows(source) if Path(source).suffix == ".parquet" else local_rows(source)
+    if Path(source).suffix in (".json", ".jsonl", ".parquet"):
         raise FileNotFoundError(f"{missing}: {source}")
     return hub_rows(str(source), config, split)
 
