@@ -49,6 +49,9 @@ SPECIAL_TOKENS = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_star
                   "<|output_start|>", "<|output_end|>"]
 SPLIT_PATTERN = _rustbpe.SPLIT_PATTERN
 TOKENIZER_FILE = "tokenizer.json"
+# The special tokens a transformers tokenizer of ours names (Tokenizer.hf_pretrained_tokenizer; the HF export's
+# tokenizer_config.json names the same): nanochat has no eos or pad token of its own.
+HF_SPECIAL_TOKENS = {"bos_token": "<|bos|>", "eos_token": "<|assistant_end|>", "pad_token": "<|assistant_end|>"}
 assert list(_rustbpe.SPECIAL_TOKENS) == SPECIAL_TOKENS, "Rust core and Python disagree on special tokens"
 
 
@@ -246,6 +249,19 @@ class Tokenizer:
         tok = HFTokenizer.from_str(self._json)
         tok.encode_special_tokens = True
         return tok
+
+    def hf_pretrained_tokenizer(self, model_max_length: int | None = None):
+        """This tokenizer as a transformers `PreTrainedTokenizerFast` (what TransformerLens code expects in
+        `model.tokenizer`): same ids as encode (special-token strings in text stay ordinary text), callable,
+        batch_decode, with bos/eos/pad set as the HF export writes them (HF_SPECIAL_TOKENS: <|bos|>, and
+        <|assistant_end|> for eos and pad, nanochat's end of an assistant turn). It adds no BOS itself
+        (add_special_tokens has nothing to add); TL's to_tokens puts <|bos|> first (prepend_bos)."""
+        from transformers import PreTrainedTokenizerFast
+
+        kwargs = {} if model_max_length is None else {"model_max_length": model_max_length}
+        return PreTrainedTokenizerFast(tokenizer_object=self.hf_tokenizer(), split_special_tokens=True,
+                                       name_or_path=f"aquainterp-bpe-{self.fingerprint()[:12]}",
+                                       **HF_SPECIAL_TOKENS, **kwargs)
 
     # ---- encoding ----
 

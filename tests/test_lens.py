@@ -451,7 +451,9 @@ def test_tokenizer_methods(tok):
     left = model.to_tokens([short, long], padding_side="left")
     n = len(tok.encode(short)) + 1
     assert right[0, :n].tolist() == left[0, -n:].tolist() == [bos] + tok.encode(short)
-    assert (right[0, n:] == bos).all() and (left[0, :-n] == bos).all()
+    pad = tok.encode_special("<|assistant_end|>")  # model.tokenizer.pad_token_id, as TL pads
+    assert model.tokenizer.pad_token_id == pad
+    assert (right[0, n:] == pad).all() and (left[0, :-n] == pad).all()
     assert model.get_token_position(" Mary", text) == 4  # <|bos|> When John and Mary
     bare = GPT(GPTConfig(sequence_len=16, vocab_size=tok.vocab_size, n_layer=1, n_head=1, n_kv_head=1, n_embd=64))
     with pytest.raises(ValueError, match="no tokenizer; load_model attaches"):
@@ -463,7 +465,7 @@ def test_tokenizer_methods(tok):
 
 def test_load_model_attaches_the_tokenizer(checkpoint_dir, tok):
     model, tokenizer, _ = load_model(checkpoint_dir)
-    assert model.tokenizer is tokenizer and tokenizer.fingerprint() == tok.fingerprint()
+    assert model.native_tokenizer is tokenizer and tokenizer.fingerprint() == tok.fingerprint()
     assert model.cfg.tokenizer_name == f"aquainterp-bpe-{tok.fingerprint()[:12]}"
 
 
@@ -474,7 +476,7 @@ def test_import_hf_attaches_an_exported_tokenizer(checkpoint_dir, tmp_path):
 
     model, tokenizer, _ = load_model(checkpoint_dir)
     back = import_hf(export_hf(model, tokenizer, tmp_path / "hf"))
-    assert back.tokenizer.fingerprint() == tokenizer.fingerprint()
+    assert back.native_tokenizer.fingerprint() == tokenizer.fingerprint()
     assert back.to_tokens("When John").tolist() == model.to_tokens("When John").tolist()
     bare = import_hf(export_hf(model, None, tmp_path / "bare"))
     assert bare.tokenizer is None

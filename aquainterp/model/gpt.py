@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from transformer_lens import ActivationCache, HookedRootModule
 from transformer_lens.config import TransformerLensConfig
 from transformer_lens.FactoredMatrix import FactoredMatrix
-from transformer_lens.hook_points import HookPoint
 
-from aquainterp.model.lens import GPTCache, LensMixin, SoftcapOutput, Unembed, lens_config
+from aquainterp.model.hook_point import HookPoint
+from aquainterp.model.lens import Embed, GPTCache, LensMixin, SoftcapOutput, Unembed, lens_config
 
 if TYPE_CHECKING:
     from aquainterp.model.kv_cache import KVCache
@@ -617,6 +617,7 @@ class GPT(LensMixin, HookedRootModule):
         for block in self.blocks:
             block.lens_cfg = block.attn.lens_cfg = self.cfg
         self.unembed = Unembed(self.lm_head, config.vocab_size)
+        self.embed = Embed(self.wte, config.vocab_size)  # TL's model.embed (W_E); reads wte, owns nothing
         self.adapter = SoftcapOutput(SOFTCAP)
         self.setup()
 
@@ -713,7 +714,8 @@ class GPT(LensMixin, HookedRootModule):
 
     def forward(self, idx, targets=None, kv_cache: KVCache | None = None, loss_reduction: str = "mean",
                 logits_at: torch.Tensor | None = None, *, return_type: str | None = "logits",
-                loss_per_token: bool = False, prepend_bos: bool | None = None, padding_side: str | None = None):
+                loss_per_token: bool = False, prepend_bos: bool | None = None, padding_side: str | None = None,
+                stop_at_layer: int | None = None):
         """Logits [B, T, vocab] (fp32, soft-capped) or, with targets, nanochat's cross-entropy
         (targets == -1 ignored; loss_reduction='none' gives a flat [B*T] tensor, as nanochat).
 
@@ -725,7 +727,11 @@ class GPT(LensMixin, HookedRootModule):
         the attached tokenizer as to_tokens does, with prepend_bos/padding_side; left padding is masked
         and each row keeps its own positions), and return_type is "logits" | "loss" (next-token
         cross-entropy, TL's lm_cross_entropy_loss, padding excluded; [B, T-1] with loss_per_token) |
-        "both" (logits, loss) | None, as HookedTransformer.forward; model(tokens, "loss") is accepted."""
+        "both" (logits, loss) | None, as HookedTransformer.forward; model(tokens, "loss") is accepted.
+
+        stop_at_layer (TL's): run blocks[:stop_at_layer] only (negative counts from the end, as a slice) and
+        return the residual stream they leave, [B, T, d_model]: what blocks.{k}.hook_resid_pre reads (k =
+        n_layer: what ln_final reads); later hooks do not fire. Not with targets, logits_at or a kv_cache."""
         if isinstance(targets, str):  # TL's positional return_type
             targets, return_type = None, targets
         pad_mask = None
@@ -741,6 +747,8 @@ class GPT(LensMixin, HookedRootModule):
             )
             raise ValueError(f"GPT.forward: idx must be an integer tensor [batch, seq], got {got}")
         B, T = idx.shape
+        if stop_at_layer is not None:
+            stop_at_layer = self._check_stop_at_layer(stop_at_layer, targets, logits_at, kv_cache)
         T0 = 0 if kv_cache is None else kv_cache.get_pos()
         cos, sin = self._rotary(T0, T, kv_cache, "forward")
         if logits_at is not None:
@@ -755,10 +763,12 @@ class GPT(LensMixin, HookedRootModule):
             idx = self.hook_tokens(idx)
         x = self.hook_embed(norm(self.hook_embed_raw(self.wte(idx)), self.config.norm_eps))
         if self.config.is_2026:
-            x = self._trunk_2026(idx, x, cos, sin, kv_cache, T0)
+            x = self._trunk_2026(idx, x, cos, sin, kv_cache, T0, stop_at_layer)
         else:
-            for block in self.blocks:
+            for block in self.blocks[:stop_at_layer]:
                 x = block(x, cos, sin, kv_cache)
+        if stop_at_layer is not None:
+            return x
         x = self.ln_final(x)
         if return_type is None:  # TL: run for the hooks only, no unembedding
             return None
@@ -878,14 +888,29 @@ class GPT(LensMixin, HookedRootModule):
             gate = gate * (column[None, :] > first[:, None]).unsqueeze(-1).to(x.dtype)
         return x + self.hook_smear(gate * prev)
 
-    def _trunk_2026(self, idx, x, cos, sin, kv_cache, T0: int) -> torch.Tensor:
+    def _check_stop_at_layer(self, stop_at_layer, targets, logits_at, kv_cache) -> int:
+        """forward's stop_at_layer as a block count in [0, n_layer] (negative: from the end, as TL slices)."""
+        n = self.config.n_layer
+        if isinstance(stop_at_layer, bool) or not isinstance(stop_at_layer, int) or not -n <= stop_at_layer <= n:
+            raise ValueError(f"GPT.forward: stop_at_layer must be an int in [-{n}, {n}] (blocks[:stop_at_layer] "
+                             f"run), got {stop_at_layer!r}")
+        for name, value in (("targets", targets), ("logits_at", logits_at), ("kv_cache", kv_cache)):
+            if value is not None:
+                raise ValueError(f"GPT.forward: stop_at_layer returns a residual stream part-way up; it cannot be "
+                                 f"combined with {name}")
+        return stop_at_layer % n if stop_at_layer < 0 else stop_at_layer
+
+    def _trunk_2026(self, idx, x, cos, sin, kv_cache, T0: int, stop_at_layer: int | None = None) -> torch.Tensor:
         """Smear, then before each block x = resid_lambdas[l]·x + x0_lambdas[l]·x0 (blocks.{l}.hook_resid_pre
-        is after this mix), value embeddings into the attention of their layers, and backout."""
+        is after this mix), value embeddings into the attention of their layers, and backout. stop_at_layer
+        k < n_layer: the stream block k reads (after its mix, before the block)."""
         x = self.hook_x0(self._smear(x, kv_cache, T0))
         x0, x_mid = x, None
         mid = self.config.n_layer // 2
         for i, block in enumerate(self.blocks):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            if i == stop_at_layer:
+                return x
             ve = self.value_embeds[str(i)](idx).to(x.dtype) if block.attn.ve_gate is not None else None
             x = block(x, cos, sin, kv_cache, ve)
             if i == mid:
