@@ -1,0 +1,91 @@
+"""aquainterp.model.hook_point: the identity without nn.Module's dispatch while nothing is attached, and every
+kind of hook still fires (TL forward and backward hooks, torch module hooks, torch's global module hooks)."""
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.modules import module as torch_module
+from transformer_lens.hook_points import HookPoint as TLHookPoint
+
+from aquainterp.model.gpt import GPT, GPTConfig
+from aquainterp.model.hook_point import HookPoint
+
+
+def tiny_gpt(seed=0):
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(sequence_len=16, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=32))
+    model.init_weights()
+    with torch.no_grad():  # non-zero projections, so gradients reach every hook point
+        for block in model.blocks:
+            block.attn.c_proj.weight.normal_(0, 0.1)
+            block.mlp.c_proj.weight.normal_(0, 0.1)
+        model.lm_head.weight.normal_(0, 0.1)
+    return model
+
+
+@pytest.fixture
+def dispatches(monkeypatch):
+    """Counts the hook points that go through nn.Module.__call__ (the slow path)."""
+    calls = []
+    real = nn.Module.__call__
+
+    def counting(self, *args, **kwargs):
+        if isinstance(self, TLHookPoint):
+            calls.append(self.name)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(nn.Module, "__call__", counting)
+    return calls
+
+
+def test_model_hook_points_are_tl_hook_points_and_skip_dispatch_when_bare(dispatches):
+    model = tiny_gpt()
+    points = [m for m in model.modules() if isinstance(m, TLHookPoint)]
+    assert points and all(type(m) is HookPoint for m in points)
+    x = torch.randint(0, 64, (2, 8))
+    plain = model(x)
+    assert dispatches == []  # no hook anywhere: every hook point returned its input directly
+    with model.hooks(fwd_hooks=[("blocks.0.hook_resid_mid", lambda act, hook: None)]):
+        hooked = model(x)
+    assert dispatches == ["blocks.0.hook_resid_mid"]  # only the hooked one dispatches
+    torch.testing.assert_close(plain, hooked, rtol=0, atol=0)
+
+
+def test_bare_hook_point_is_the_identity_and_other_signatures_dispatch():
+    h = HookPoint()
+    x = torch.randn(3)
+    assert h(x) is x
+    with pytest.raises(TypeError):  # forward(x) takes one argument: nn.Module's call reports the misuse
+        h(x, x)
+
+
+def test_every_kind_of_hook_still_fires():
+    model = tiny_gpt(seed=1)
+    x = torch.randint(0, 64, (2, 8))
+    seen = []
+    # TL forward hook that edits the activation, and a TL backward hook
+    model.blocks[1].hook_resid_pre.add_hook(lambda act, hook: seen.append(("fwd", hook.name)) or act * 0)
+    model.blocks[0].hook_mlp_out.add_hook(lambda grad, hook: seen.append(("bwd", hook.name)), dir="bwd")
+    out = model(x)
+    out.sum().backward()
+    assert ("fwd", "blocks.1.hook_resid_pre") in seen and ("bwd", "blocks.0.hook_mlp_out") in seen
+    model.reset_hooks(including_permanent=True)
+    model.zero_grad()
+    # a torch forward pre-hook on one hook point
+    handle = model.blocks[0].hook_attn_out.register_forward_pre_hook(lambda mod, args: seen.append("pre"))
+    model(x)
+    handle.remove()
+    assert seen.count("pre") == 1
+    # torch's global module hook reaches hook points too
+    names = []
+    handle = torch_module.register_module_forward_hook(
+        lambda mod, args, out: names.append(mod.name) if isinstance(mod, TLHookPoint) else None)
+    try:
+        model(x)
+    finally:
+        handle.remove()
+    assert "blocks.0.hook_resid_post" in names and "ln_final.hook_normalized" in names
+    # run_with_cache sees every hook point the plain forward passes through
+    _, cache = model.run_with_cache(x)
+    assert {"blocks.0.hook_resid_post", "blocks.1.attn.hook_z", "blocks.1.mlp.hook_post"} <= set(cache.keys())
+    torch.testing.assert_close(cache["blocks.1.hook_resid_pre"], cache["blocks.0.hook_resid_post"])
