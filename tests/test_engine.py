@@ -49,7 +49,7 @@ def test_cached_greedy_equals_full_recompute_token_for_token(hooked):
     expected = greedy_full_recompute(model, PROMPT, 30)
     hooks = [(f"blocks.{l}.attn.hook_pattern", lambda x, hook: None) for l in range(2)] if hooked else []
     with model.hooks(fwd_hooks=hooks):  # hooked: the explicit attention path decodes from the cache
-        gen = Engine(model).generate(PROMPT, num_samples=3, max_new_tokens=30, temperature=0.0)
+        gen = Engine(model).generate(PROMPT, num_samples=3, max_new_tokens=30, temperature=0.0, logprobs=True)
     assert gen.completions == [expected] * 3
     assert gen.finished == [False] * 3 and gen.prompt == PROMPT
     torch.testing.assert_close(
@@ -74,7 +74,8 @@ def test_seed_makes_sampling_deterministic_and_samples_differ():
 
 def test_logprobs_are_temperature_one_and_top_k_is_respected():
     model = random_gpt(seed=3)
-    gen = Engine(model).generate(PROMPT, num_samples=3, max_new_tokens=10, temperature=0.7, top_k=5, seed=0)
+    gen = Engine(model).generate(PROMPT, num_samples=3, max_new_tokens=10, temperature=0.7, top_k=5, seed=0,
+                                 logprobs=True)
     for completion, logprobs in zip(gen.completions, gen.logprobs):
         torch.testing.assert_close(
             torch.tensor(logprobs), full_logprobs(model, PROMPT, completion), atol=1e-5, rtol=0
@@ -101,7 +102,7 @@ def test_stop_token_ends_a_sample_and_is_included():
     stop = greedy[3]
     cut = greedy.index(stop) + 1
     gen = Engine(model).generate(
-        PROMPT, num_samples=2, max_new_tokens=10, temperature=0.0, stop_tokens={stop}
+        PROMPT, num_samples=2, max_new_tokens=10, temperature=0.0, stop_tokens={stop}, logprobs=True
     )
     assert gen.completions == [greedy[:cut]] * 2 and gen.finished == [True, True]
     assert [len(lp) for lp in gen.logprobs] == [cut, cut]
@@ -142,7 +143,7 @@ def test_batched_greedy_equals_each_prompt_alone(hooked):
     model = random_gpt(seed=4)
     hooks = [(f"blocks.{l}.attn.hook_pattern", lambda x, hook: None) for l in range(2)] if hooked else []
     with model.hooks(fwd_hooks=hooks):
-        gens = Engine(model).generate_batch(PROMPTS, max_new_tokens=20, temperature=0.0)
+        gens = Engine(model).generate_batch(PROMPTS, max_new_tokens=20, temperature=0.0, logprobs=True)
     for prompt, gen in zip(PROMPTS, gens):
         expected = greedy_full_recompute(model, prompt, 20)
         assert gen.prompt == prompt and gen.completions == [expected] and gen.finished == [False]
@@ -159,12 +160,13 @@ def test_batched_sampling_draws_as_each_prompt_alone_and_finished_prompts_leave(
              for i, p in enumerate(PROMPTS)]
     # stop tokens that end every sample of prompt 1 at its first token
     stop = sorted({c[0] for c in alone[1].completions})
-    alone = [engine.generate(p, num_samples=3, max_new_tokens=12, temperature=1.0, seed=10 + i, stop_tokens=stop)
+    alone = [engine.generate(p, num_samples=3, max_new_tokens=12, temperature=1.0, seed=10 + i, stop_tokens=stop,
+                             logprobs=True)
              for i, p in enumerate(PROMPTS)]
     rows = []  # batch size of every forward: the prefill, then one per decode step
     handle = model.register_forward_pre_hook(lambda mod, args: rows.append(args[0].shape[0]))
     together = engine.generate_batch(PROMPTS, num_samples=3, max_new_tokens=12, temperature=1.0,
-                                     seeds=[10 + i for i in range(len(PROMPTS))], stop_tokens=stop)
+                                     seeds=[10 + i for i in range(len(PROMPTS))], stop_tokens=stop, logprobs=True)
     handle.remove()
     for a, b in zip(alone, together):
         assert a.completions == b.completions and a.finished == b.finished
@@ -222,3 +224,14 @@ def test_generation_runs_in_inference_mode_and_leaves_the_model_trainable():
     loss = model(x[:, :-1], x[:, 1:])
     loss.backward()
     assert model.wte.weight.grad is not None and torch.isfinite(loss)
+
+
+def test_logprobs_only_when_asked_and_the_tokens_do_not_depend_on_it():
+    model = random_gpt(seed=6)
+    engine = Engine(model)
+    plain = engine.generate(PROMPT, num_samples=3, max_new_tokens=12, temperature=1.0, seed=4)
+    asked = engine.generate(PROMPT, num_samples=3, max_new_tokens=12, temperature=1.0, seed=4, logprobs=True)
+    assert plain.logprobs is None and [len(lp) for lp in asked.logprobs] == [len(c) for c in asked.completions]
+    assert plain.completions == asked.completions and plain.finished == asked.finished
+    batch = engine.generate_batch(PROMPTS, max_new_tokens=5, temperature=0.0)
+    assert all(g.logprobs is None for g in batch)

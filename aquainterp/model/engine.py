@@ -4,8 +4,10 @@ for several prompts at once (left-padded to one length), for evaluation and RL r
 model a decode step is mostly reading the weights, so 16 rows cost little more than one (greedy eval of
 200 problems with the demo's model: 12.0 s one prompt at a time, 2.3 s sixteen at a time).
 
-Returns what RL needs: the sampled ids, whether a stop token ended each sample, and log p(token) under
-the model at temperature 1 (the policy's own probabilities, whatever temperature was used to sample).
+Returns the sampled ids and whether a stop token ended each sample; with logprobs=True also log p(token)
+under the model at temperature 1 (the policy's own probabilities, whatever temperature was used to sample).
+They cost a log-softmax over the vocabulary per step (~2% of a step of a small model), so they are computed
+only when asked; RL scores its rollouts with the training forward instead (training.rl).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from aquainterp.model.kv_cache import KVCache
 class Generation:
     prompt: list[int]
     completions: list[list[int]]  # sampled tokens per sample, stop token included if hit
-    logprobs: list[list[float]]  # log p(token) under the model at temperature 1, per token
+    logprobs: list[list[float]] | None  # log p(token) under the model at temperature 1, per token (logprobs=True)
     finished: list[bool]  # True when a stop token ended the sample
 
     def as_batch(self, pad_token: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,10 +70,12 @@ class Engine:
         top_k: int | None = None,
         stop_tokens: Collection[int] = (),
         seed: int | None = None,
+        logprobs: bool = False,
     ) -> Generation:
-        """Prefill the prompt once, clone the KV cache per sample; temperature 0 = greedy."""
+        """Prefill the prompt once, clone the KV cache per sample; temperature 0 = greedy. logprobs: also
+        return each token's log-probability (Generation.logprobs; None otherwise)."""
         return self._generate([prompt], num_samples, max_new_tokens, temperature, top_k, stop_tokens,
-                              None if seed is None else [seed], "Engine.generate")[0]
+                              None if seed is None else [seed], "Engine.generate", logprobs)[0]
 
     def generate_batch(
         self,
@@ -82,6 +86,7 @@ class Engine:
         top_k: int | None = None,
         stop_tokens: Collection[int] = (),
         seeds: Sequence[int] | None = None,
+        logprobs: bool = False,
     ) -> list[Generation]:
         """Several prompts decoded together, one Generation each: what generate() gives for each prompt
         alone, up to the float rounding of batched kernels (a near-tie may then pick another token).
@@ -92,10 +97,11 @@ class Engine:
         leaves the batch, so the rest decode at the cost of the rows still running.
         """
         return self._generate(prompts, num_samples, max_new_tokens, temperature, top_k, stop_tokens, seeds,
-                              "Engine.generate_batch")
+                              "Engine.generate_batch", logprobs)
 
     @torch.inference_mode()  # as nanochat's Engine: no autograd bookkeeping at all (no_grad keeps version counters)
-    def _generate(self, prompts, num_samples, max_new_tokens, temperature, top_k, stop_tokens, seeds, where):
+    def _generate(self, prompts, num_samples, max_new_tokens, temperature, top_k, stop_tokens, seeds, where,
+                  want_logprobs):
         model = self.model
         vocab = model.config.vocab_size
         if isinstance(prompts, torch.Tensor) or len(prompts) == 0:
@@ -153,14 +159,16 @@ class Engine:
                 blocks = logits.split(num_samples)
                 next_ids = torch.cat([sample_next_token(block, temperature, top_k, generators[g])
                                       for g, block in zip(live, blocks)])
-            token_logprobs = F.log_softmax(logits.float(), dim=-1).gather(-1, next_ids[:, None]).squeeze(-1)
-            tokens, lps = next_ids.tolist(), token_logprobs.tolist()
+            tokens = next_ids.tolist()
+            if want_logprobs:
+                lps = F.log_softmax(logits.float(), dim=-1).gather(-1, next_ids[:, None]).squeeze(-1).tolist()
             for j, g in enumerate(live):
                 for s in range(num_samples):
                     if finished[g][s]:
                         continue
                     completions[g][s].append(tokens[j * num_samples + s])
-                    logprobs[g][s].append(lps[j * num_samples + s])
+                    if want_logprobs:
+                        logprobs[g][s].append(lps[j * num_samples + s])
                     finished[g][s] = tokens[j * num_samples + s] in stop
             keep = [j for j, g in enumerate(live) if not all(finished[g])]
             if not keep or step == max_new_tokens - 1:
@@ -169,5 +177,6 @@ class Engine:
                 rows = torch.tensor([j * num_samples + s for j in keep for s in range(num_samples)], device=device)
                 cache, next_ids, live = cache.select_rows(rows), next_ids[rows], [live[j] for j in keep]
             logits = model(next_ids[:, None], kv_cache=cache)[:, -1, :]
-        return [Generation(prompt=list(prompt), completions=completions[g], logprobs=logprobs[g],
+        return [Generation(prompt=list(prompt), completions=completions[g],
+                           logprobs=logprobs[g] if want_logprobs else None,
                            finished=finished[g]) for g, prompt in enumerate(prompts)]
