@@ -58,7 +58,7 @@ def cli_argv(cfg) -> list[str]:
 def interrupt(cfg, tmp: Path, sig: int) -> str:
     """Run the stage; once step KILL_AFTER's rl row is logged, send `sig`; wait for the end. SIGINT goes
     to a real `python -m training.rl` (Ctrl-C: the interpreter exits as it would for a user), SIGKILL to a
-    forked child. Returns the interrupted process's stderr (SIGINT) or ''."""
+    forked child. Returns 'exit <status>' and the interrupted process's stderr (SIGINT) or ''."""
     if sig == signal.SIGINT:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"}
         proc = subprocess.Popen([sys.executable, "-m", "training.rl", *cli_argv(cfg)], cwd=REPO, env=env,
@@ -79,7 +79,7 @@ def interrupt(cfg, tmp: Path, sig: int) -> str:
     os.kill(pid, sig)
     if sig == signal.SIGINT:
         _, stderr = proc.communicate(timeout=120)
-        return stderr
+        return f"exit {proc.returncode}\n{stderr}"
     proc.join(60)
     assert not proc.is_alive()
     return ""
@@ -123,9 +123,11 @@ def test_resume_gives_the_uninterrupted_record(how, base_ckpt, reference, tmp_pa
     if how == "SIGKILL":
         holds = holds and "stale lock" in err  # the killed run's lock, taken over with a notice
     if how == "SIGINT":  # Ctrl-C: one line, and the lock is given back (no stale-lock notice on resume)
+        status, _, stopped = stopped.partition("\n")
         lines = [ln for ln in stopped.splitlines() if ln.strip() and "wandb" not in ln.lower()]
         holds = holds and "stale lock" not in err and lines == ["python -m training.rl: interrupted"]
-        detail += f"; Ctrl-C printed {lines}"
+        holds = holds and status == "exit 130"
+        detail += f"; Ctrl-C printed {lines}, {status}" + ("" if holds else f", whole stderr {stopped[-600:]!r}")
     if wandb:
         from dashboards.wandb_run import history_as_metrics
 
