@@ -120,6 +120,26 @@ def test_history_is_nanochats_token_layout_and_interrupt_drops_the_reply(trained
     assert len(chat.turns) == 2 and out.getvalue().endswith("\n")  # the partial reply line is ended, not kept
 
 
+def test_a_long_conversation_drops_its_oldest_exchanges_with_a_note(trained):
+    """The model reads rotary_len = 640 positions. Each message below is ~150 tokens: from the fifth turn on the
+    oldest exchanges go, each prompt still fits, and a message longer than the model can read is not sent."""
+    model, tok, _ = trained
+    out = io.StringIO()
+    chat = Chat(model, tok, temperature=0.0, top_k=None, max_new_tokens=8, seed=0, out=out)
+    message = "hi " * 50  # three byte tokens per "hi "
+    assert 140 < len(chat.user_turn(message)) < 160
+    kept = []
+    for _ in range(8):
+        assert chat.reply(message) is not None
+        kept.append(len(chat.turns))
+        assert 1 + sum(map(len, chat.turns)) <= model.rotary_len
+    assert kept[:3] == [1, 2, 3] and max(kept) <= 4 and kept[-1] < 8
+    assert out.getvalue().count("oldest exchange") == 8 - kept.index(max(kept)) - 1
+    before = list(chat.turns)
+    assert chat.reply("hi " * 250) is None
+    assert "not sent" in out.getvalue() and chat.turns == before
+
+
 def test_help_explains_every_flag(capsys):
     parser, _ = subcommand_parser("chat")
     flags = [a for a in parser._actions if a.option_strings and a.dest != "help"]
