@@ -49,7 +49,9 @@ def _worker(args) -> dict:
     from aquainterp.checkpoints.nanochat import config_from_nanochat, state_from_nanochat
     from aquainterp.model.engine import Engine
     from aquainterp.model.gpt import GPT
+    from training.muon import Muon
     from training.optim import build_optimizers
+    from training.orthogonalize import orthogonalize_dtype
 
     is_head = hasattr(ngpt.GPT, "setup_optimizer")
     heads = args.width // args.head_dim
@@ -124,6 +126,17 @@ def _worker(args) -> dict:
         for n, p in model.named_parameters():
             p.grad = grads[n if model is ours else ours_name[n]].clone()
 
+    # one step of both optimizers on the same gradients: how far apart the weights land, per the update's size
+    muon = next(opt for opt in our_opts if isinstance(opt, Muon))
+    our_ns_dtype = muon.ns_dtype or orthogonalize_dtype(x.device, muon.recipe.bf16_on_cpu)
+    before = {n: p.detach().clone() for n, p in theirs.named_parameters()}
+    for model, opts in ((ours, our_opts), (theirs, their_opts)):
+        set_grads(model, opts)
+        for opt in opts:
+            opt.step()
+    step_diff = max((our_params[ours_name[n]] - p).abs().max().item() / (p - before[n]).abs().max().item()
+                    for n, p in theirs.named_parameters() if not torch.equal(p, before[n]))
+
     def fwd(model):
         with torch.no_grad():
             model(x)
@@ -193,7 +206,9 @@ def _worker(args) -> dict:
     return {"architecture": "nanochat-2026-07" if is_head else "nanochat-2025-10", "src": args.worker,
             "commit": _commit_of(Path(args.worker)), "identity": {"logits": logit_diff,
                                                                   "loss": abs(loss_ours.item() - loss_theirs.item()),
-                                                                  "grads": grad_diff, "greedy_equal": greedy_equal},
+                                                                  "grads": grad_diff, "greedy_equal": greedy_equal,
+                                                                  "optimizer_step": step_diff},
+            "ns_dtype": str(our_ns_dtype).removeprefix("torch."),
             "times": times, "memory": mem, "torch": torch.__version__}
 
 
@@ -214,6 +229,8 @@ def _print_result(res: dict) -> dict[str, str]:
     print(f"\n{res['architecture']} vs nanochat {res['commit']} ({res['src']})")
     print(f"  identity on identical weights: logits max|diff| {ident['logits']:.2e}, loss |diff| {ident['loss']:.2e}, "
           f"grads max|diff|/max|grad| {ident['grads']:.2e}, greedy tokens equal: {ident['greedy_equal']}")
+    print(f"  one optimizer step on identical gradients: weights max|diff|/max|update| {ident['optimizer_step']:.2e} "
+          f"(our orthogonalisation in {res['ns_dtype']})")
     print(f"  {'measurement':<28} {'ours':>10} {'nanochat':>10} {'ratio':>7}  min-max")
     rows = []
     for label, (ours, theirs) in res["times"].items():
@@ -226,7 +243,8 @@ def _print_result(res: dict) -> dict[str, str]:
           f"{ours_b / theirs_b:6.2f}x  (bytes autograd saves for backward)")
     rows.append(("memory, forward + backward", f"{ours_b / theirs_b:.2f}x"))
     identity = (f"logits/loss/grads max diff {ident['logits']:.1e}/{ident['loss']:.1e}/{ident['grads']:.1e}, "
-                f"greedy {'same' if ident['greedy_equal'] else 'DIFFERENT'}")
+                f"greedy {'same' if ident['greedy_equal'] else 'DIFFERENT'}; one optimizer step "
+                f"{ident['optimizer_step']:.1e} of the update ({res['ns_dtype']} orthogonalisation)")
     return {"logits / grads on identical weights": identity, **dict(rows)}
 
 
@@ -248,7 +266,8 @@ def main(argv=None) -> int:
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
     parser.add_argument("--only", default="", help="measure only the rows whose name contains this")
     parser.add_argument("--ns-dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                        help="our Muon's orthogonalisation dtype (auto: fp32 on CPU, bf16 on CUDA)")
+                        help="our Muon's orthogonalisation dtype (auto: the recipe's, training.orthogonalize."
+                             "orthogonalize_dtype: bf16 where its nanochat uses bf16 and the device has bf16 units)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:

@@ -64,9 +64,9 @@ def _update_errors(sets, results, suffix=""):
 
 @pytest.mark.parametrize("commit", ["92d63d4", "2c4473d"])
 def test_equals_nanochat_in_fp32(commit):
-    """fp32 orthogonalisation (our CPU default): nanochat HEAD runs it in fp32 on CPU itself; for 2c4473d
+    """fp32 orthogonalisation (our default where bf16 is not native): nanochat HEAD runs it in fp32 on CPU itself; for 2c4473d
     the reference is its code with its one bf16 cast replaced by float() (make_reference.py --fp32-ns)."""
-    sets, results = _our_two_steps(commit)
+    sets, results = _our_two_steps(commit, ns_dtype=torch.float32)
     errors = _update_errors(sets, results, "" if commit == "92d63d4" else "_fp32ns")
     assert len(errors) == 2 * len(sets["params0"])
     worst = max(errors, key=errors.get)
@@ -80,7 +80,7 @@ def test_equals_nanochat_2c4473d_in_bf16():
     errors = _update_errors(sets, results)
     worst = max(errors, key=errors.get)
     assert errors[worst] < 0.03, f"{worst}: {errors[worst]:.2e}"
-    fp32 = _update_errors(sets, _our_two_steps("2c4473d")[1])  # fp32 against the bf16 reference: further off
+    fp32 = _update_errors(sets, _our_two_steps("2c4473d", ns_dtype=torch.float32)[1])  # fp32 against the bf16 reference: further off
     assert max(fp32.values()) > 3 * errors[worst]
 
 

@@ -60,7 +60,7 @@ def _run_against_naive(shapes, recipe_name, wd=0.1, steps=3, seed=0, naive=None)
     bufs = [torch.zeros_like(r) for r in ref]
     seconds = [torch.zeros(r.size(0), 1, dtype=torch.float64) if r.size(0) >= r.size(1)
                else torch.zeros(1, r.size(1), dtype=torch.float64) for r in ref]
-    opt = Muon(params, recipe=recipe_name, lr=0.02, momentum=0.95, weight_decay=wd)
+    opt = Muon(params, recipe=recipe_name, lr=0.02, momentum=0.95, weight_decay=wd, ns_dtype=torch.float32)
     errors = []
     for _ in range(steps):
         grads = [torch.randn(s, generator=gen) * 0.01 for s in shapes]
@@ -100,6 +100,55 @@ def test_orthogonalize_bf16_is_close_to_fp32_and_dtype_rule():
     assert orthogonalize_dtype(torch.device("cpu")) == torch.float32
     with pytest.raises(ValueError, match="steps must be 1..5"):
         orthogonalize(g, steps=6)
+
+
+def test_cpu_bf16_is_native_only_with_bf16_units_at_torch_avx512_level(monkeypatch):
+    import training.orthogonalize as ortho
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    for capability, units, want in (("AVX512", True, True), ("AVX512", False, False), ("AVX2", True, False)):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda u=units: u)
+        assert ortho.cpu_bf16_native() is want, (capability, units)
+        # 2025-10 (nanochat 2c4473d: bf16 on every device) takes bf16 where native; 2026-07 (HEAD) fp32 on CPU
+        assert ortho.orthogonalize_dtype(torch.device("cpu"), bf16_on_cpu=True) == (torch.bfloat16 if want
+                                                                                      else torch.float32)
+        assert ortho.orthogonalize_dtype(torch.device("cpu"), bf16_on_cpu=False) == torch.float32
+
+
+@pytest.mark.parametrize("recipe", sorted(MUON_RECIPES))
+def test_muon_orthogonalises_in_its_recipes_dtype(monkeypatch, recipe):
+    import training.muon as muon_module
+
+    seen = []
+    real = muon_module.orthogonalize
+    monkeypatch.setattr(muon_module, "orthogonalize", lambda x, steps, dtype, *a: seen.append(dtype) or
+                        real(x, steps, dtype, *a))
+    p = nn.Parameter(torch.randn(8, 4))
+    p.grad = torch.randn(8, 4)
+    Muon([p], recipe=recipe).step()
+    assert seen == [orthogonalize_dtype(p.device, MUON_RECIPES[recipe].bf16_on_cpu)]
+    Muon([p], recipe=recipe, ns_dtype=torch.float64).step()  # an explicit dtype wins
+    assert seen[-1] == torch.float64
+
+
+def test_demo_numerics_orthogonalise_in_fp32():
+    """The demo caps torch at AVX2 (training.demo.pin_numerics) for numbers that repeat across machines: its
+    2025-10 Muon then runs fp32 even on a CPU with bf16 units (this one has AMX), in a fresh process as the
+    demo's."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from training.demo import pin_numerics; pin_numerics(1); import torch; "
+            "from training.orthogonalize import orthogonalize_dtype; "
+            "print(orthogonalize_dtype(torch.device('cpu'), bf16_on_cpu=True))")
+    env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "MKL_CBWR")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "torch.float32"
 
 
 @settings(max_examples=15, deadline=None)

@@ -13,8 +13,10 @@ parts that differ between nanochat 2c4473d, which trains the 2025-10 architectur
 4. Cautious weight decay and the step: p <- p - lr * s * (u + wd * p * [u * p >= 0]) with the shape scale
    s = sqrt(max(1, rows / cols)).
 
-The iteration runs in fp32 where bf16 is not native (CPU, pre-Ampere GPUs) and in bf16 on CUDA, as nanochat
-HEAD does; 2c4473d ran it in bf16 everywhere, which a CPU without bf16 units emulates at ~30x the cost.
+The iteration runs in the dtype its nanochat uses wherever bf16 is native, fp32 where bf16 would be emulated
+(training/orthogonalize.py, orthogonalize_dtype): 2026-07 bf16 on CUDA sm80+ and fp32 elsewhere, as nanochat
+HEAD; 2025-10 bf16 also on a CPU with AVX512-BF16/AMX (2c4473d runs it in bf16 everywhere, which a CPU
+without bf16 units emulates at ~30x the cost).
 
 Under torch.distributed (DDP in base/mid/SFT, RL's own gradient sum) every rank already holds the summed
 gradients, so momentum and state stay identical on every rank and a checkpoint written by rank 0 is
@@ -49,6 +51,7 @@ class MuonRecipe:
     transpose_tall: bool  # 2c4473d iterates on the transpose of a tall matrix; HEAD multiplies from the right
     update_in_param_dtype: bool  # HEAD casts the update back to the parameter dtype; 2c4473d keeps bf16
     fp32_scalars: bool  # HEAD passes momentum, beta2, lr and wd as fp32 tensors: 1 - mu, lr * wd round to fp32
+    bf16_on_cpu: bool  # orthogonalise in bf16 on a CPU with native bf16 (2c4473d: bf16 on every device)
 
     def scalar(self, value: float) -> float:
         """A hyper-parameter expression's value as this nanochat computes it (fp32 or Python double)."""
@@ -58,10 +61,10 @@ class MuonRecipe:
 MUON_RECIPES = {
     "nanochat-2025-10": MuonRecipe("nanochat-2025-10", beta2=0.95, spectral_margin=1.02, row_equilibrate=False,
                                    renormalize=False, transpose_tall=True, update_in_param_dtype=False,
-                                   fp32_scalars=False),
+                                   fp32_scalars=False, bf16_on_cpu=True),
     "nanochat-2026-07": MuonRecipe("nanochat-2026-07", beta2=0.9, spectral_margin=1.01, row_equilibrate=True,
                                    renormalize=True, transpose_tall=False, update_in_param_dtype=True,
-                                   fp32_scalars=True),
+                                   fp32_scalars=True, bf16_on_cpu=False),
 }
 
 
@@ -91,7 +94,8 @@ class Muon(torch.optim.Optimizer):
     a group's state lives on its first parameter, stacked: the momentum buffer [K, rows, cols] and the
     NorMuon second moment [K, rows, 1] or [K, 1, cols]. state_dict() hands out (and load_state_dict() takes)
     one entry per parameter, so a checkpoint does not depend on how parameters are stacked.
-    `ns_dtype` None = bf16 on CUDA with bf16 units, fp32 elsewhere."""
+    `ns_dtype` None = the recipe's (orthogonalize_dtype): bf16 where its nanochat uses it and the device has
+    bf16 units, fp32 elsewhere."""
 
     def __init__(self, params, recipe: str = "nanochat-2026-07", lr: float = 0.02, momentum: float = 0.95,
                  weight_decay: float = 0.0, ns_steps: int = 5, ns_dtype: torch.dtype | None = None):
@@ -151,18 +155,17 @@ class Muon(torch.optim.Optimizer):
             state["momentum_buffer"] = torch.zeros(len(params), rows, cols, dtype=params[0].dtype,
                                                    device=params[0].device)
         grads = torch.stack([p.grad for p in params])
-        weights = torch.stack(params)
         buf = state["momentum_buffer"]
         mu = recipe.scalar(group["momentum"])
         buf.lerp_(grads, recipe.scalar(1 - mu))
         update = grads.lerp_(buf, mu)
 
-        dtype = self.ns_dtype or orthogonalize_dtype(update.device)
+        dtype = self.ns_dtype or orthogonalize_dtype(update.device, recipe.bf16_on_cpu)
         ortho = lambda x: orthogonalize(x, group["ns_steps"], dtype, recipe.spectral_margin,  # noqa: E731
                                         recipe.row_equilibrate, recipe.transpose_tall)
         update = self._sharded(ortho, update) if sharded else ortho(update)
         if recipe.update_in_param_dtype:
-            update = update.to(weights.dtype)
+            update = update.to(params[0].dtype)
         if recipe.renormalize:
             norm = update.float().norm(dim=(-2, -1), keepdim=True).clamp_min(1e-6)
             update = update * (min(rows, cols) ** 0.5 / norm).to(update.dtype)
@@ -174,12 +177,12 @@ class Muon(torch.optim.Optimizer):
 
         lr = recipe.scalar(group["lr"] * max(1.0, rows / cols) ** 0.5)
         wd = recipe.scalar(group["weight_decay"])
-        if wd != 0:
-            agrees = (update * weights) >= 0
-            weights.sub_(lr * update + recipe.scalar(lr * wd) * weights * agrees)
-        else:
-            weights.sub_(lr * update)
-        torch._foreach_copy_(params, list(weights.unbind(0)))
+        lr_wd = recipe.scalar(lr * wd)
+        for p, u in zip(params, update.unbind(0)):  # in place, per parameter: no stacked copy of the weights
+            if wd != 0:
+                p.sub_(lr * u + lr_wd * p * ((u * p) >= 0))
+            else:
+                p.sub_(lr * u)
 
     @staticmethod
     def _sharded(ortho, update: Tensor) -> Tensor:

@@ -9,9 +9,13 @@ spectral norm is below 1. Optionally (nanochat HEAD) MuonEq first rescales every
 Tall matrices iterate on the small Gram matrix: either on the transpose (nanochat 2c4473d) or multiplying
 from the right, A = X^T X and X <- a X + X B (nanochat HEAD): the same numbers up to rounding.
 
-The dtype: bf16 where the hardware multiplies bf16 natively (CUDA from Ampere on), fp32 elsewhere. A CPU
-without bf16 units emulates bf16 matmuls (this project measured 1.25 against 70.7 GFLOP/s in fp32 on an AVX2
-EPYC), and oneDNN's bf16 results differ between CPU vendors, so fp32 on CPU is both faster and reproducible.
+The dtype (orthogonalize_dtype): each nanochat's own choice wherever the hardware multiplies bf16 natively,
+fp32 where bf16 would be emulated. nanochat HEAD computes in bf16 on CUDA from Ampere on and in fp32 elsewhere;
+2c4473d in bf16 on every device, which a CPU without bf16 units emulates (this project measured 1.25 against
+70.7 GFLOP/s in fp32 on an AVX2 EPYC), so there the 2025-10 recipe takes fp32, and bf16 only on CUDA sm80+ or
+a CPU with AVX512-BF16/AMX that torch runs at its AVX-512 level. A process that caps torch at AVX2
+(ATEN_CPU_CAPABILITY=avx2, as the demo pins for reproducible numerics) gets fp32: oneDNN's bf16 results
+differ between CPU vendors (issue 32), fp32 ones do not.
 """
 
 from __future__ import annotations
@@ -28,9 +32,21 @@ POLAR_EXPRESS = (
 )
 
 
-def orthogonalize_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on a CUDA device of compute capability >= 8.0, fp32 anywhere else (nanochat HEAD's rule)."""
+def cpu_bf16_native() -> bool:
+    """True when this CPU multiplies bf16 natively and torch may use it: AVX512-BF16 or AMX units, torch's
+    kernels at their AVX-512 level (not capped by ATEN_CPU_CAPABILITY) and bf16 matmuls sent to oneDNN."""
+    units = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return (torch.backends.cpu.get_cpu_capability() == "AVX512" and any(f is not None and f() for f in units)
+            and torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
+
+
+def orthogonalize_dtype(device: torch.device, bf16_on_cpu: bool = False) -> torch.dtype:
+    """bf16 on a CUDA device of compute capability >= 8.0 (nanochat HEAD's rule) and, with bf16_on_cpu (the
+    2025-10 recipe: nanochat 2c4473d computes in bf16 everywhere), on a CPU where bf16 is native
+    (cpu_bf16_native); fp32 anywhere else."""
     if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
+        return torch.bfloat16
+    if device.type == "cpu" and bf16_on_cpu and cpu_bf16_native():
         return torch.bfloat16
     return torch.float32
 
