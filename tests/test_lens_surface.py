@@ -90,6 +90,13 @@ def test_generate_equals_nanochat_engine_on_its_checkpoints(name):
     out = model.generate(prompt, max_new_tokens=24, do_sample=False, verbose=False)
     assert out[0, prompt.shape[1]:].tolist() == ref["greedy"].tolist()
     assert model.tokenizer.eos_token_id == tokenizer.encode_special("<|assistant_end|>")
+    # left-padded text rows (2026-07: smear and sliding windows with padding) each as if alone
+    texts = [tokenizer.decode(ref["prompt"][1:].tolist()), "Question: 2 + 2?"]
+    kwargs = dict(max_new_tokens=8, do_sample=False, stop_at_eos=False, return_type="tokens", verbose=False)
+    batch = model.generate(texts, **kwargs)
+    for row, text in zip(batch, texts):
+        single = model.generate(text, **kwargs)[0]
+        assert row[len(row) - len(single):].tolist() == single.tolist()
 
 
 def test_generate_batches_left_padded_rows_and_pads_finished_ones(tok):
