@@ -207,8 +207,12 @@ def test_stop_at_layer_returns_the_stream_block_k_reads(tok, architecture):
     resid, one = model.run_with_cache(tokens, stop_at_layer=-1, names_filter=["blocks.0.attn.hook_pattern"])
     assert list(one.keys()) == ["blocks.0.attn.hook_pattern"]
     torch.testing.assert_close(resid, cache["blocks.2.hook_resid_pre"], atol=1e-5, rtol=1e-6)
-    # string input, as forward takes it
+    # string input, as forward takes it; left-padded rows keep their own positions (each row as alone)
     assert torch.equal(model(PROMPTS, stop_at_layer=2), cache["blocks.2.hook_resid_pre"])
+    left = model(PROMPTS, padding_side="left", stop_at_layer=2)
+    for i, prompt in enumerate(PROMPTS):
+        alone = model(prompt, stop_at_layer=2)[0]
+        torch.testing.assert_close(left[i, left.shape[1] - len(alone):], alone, atol=1e-5, rtol=1e-5)
     for kwargs, message in (({"stop_at_layer": n + 1}, r"stop_at_layer must be an int in \[-3, 3\]"),
                             ({"stop_at_layer": 1.0}, "stop_at_layer must be an int"),
                             ({"stop_at_layer": 1, "kv_cache": KVCache(3, n, 64)}, "cannot be combined with kv_cache"),

@@ -734,6 +734,8 @@ class GPT(LensMixin, HookedRootModule):
         n_layer: what ln_final reads); later hooks do not fire. Not with targets, logits_at or a kv_cache."""
         if isinstance(targets, str):  # TL's positional return_type
             targets, return_type = None, targets
+        if stop_at_layer is not None:  # (before string input, which may make its own cache for left padding)
+            stop_at_layer = self._check_stop_at_layer(stop_at_layer, targets, logits_at, kv_cache)
         pad_mask = None
         if isinstance(idx, (str, list, tuple)):
             idx, pad_mask, kv_cache = self._text_input(idx, prepend_bos, padding_side, kv_cache)
@@ -747,8 +749,6 @@ class GPT(LensMixin, HookedRootModule):
             )
             raise ValueError(f"GPT.forward: idx must be an integer tensor [batch, seq], got {got}")
         B, T = idx.shape
-        if stop_at_layer is not None:
-            stop_at_layer = self._check_stop_at_layer(stop_at_layer, targets, logits_at, kv_cache)
         T0 = 0 if kv_cache is None else kv_cache.get_pos()
         cos, sin = self._rotary(T0, T, kv_cache, "forward")
         if logits_at is not None:
