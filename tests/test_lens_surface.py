@@ -221,14 +221,20 @@ def test_stop_at_layer_returns_the_stream_block_k_reads(tok, architecture):
             model(tokens, **kwargs)
 
 
+@pytest.fixture(scope="module")
+def bridge_pair(tok, tmp_path_factory):
+    """A random GQA GPT and TL's TransformerBridge over its HF export (same weights, same tokenizer)."""
+    model = random_model(tok, n_kv_head=2)
+    bridge = load_transformer_bridge(export_hf(model, model.native_tokenizer, tmp_path_factory.mktemp("hf") / "hf"))
+    return model, bridge.eval()
+
+
 @torch.no_grad()
-def test_stop_at_layer_equals_transformer_lens(tok, tmp_path):
+def test_stop_at_layer_equals_transformer_lens(bridge_pair):
     """TL's TransformerBridge over the HF export of the same weights: the same residual for every k < n_layers.
     (At k = n_layers TL 4.3's bridge returns logits, where HookedTransformer returned the stream; ours returns
     the stream, as HookedTransformer did.)"""
-    model = random_model(tok, n_kv_head=2)
-    bridge = load_transformer_bridge(export_hf(model, model.native_tokenizer, tmp_path / "hf"))
-    bridge.eval()
+    model, bridge = bridge_pair
     tokens = model.to_tokens(PROMPTS[0])
     assert torch.equal(tokens, bridge.to_tokens(PROMPTS[0]).cpu())
     for k in (0, 1, -1, -2):
@@ -278,6 +284,20 @@ def test_hf_tokenizer_gives_our_ids_on_the_aqua_dev_rows(shared_data, tok):
         assert torch.equal(tokens, batch["input_ids"])
         mask = tl_utils.get_attention_mask(hf, tokens, prepend_bos=False)
         assert torch.equal(mask.bool(), batch["attention_mask"].bool())
+
+
+def test_tl_code_that_tokenizes_through_model_tokenizer_runs(bridge_pair):
+    """TL's IOI evaluation builds its dataset with model.tokenizer (encode, decode, bos id) and runs the model:
+    the same numbers on ours as on TL's bridge of the same weights."""
+    from transformer_lens import evals
+
+    model, bridge = bridge_pair
+    dataset = evals.IOIDataset(tokenizer=model.tokenizer, num_samples=24, seed=1)
+    assert all(row["prompt"][0].item() == model.tokenizer.bos_token_id for row in dataset)
+    ours = evals.ioi_eval(model, dataset=dataset, batch_size=8)
+    theirs = evals.ioi_eval(bridge, dataset=dataset, batch_size=8)
+    assert ours.keys() == theirs.keys() == {"Logit Difference", "Accuracy"}
+    assert abs(ours["Logit Difference"] - theirs["Logit Difference"]) < 1e-4 and ours["Accuracy"] == theirs["Accuracy"]
 
 
 def test_native_tokenizer_is_ours_and_tokenizer_follows_it(tok):
