@@ -237,6 +237,10 @@ def test_stop_at_layer_equals_transformer_lens(bridge_pair):
     model, bridge = bridge_pair
     tokens = model.to_tokens(PROMPTS[0])
     assert torch.equal(tokens, bridge.to_tokens(PROMPTS[0]).cpu())
+    # the export's tokenizer_config names the same special tokens as model.tokenizer, so lists pad alike
+    ids = ("bos_token_id", "eos_token_id", "pad_token_id")
+    assert [getattr(bridge.tokenizer, i) for i in ids] == [getattr(model.tokenizer, i) for i in ids]
+    assert torch.equal(model.to_tokens(PROMPTS), bridge.to_tokens(PROMPTS).cpu())
     for k in (0, 1, -1, -2):
         torch.testing.assert_close(model(tokens, stop_at_layer=k), bridge(tokens, stop_at_layer=k).cpu(),
                                    atol=1e-5, rtol=1e-5)

@@ -106,12 +106,12 @@ def export_hf(model: GPT, tokenizer, out_dir) -> Path:
             )
         tokenizer.save(out)
         bos = tokenizer.bos_token_id
-        eos = tokenizer.encode_special("<|assistant_end|>")
+        from aquainterp.tokenizer import HF_SPECIAL_TOKENS  # the same names as model.tokenizer's
+
+        eos = tokenizer.encode_special(HF_SPECIAL_TOKENS["eos_token"])
         tokenizer_config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": "<|bos|>",
-            "eos_token": "<|assistant_end|>",
-            "pad_token": "<|assistant_end|>",
+            **HF_SPECIAL_TOKENS,
             "add_bos_token": False,
             "model_max_length": model.config.sequence_len,
         }
