@@ -221,6 +221,12 @@ class LensMixin:
                              "call model.set_tokenizer(Tokenizer.load(directory))")
         return self.native_tokenizer
 
+    def _eos_token_id(self) -> int:
+        """model.tokenizer.eos_token_id (<|assistant_end|>), read from our tokenizer without building the HF one."""
+        from aquainterp.tokenizer import HF_SPECIAL_TOKENS
+
+        return self._require_tokenizer("generate").encode_special(HF_SPECIAL_TOKENS["eos_token"])
+
     def _pad_token_id(self) -> int:
         """What to_tokens pads with: the HF tokenizer's pad token (HF_SPECIAL_TOKENS), as TL pads."""
         from aquainterp.tokenizer import HF_SPECIAL_TOKENS
@@ -490,7 +496,7 @@ class LensMixin:
                 if self.native_tokenizer is None:
                     raise ValueError("generate: stop_at_eos needs eos_token_id when the model has no tokenizer "
                                      "(pass eos_token_id=... or stop_at_eos=False)")
-                eos_pad = self.tokenizer.eos_token_id
+                eos_pad = self._eos_token_id()
                 stop_tokens = [eos_pad, self.native_tokenizer.bos_token_id]
             else:
                 ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
@@ -500,7 +506,7 @@ class LensMixin:
                                      f"[0, {self.cfg.d_vocab}), got {eos_token_id!r}")
                 stop_tokens = ids
                 eos_pad = ids[0] if isinstance(eos_token_id, int) or self.native_tokenizer is None \
-                    else self.tokenizer.eos_token_id
+                    else self._eos_token_id()
         device = self.W_U.device
         tokens = tokens.to(device)
         B, T = tokens.shape
