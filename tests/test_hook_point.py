@@ -1,5 +1,6 @@
-"""aquainterp.model.hook_point: the identity without nn.Module's dispatch while nothing is attached, and every
-kind of hook still fires (TL forward and backward hooks, torch module hooks, torch's global module hooks)."""
+"""aquainterp.model.hook_point: hook points are the identity and the model's own modules (DirectCall) call their
+forward without nn.Module's dispatch while nothing is attached, and every kind of hook still fires (TL forward
+and backward hooks, torch module hooks, torch's global module hooks)."""
 
 import pytest
 import torch
@@ -7,8 +8,8 @@ from torch import nn
 from torch.nn.modules import module as torch_module
 from transformer_lens.hook_points import HookPoint as TLHookPoint
 
-from aquainterp.model.gpt import GPT, GPTConfig
-from aquainterp.model.hook_point import HookPoint
+from aquainterp.model.gpt import GPT, MLP, Block, CausalSelfAttention, GPTConfig, RMSNormPre
+from aquainterp.model.hook_point import DirectCall, HookPoint
 
 
 def tiny_gpt(seed=0):
@@ -30,8 +31,8 @@ def dispatches(monkeypatch):
     real = nn.Module.__call__
 
     def counting(self, *args, **kwargs):
-        if isinstance(self, TLHookPoint):
-            calls.append(self.name)
+        if isinstance(self, (TLHookPoint, DirectCall)):
+            calls.append(getattr(self, "name", None) or type(self).__name__)
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(nn.Module, "__call__", counting)
@@ -89,3 +90,21 @@ def test_every_kind_of_hook_still_fires():
     _, cache = model.run_with_cache(x)
     assert {"blocks.0.hook_resid_post", "blocks.1.attn.hook_z", "blocks.1.mlp.hook_post"} <= set(cache.keys())
     torch.testing.assert_close(cache["blocks.1.hook_resid_pre"], cache["blocks.0.hook_resid_post"])
+
+
+def test_model_modules_skip_dispatch_when_bare_and_their_hooks_fire(dispatches):
+    model = tiny_gpt(seed=2)
+    assert all(issubclass(c, DirectCall) for c in (RMSNormPre, CausalSelfAttention, MLP, Block))
+    x = torch.randint(0, 64, (2, 8))
+    plain = model(x)
+    assert dispatches == []
+    seen = []
+    handles = [model.blocks[1].register_forward_hook(lambda mod, args, out: seen.append("block")),
+               model.blocks[0].mlp.register_forward_pre_hook(lambda mod, args: seen.append("mlp")),
+               model.blocks[0].attn.register_forward_hook(lambda mod, args, out: out * 2)]  # edits the output
+    edited = model(x)
+    for handle in handles:
+        handle.remove()
+    assert seen == ["mlp", "block"] and sorted(dispatches) == ["blocks.0.attn", "blocks.0.mlp", "blocks.1"]
+    assert not torch.allclose(plain, edited)
+    torch.testing.assert_close(model(x), plain, rtol=0, atol=0)

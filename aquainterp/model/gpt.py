@@ -26,7 +26,7 @@ from transformer_lens import ActivationCache, HookedRootModule
 from transformer_lens.config import TransformerLensConfig
 from transformer_lens.FactoredMatrix import FactoredMatrix
 
-from aquainterp.model.hook_point import HookPoint
+from aquainterp.model.hook_point import DirectCall, HookPoint
 from aquainterp.model.lens import Embed, GPTCache, LensMixin, SoftcapOutput, Unembed, lens_config
 
 if TYPE_CHECKING:
@@ -243,7 +243,7 @@ def _active(hook: HookPoint) -> bool:
     return bool(hook.fwd_hooks or hook.bwd_hooks)
 
 
-class RMSNormPre(nn.Module):
+class RMSNormPre(DirectCall):
     """Parameter-free RMSNorm with TL's `hook_scale` and `hook_normalized`.
 
     The fused F.rms_norm is used unless someone hooks `hook_scale`; then the scale is computed explicitly
@@ -266,7 +266,7 @@ class RMSNormPre(nn.Module):
         return self.hook_normalized(y)
 
 
-class CausalSelfAttention(nn.Module):
+class CausalSelfAttention(DirectCall):
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
@@ -448,7 +448,7 @@ class CausalSelfAttention(nn.Module):
         return pattern @ v
 
 
-class MLP(nn.Module):
+class MLP(DirectCall):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, config.d_mlp, bias=False)
@@ -477,7 +477,7 @@ class MLP(nn.Module):
         return self.c_proj(self.hook_post(F.relu(self.hook_pre(self.c_fc(x))).square()))
 
 
-class Block(nn.Module):
+class Block(DirectCall):
     # TL's logit lens reads this: hook_resid_post is one [batch, pos, d_model] stream (whether the stream
     # entering ln_final is the last block's is GPT.residual_decomposition_problem's question).
     hook_out_is_single_residual_stream = True
