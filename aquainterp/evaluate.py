@@ -341,13 +341,18 @@ def choice_eval(model, tokenizer, problems: list, task: str = "arc", batch_size:
 @torch.no_grad()
 def gsm8k_eval(model, tokenizer, problems: list, num_samples: int = 1, max_new_tokens: int = 512,
                temperature: float | None = None, top_k: int | None = 50, seed: int = 0, progress: bool = True,
-               batch_size: int = 16) -> TaskResult:
+               batch_size: int = 16, tools: bool = True) -> TaskResult:
     """nanochat's GSM8K eval: the question alone as the user message, completions sampled until
     <|assistant_end|> or <|bos|> (nanochat's terminal tokens, not part of the text), the number read with
     nanochat's rule (tasks.gsm8k.extract_answer) and compared as a string with the gold one. Defaults are
-    nanochat chat_eval's (temperature 0 for one sample, top-k 50, 512 new tokens). No calculator tool runs
-    (see docs/nanochat.md): a model that calls it gets no <|output_start|> result forced into its text."""
+    nanochat chat_eval's (temperature 0 for one sample, top-k 50, 512 new tokens).
+
+    tools (default, as nanochat's Engine): nanochat's calculator runs (aquainterp.streaming), so a model that
+    writes <|python_start|>48/2<|python_end|> gets <|output_start|>24.0<|output_end|> forced into its
+    completion; each sample is then decoded alone (problem i's samples from one generator seeded seed + i).
+    tools=False: no tool, problems decoded batch_size at a time (Engine.generate_batch), faster."""
     from aquainterp.model.engine import Engine
+    from aquainterp.streaming import stream_tokens
     from aquainterp.tasks.gsm8k import extract_answer
 
     if num_samples < 1 or batch_size < 1:
@@ -356,6 +361,14 @@ def gsm8k_eval(model, tokenizer, problems: list, num_samples: int = 1, max_new_t
         temperature = 0.0 if num_samples == 1 else 1.0
     engine = Engine(model)
     stop = (tokenizer.encode_special("<|assistant_end|>"), tokenizer.bos_token_id)
+
+    def with_tools(prompt: list[int], problem_seed: int) -> list[list[int]]:
+        generator = torch.Generator(device=_device(model))
+        generator.manual_seed(problem_seed)
+        return [list(stream_tokens(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                                   top_k=top_k, stop_tokens=stop, generator=generator, tokenizer=tokenizer))
+                for _ in range(num_samples)]
+
     indexed, rank = _shard(list(enumerate(problems)))
     result = TaskResult("gsm8k", "generative")
     limit, too_long = _sequence_len(model), []
@@ -368,12 +381,15 @@ def gsm8k_eval(model, tokenizer, problems: list, num_samples: int = 1, max_new_t
         prompts = [list(tokenizer.render_for_completion({"messages": [{"role": "user", "content": p.question}]}))
                    for _, p in chunk]
         too_long += [(problem, len(ids)) for (_, problem), ids in zip(chunk, prompts) if len(ids) > limit]
-        gens = engine.generate_batch(prompts, num_samples=num_samples, max_new_tokens=max_new_tokens,
-                                     temperature=temperature, top_k=top_k, stop_tokens=stop,
-                                     seeds=[seed + index for index, _ in chunk])
-        for (_, problem), gen in zip(chunk, gens):
+        if tools:
+            samples = [with_tools(prompt, seed + index) for (index, _), prompt in zip(chunk, prompts)]
+        else:
+            samples = [gen.completions for gen in engine.generate_batch(
+                prompts, num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
+                top_k=top_k, stop_tokens=stop, seeds=[seed + index for index, _ in chunk])]
+        for (_, problem), completions in zip(chunk, samples):
             hits = 0
-            for completion in gen.completions:
+            for completion in completions:
                 tokens = completion[:-1] if completion and completion[-1] in stop else completion
                 text = tokenizer.decode(tokens)
                 predicted = extract_answer(text)
@@ -531,6 +547,10 @@ def add_arguments(parser) -> None:
                         help="problems per batch: categorical, prompts per forward; generative, problems "
                              "decoded together (each with --num-samples rows)")
     parser.add_argument("--skip-bad-rows", action="store_true", help="skip and count malformed data rows")
+    parser.add_argument("--no-tools", dest="tools", action="store_false",
+                        help="gsm8k: do not run nanochat's calculator tool (by default, as nanochat's Engine, "
+                             "<|python_start|>expr<|python_end|> gets <|output_start|>value<|output_end|> forced in, "
+                             "one sample at a time); without it problems decode --batch-size at a time")
     parser.add_argument("--device", type=device_name, default="cpu", help="cpu (default), cuda, mps or auto")
     parser.add_argument("--json", type=output_path("file"), default=None,
                         help="also write the result as JSON to this path (a new file, or one eval wrote)")
@@ -631,7 +651,7 @@ def _report_task(args, rank: int, model, tokenizer, problems: list) -> int:
     else:
         kwargs = {"num_samples": args.num_samples, "max_new_tokens": args.max_new_tokens or 512,
                   "temperature": args.temperature, "top_k": args.top_k or 50, "seed": args.seed,
-                  "batch_size": args.batch_size}
+                  "batch_size": args.batch_size, "tools": getattr(args, "tools", True)}
     result = evaluate_task(model, tokenizer, problems, args.task, **kwargs)
     if rank != 0:
         return 0

@@ -144,7 +144,7 @@ def test_help_explains_every_flag(capsys):
     parser, _ = subcommand_parser("chat")
     flags = [a for a in parser._actions if a.option_strings and a.dest != "help"]
     assert {a.dest for a in flags} == {"checkpoint", "step", "prompt", "temperature", "top_k", "max_new_tokens",
-                                       "seed", "device"}
+                                       "seed", "tools", "device"}
     assert all(a.help and len(a.help) > 20 for a in flags)
     assert main(["chat", "--help"]) == 0
     text = capsys.readouterr().out
@@ -189,6 +189,20 @@ class Terminal:
         mark = len(self.buffer)
         os.write(self.fd, data)
         return mark
+
+    def wait_blocked_in_read(self) -> None:
+        """Until the chat's main thread sleeps (blocked reading the terminal). A SIGINT that lands after
+        input() has printed its prompt but before it blocks in read() sets Python's flag without
+        interrupting the read, so the KeyboardInterrupt waits for the next line (a CPython race no person
+        can hit by typing); a test pressing Ctrl-C must come after the read has started."""
+        deadline, asleep = time.monotonic() + WAIT, 0
+        while asleep < 5:
+            with open(f"/proc/{self.pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+            asleep = asleep + 1 if state == "S" else 0
+            if time.monotonic() > deadline:
+                raise AssertionError(f"chat never waited for input; output: {self.buffer!r}")
+            time.sleep(0.05)
 
     def running(self) -> bool:
         pid, status = os.waitpid(self.pid, os.WNOHANG)
@@ -243,6 +257,7 @@ def test_chat_in_a_terminal_on_a_nanochat_checkpoint_replies_as_nanochat_then_ct
         term.read_until(expected, mark)
         assert term.running()
         term.read_until(b"User: ", mark)
+        term.wait_blocked_in_read()
         mark = term.send(b"\x03")  # Ctrl-C at the prompt
         term.read_until(b"Goodbye!", mark)
     finally:

@@ -171,11 +171,12 @@ SCRIPTED = [
 ]  # hand count: 4 right (rows 0, 1, 2, 7), 8 answered
 
 
-def scripted(model: GPT, tok, prompts: list[list[int]], texts: list[str]):
-    """Hook the real GPT so that after prompt i it writes texts[i] then <|assistant_end|>, one token per
-    forward (prefill: the first token; each decode step: the next). One prompt per batch."""
+def scripted(model: GPT, tok, prompts: list[list[int]], texts: list):
+    """Hook the real GPT so that after prompt i it writes texts[i] (a string, or token ids) then
+    <|assistant_end|>, one token per forward (prefill: the first token; each decode step: the next). One
+    prompt per batch."""
     end = tok.encode_special("<|assistant_end|>")
-    plans = {tuple(p): tok.encode(t) + [end] for p, t in zip(prompts, texts)}
+    plans = {tuple(p): (tok.encode(t) if isinstance(t, str) else list(t)) + [end] for p, t in zip(prompts, texts)}
     state = {}
 
     def hook(module, args, kwargs, logits):
@@ -204,6 +205,38 @@ def test_gsm8k_accuracy_equals_a_hand_count(shared_data):
                                                          "-45", "460."]
     assert (result.correct, result.answered, result.samples) == (4, 8, 10)
     assert result.pass_at == {1: 0.4}
+
+
+# ---------------------------------------------------------------------------------- the calculator tool
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCES))
+def test_calculator_equals_nanochats_use_calculator(name):
+    from aquainterp.streaming import calculate
+
+    cases = reference(name)["calculator"]
+    assert len(cases) == 30 and sum(c["result"] is None for c in cases) == 11
+    assert [calculate(c["expr"]) for c in cases] == [c["result"] for c in cases]
+
+
+def test_calculator_result_is_forced_into_the_completion(shared_data):
+    """The hooked GPT writes <|python_start|>48/2<|python_end|>, then (ignored while the tool's tokens are
+    forced) filler, then '\n#### 24': with tools the completion holds nanochat's forced
+    <|output_start|>24.0<|output_end|>; without, the filler the model wrote there."""
+    tok = trained_tokenizer()
+    sp = {n: tok.encode_special(f"<|{n}|>") for n in ("python_start", "python_end", "output_start", "output_end")}
+    forced = [sp["output_start"], *tok.encode("24.0"), sp["output_end"]]
+    filler = tok.encode("x") * len(forced)
+    script = [sp["python_start"], *tok.encode("48/2"), sp["python_end"], *filler, *tok.encode("\n#### 24")]
+    problems = load_problems("gsm8k", str(shared_data / "gsm8k" / "test.jsonl"), 1)
+    prompt = tok.render_for_completion({"messages": [{"role": "user", "content": problems[0].question}]})
+    texts = {}
+    for tools in (True, False):
+        model = scripted(tiny_gpt(tok.vocab_size), tok, [prompt], [script])
+        result = gsm8k_eval(model, tok, problems, max_new_tokens=64, progress=False, tools=tools)
+        texts[tools] = result.records[0]["completion"]
+    assert texts[True] == "<|python_start|>48/2<|python_end|><|output_start|>24.0<|output_end|>\n#### 24"
+    assert texts[False] == "<|python_start|>48/2<|python_end|>" + "x" * len(forced) + "\n#### 24"
 
 
 # -------------------------------------------------------------------------------------- inputs and errors

@@ -5,8 +5,9 @@ The conversation is kept as tokens in nanochat's chat format: <|bos|>, then per 
 Tokenizer.render_for_completion; the reply keeps the very tokens the model sampled). Each reply is sampled
 with a KV cache (prefill the whole conversation once, then one token per step) and printed as it is
 generated; it ends at <|assistant_end|> or <|bos|> (nanochat's terminal tokens) or after --max-new-tokens.
-Special tokens the model writes inside a reply (<|python_start|> ...) are printed by name; this chat runs no
-tools (nanochat's Engine evaluates <|python_start|>expr<|python_end|> with its calculator; see docs/nanochat.md).
+Special tokens in a reply are printed by name. nanochat's calculator tool runs as in its Engine
+(aquainterp.streaming): after <|python_start|>expr<|python_end|> the value is forced in as
+<|output_start|>value<|output_end|>; --no-tools turns it off.
 
 Typing `quit` or `exit`, end of input (Ctrl-D) or Ctrl-C at the prompt ends the chat with status 0; Ctrl-C
 while a reply is printing stops that reply (it is left out of the history) and returns to the prompt;
@@ -17,40 +18,14 @@ are dropped, with a note.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
-
 import torch
+
+from aquainterp.streaming import stream_tokens
 
 DEFAULT_TEMPERATURE = 0.6  # nanochat chat_cli's defaults
 DEFAULT_TOP_K = 50
 DEFAULT_MAX_NEW_TOKENS = 256
 DEFAULT_SEED = 42  # nanochat's Engine seeds its sampler with 42
-
-
-@torch.inference_mode()
-def stream_tokens(model, prompt: list[int], *, max_new_tokens: int, temperature: float, top_k: int | None,
-                  stop_tokens, generator: torch.Generator | None = None) -> Iterator[int]:
-    """Yield sampled token ids one at a time: the prompt is prefilled once into a KV cache, then each new
-    token costs one single-position forward. A stop token is yielded, then the stream ends."""
-    from aquainterp.model.engine import sample_next_token
-    from aquainterp.model.kv_cache import KVCache
-
-    if not prompt:
-        raise ValueError("stream_tokens: empty prompt")
-    if len(prompt) + max_new_tokens > model.rotary_len:
-        raise ValueError(f"stream_tokens: prompt {len(prompt)} + max_new_tokens {max_new_tokens} exceeds the "
-                         f"model's rotary length {model.rotary_len}")
-    device = next(model.parameters()).device
-    stop = set(stop_tokens)
-    cache = KVCache(1, model.config.n_layer, len(prompt) + max(max_new_tokens, 1))
-    ids = torch.tensor([prompt], dtype=torch.long, device=device)
-    logits = model(ids, kv_cache=cache, logits_at=torch.tensor([len(prompt) - 1], device=device))
-    for step in range(max_new_tokens):
-        token = int(sample_next_token(logits, temperature, top_k, generator)[0])
-        yield token
-        if token in stop or step == max_new_tokens - 1:
-            return
-        logits = model(torch.tensor([[token]], dtype=torch.long, device=device), kv_cache=cache)[:, -1, :]
 
 
 class TextStream:
@@ -78,8 +53,8 @@ class Chat:
     """The token state of one conversation and the reply loop; `out` receives the printed text."""
 
     def __init__(self, model, tokenizer, *, temperature: float, top_k: int | None, max_new_tokens: int,
-                 seed: int, out=None):
-        self.model, self.tokenizer = model, tokenizer
+                 seed: int, out=None, tools: bool = True):
+        self.model, self.tokenizer, self.tools = model, tokenizer, tools
         self.temperature, self.top_k, self.max_new_tokens = temperature, top_k, max_new_tokens
         self.out = out or sys.stdout
         self.bos = tokenizer.bos_token_id
@@ -125,7 +100,8 @@ class Chat:
         self.write("Assistant: ")
         try:
             for token in stream_tokens(self.model, prompt, max_new_tokens=budget, temperature=self.temperature,
-                                       top_k=self.top_k, stop_tokens=self.stop, generator=self.generator):
+                                       top_k=self.top_k, stop_tokens=self.stop, generator=self.generator,
+                                       tokenizer=self.tokenizer if self.tools else None):
                 if token in self.stop:
                     break
                 reply.append(token)
@@ -158,6 +134,9 @@ def add_arguments(parser) -> None:
                              "at <|assistant_end|>, and never runs past the model's context")
     parser.add_argument("--seed", type=SEED, default=DEFAULT_SEED,
                         help=f"seed of the sampler (default {DEFAULT_SEED}, as nanochat's Engine)")
+    parser.add_argument("--no-tools", dest="tools", action="store_false",
+                        help="do not run nanochat's calculator tool (by default, as nanochat's Engine, "
+                             "<|python_start|>expr<|python_end|> gets <|output_start|>value<|output_end|> forced in)")
     parser.add_argument("--device", type=device_name, default="cpu", help="cpu (default), cuda, mps or auto")
 
 
@@ -178,7 +157,7 @@ def run(args) -> int:
         raise UsageError(f"{args.checkpoint}: no tokenizer beside this checkpoint (aquainterp: <step>/tokenizer/; "
                          "nanochat: <base>/tokenizer/tokenizer.pkl); chat needs one")
     chat = Chat(model, tokenizer, temperature=args.temperature, top_k=args.top_k or None,
-                max_new_tokens=args.max_new_tokens, seed=args.seed)
+                max_new_tokens=args.max_new_tokens, seed=args.seed, tools=args.tools)
     if args.prompt is not None:
         if not args.prompt.strip():
             raise UsageError("-p/--prompt: the message is empty")

@@ -21,6 +21,8 @@ never copied here. nanochat imports tiktoken and rustbpe at module level, so NAN
   decoded text, extract_answer of it and GSM8K.evaluate's outcome.
 - arc_fixture / mmlu_fixture: run_categorical_eval (scripts/chat_eval.py) on the hand-made sample files,
   with the letter it predicted for each problem (recorded by wrapping the task's evaluate) and its accuracy.
+- calculator: nanochat's engine.use_calculator on hand-written expressions, as the text its Engine forces
+  (str of the value; None when it forces nothing).
 - chat_fixture: the conversation tokens chat_cli builds for one user message and the tokens Engine.generate
   yields for it at temperature 0 (what `aquainterp chat -p ... --temperature 0` must print).
 """
@@ -55,6 +57,12 @@ EXTRACT_CASES = [
     "#### 5 and later #### 6", "####5", "#### .5", "The answer is 42", "", "#### ١٢", "#### $40",
     "#### 1,2,3", "#### -", "#### --7", "total\n####  7", "#### 0.50", "#### 7<|assistant_end|>",
     "<|python_start|>12*3<|python_end|><|output_start|>36<|output_end|>\n#### 36",
+]
+CALCULATOR_CASES = [
+    "12*3", "10/4", "7/7", "10//4", "1,000*3", "(2+3)*4", "-5+2", " 3 + 4 ", "2**10", "1/0", "", "3 4", "007",
+    "5.", ".5*2", "(1)(2)", "1-", "--3", "'strawberry'.count('r')", "\"banana\".count(\"an\")",
+    "'ab'.count('a') + 1", "len('abc')", "__import__('os')", "'x'.count('x'", "12 * 3.5", "100-99.9",
+    "0.1+0.2", "123456789*987654321", "((((1))))", "2*-3",
 ]
 CHAT_PROMPT = "What is 2+3?"
 
@@ -105,6 +113,7 @@ def main() -> None:
     from tasks.arc import ARC
     from tasks.gsm8k import GSM8K, extract_answer
     from tasks.mmlu import MMLU
+    from nanochat.engine import use_calculator
 
     commit = (src / "COMMIT").read_text().strip() if (src / "COMMIT").is_file() else subprocess.run(
         ["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -166,6 +175,8 @@ def main() -> None:
         "trees": TREES, "folder_rule": folder_rule(cm), "resolved": resolved,
         "gsm8k_file": Path(args.gsm8k).name, "gsm8k_gold": gold,
         "gsm8k_extract": [{"text": t, "extracted": extract_answer(t)} for t in EXTRACT_CASES],
+        "calculator": [{"expr": e, "result": None if (r := use_calculator(e)) is None else str(r)}
+                       for e in CALCULATOR_CASES],
         "gsm8k_fixture": fixture_rows, "arc_fixture": arc, "mmlu_fixture": mmlu,
         "chat_fixture": {"prompt": CHAT_PROMPT, "conversation": conv, "max_tokens": 64, "generated": yielded,
                          "text": tokenizer.decode([t for t in yielded
