@@ -140,6 +140,26 @@ def test_a_long_conversation_drops_its_oldest_exchanges_with_a_note(trained):
     assert "not sent" in out.getvalue() and chat.turns == before
 
 
+@pytest.mark.parametrize("name", ["nanochat-head-d4", "nanochat-2026-01-d2"])
+def test_sampled_reply_with_the_defaults_is_nanochats(name):
+    """With chat_cli's defaults (temperature 0.6, top-k 50, seed 42) the sampled reply is token for token
+    the one nanochat's Engine sampled for the same conversation (head-d4: 64 tokens; 2026-01-d2: 19 and
+    <|assistant_end|>)."""
+    from aquainterp.checkpoints.load import load_model
+    from aquainterp.cli import chat as chat_cli
+
+    ref = json.loads((GOLDEN / f"{name}.json").read_text(encoding="utf-8"))["chat_fixture"]
+    sampled = ref["sampled"]
+    assert (sampled["temperature"], sampled["top_k"], sampled["seed"]) == (
+        chat_cli.DEFAULT_TEMPERATURE, chat_cli.DEFAULT_TOP_K, chat_cli.DEFAULT_SEED)
+    model, tok, _ = load_model(fixture(name))
+    chat = Chat(model, tok, temperature=chat_cli.DEFAULT_TEMPERATURE, top_k=chat_cli.DEFAULT_TOP_K,
+                max_new_tokens=ref["max_tokens"], seed=chat_cli.DEFAULT_SEED, out=io.StringIO())
+    reply = chat.reply(ref["prompt"])
+    assert reply == [t for t in sampled["generated"] if t not in chat.stop]
+    assert len(reply) in (64, 19)
+
+
 def test_help_explains_every_flag(capsys):
     parser, _ = subcommand_parser("chat")
     flags = [a for a in parser._actions if a.option_strings and a.dest != "help"]

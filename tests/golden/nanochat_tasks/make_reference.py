@@ -24,7 +24,8 @@ never copied here. nanochat imports tiktoken and rustbpe at module level, so NAN
 - calculator: nanochat's engine.use_calculator on hand-written expressions, as the text its Engine forces
   (str of the value; None when it forces nothing).
 - chat_fixture: the conversation tokens chat_cli builds for one user message and the tokens Engine.generate
-  yields for it at temperature 0 (what `aquainterp chat -p ... --temperature 0` must print).
+  yields for it at temperature 0 (what `aquainterp chat -p ... --temperature 0` must print), and with
+  chat_cli's defaults (temperature 0.6, top-k 50, Engine's seed 42) under "sampled".
 """
 
 from __future__ import annotations
@@ -167,6 +168,9 @@ def main() -> None:
     yielded = [column[0] for column, _ in engine.generate(conv, num_samples=1, max_tokens=64, temperature=0.0,
                                                          top_k=50)]
 
+    sampled = [column[0] for column, _ in engine.generate(conv, num_samples=1, max_tokens=64, temperature=0.6,
+                                                         top_k=50, seed=42)]  # chat_cli's defaults
+
     record = {
         "nanochat_commit": commit,
         "fixture": fixture.name,
@@ -180,7 +184,8 @@ def main() -> None:
         "gsm8k_fixture": fixture_rows, "arc_fixture": arc, "mmlu_fixture": mmlu,
         "chat_fixture": {"prompt": CHAT_PROMPT, "conversation": conv, "max_tokens": 64, "generated": yielded,
                          "text": tokenizer.decode([t for t in yielded
-                                                   if t not in (bos, tokenizer.encode_special("<|assistant_end|>"))])},
+                                                   if t not in (bos, tokenizer.encode_special("<|assistant_end|>"))]),
+                         "sampled": {"temperature": 0.6, "top_k": 50, "seed": 42, "generated": sampled}},
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
