@@ -256,6 +256,38 @@ def test_parquet_and_jsonl_give_the_same_problems(tmp_path):
         assert from_parquet[7].source == f"{parquet}:row 8"
 
 
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    import datasets
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+
+
+def test_hub_path_reads_the_config_and_split_through_datasets(tmp_path, offline):
+    """A local copy of a hub repository laid out as allenai/ai2_arc (parquet per config, README configs): the
+    same datasets.load_dataset call a hub id gets, the config chosen by --subset, no network."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [json.loads(line) for line in ARC.read_text().splitlines()]
+    repo = tmp_path / "ai2_arc"
+    configs = {"ARC-Easy": rows[:6], "ARC-Challenge": rows[6:]}
+    for config, part in configs.items():
+        (repo / config).mkdir(parents=True)
+        pq.write_table(pa.Table.from_pylist(part), repo / config / "test-00000-of-00001.parquet")
+    (repo / "README.md").write_text("---\nconfigs:\n" + "".join(
+        f"- config_name: {c}\n  data_files:\n  - split: test\n    path: {c}/test-*\n" for c in configs) + "---\n")
+    easy = load_problems("arc", str(repo))  # ARC-Easy, split test: nanochat's defaults
+    challenge = load_problems("arc", str(repo), subset="ARC-Challenge")
+    assert [p.answer for p in easy] == ["B", "C", "A", "D", "B", "C"]
+    assert [p.answer for p in challenge] == ["D", "1", "A", "E"] and challenge[1].letters == ("1", "2", "3", "4")
+    assert challenge[0].source == f"{repo}:test:0"
+
+
 @pytest.mark.parametrize("task, data, guessed", [
     ("aqua", "gsm8k", "gsm8k"), ("gsm8k", "arc", "arc"), ("arc", "mmlu", "mmlu"), ("mmlu", "aqua", "aqua")])
 def test_a_file_of_another_task_is_refused_naming_it(shared_data, task, data, guessed, capsys):
