@@ -294,13 +294,15 @@ class TaskResult:
         return "\n".join(lines)
 
 
-def _gather_task_result(result: TaskResult, pass_sums: dict[int, float]) -> None:
-    """Under torch.distributed: every rank ends with everyone's counts and records (in rank order)."""
+def _gather_task_result(result: TaskResult, pass_sums: dict[int, float], per_problem: int = 1) -> None:
+    """Under torch.distributed: every rank ends with everyone's counts and records, the records back in the
+    problems' order (rank r evaluated problems r, r + world, ...; `per_problem` records each)."""
     if dist.is_available() and dist.is_initialized():
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, (result.problems, result.records, pass_sums))
         result.problems = sum(g[0] for g in gathered)
-        records = [r for g in gathered for r in g[1]]
+        records = [record for k in range(max(g[0] for g in gathered)) for g in gathered if k < g[0]
+                   for record in g[1][k * per_problem : (k + 1) * per_problem]]
         pass_sums = {k: sum(g[2][k] for g in gathered) for k in pass_sums}
         result.records, result.samples, result.correct, result.answered = [], 0, 0, 0
         for r in records:
@@ -401,7 +403,7 @@ def gsm8k_eval(model, tokenizer, problems: list, num_samples: int = 1, max_new_t
             result.problems += 1
         bar.update(len(chunk))
     bar.close()
-    _gather_task_result(result, pass_sums)
+    _gather_task_result(result, pass_sums, num_samples)
     _warn_too_long(too_long, limit, len(indexed))
     return result
 
