@@ -106,7 +106,9 @@ def test_history_is_nanochats_token_layout_and_interrupt_drops_the_reply(trained
     # <|bos|> + every exchange: exactly what render_conversation gives for the whole chat (the training data)
     assert [tok.bos_token_id] + [t for turn in chat.turns for t in turn] == tok.render_conversation(CONVERSATION)[0]
 
-    def stop_after_three(module, args, output, seen=[]):
+    seen = []
+
+    def stop_after_three(module, args, output):  # Ctrl-C while the third token is being computed
         seen.append(1)
         if len(seen) == 3:
             raise KeyboardInterrupt

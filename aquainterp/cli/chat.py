@@ -18,6 +18,7 @@ are dropped, with a note.
 from __future__ import annotations
 
 import sys
+
 import torch
 
 from aquainterp.streaming import stream_tokens

@@ -109,12 +109,11 @@ def main() -> None:
     torch.manual_seed(0)
 
     import nanochat.checkpoint_manager as cm
-    from nanochat.engine import Engine
+    from nanochat.engine import Engine, use_calculator
     from scripts.chat_eval import run_categorical_eval
     from tasks.arc import ARC
     from tasks.gsm8k import GSM8K, extract_answer
     from tasks.mmlu import MMLU
-    from nanochat.engine import use_calculator
 
     commit = (src / "COMMIT").read_text().strip() if (src / "COMMIT").is_file() else subprocess.run(
         ["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
