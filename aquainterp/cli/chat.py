@@ -116,6 +116,9 @@ class Chat:
 def add_arguments(parser) -> None:
     from aquainterp.cli.args import SEED, count_int, device_name, existing_path, number, positive_int
 
+    parser.epilog = ("In the chat: 'clear' starts a new conversation; 'quit', 'exit', Ctrl-D or Ctrl-C at the "
+                     "prompt end it (status 0); Ctrl-C during a reply stops that reply. A nanochat model tag or "
+                     "step is picked by naming its folder (--checkpoint .../chatsft_checkpoints/d20) and --step.")
     parser.add_argument("--checkpoint", required=True, type=existing_path("dir"),
                         help="checkpoint to talk to: a folder written by aquainterp (save_checkpoint), or "
                              "nanochat's: a model folder (model_<step>.pt), the folder above its model tags "
