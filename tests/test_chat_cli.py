@@ -260,6 +260,9 @@ def test_chat_in_a_terminal_on_our_checkpoint_two_turns_then_ctrl_d(trained):
         mark = term.send(b"bye\n")
         term.read_until(b"Assistant: See you soon.\r\n", mark)  # the second turn saw the first
         term.read_until(b"User: ", mark)
+        mark = term.send(b"clear\n")
+        term.read_until(b"Conversation cleared.", mark)
+        term.read_until(b"User: ", mark)
         mark = term.send(b"\x04")  # Ctrl-D at an empty line: end of input
         term.read_until(b"Goodbye!", mark)
     finally:
@@ -285,6 +288,16 @@ def test_chat_in_a_terminal_on_a_nanochat_checkpoint_replies_as_nanochat_then_ct
     finally:
         code = term.wait()
     assert code == 0 and b"Traceback" not in term.buffer
+
+
+def test_piped_input_and_quit(trained):
+    """Not a terminal: messages from a pipe, 'quit' ends the chat with status 0."""
+    _, _, folder = trained
+    done = subprocess.run([sys.executable, "-m", "aquainterp.cli.main", "chat", "--checkpoint", str(folder),
+                           "--temperature", "0"], input=b"hi\n\nquit\nhi\n", capture_output=True, timeout=WAIT)
+    out = done.stdout.decode()
+    assert done.returncode == 0 and not done.stderr, done.stderr
+    assert out.count("Assistant: ") == 1 and "Assistant: Hello there!\n" in out and out.endswith("Goodbye!\n")
 
 
 def test_one_shot_prompt_prints_nanochats_greedy_reply():
