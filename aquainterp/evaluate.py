@@ -512,9 +512,13 @@ def add_arguments(parser) -> None:
                         help="checkpoint folder written by save_checkpoint, or a nanochat checkpoint folder")
     source.add_argument("--hf-dir", type=existing_path("dir"),
                         help="HF NanoChatForCausalLM directory (single or sharded safetensors)")
+    source.add_argument("-i", "--source", choices=("base", "mid", "sft", "rl"), default=None,
+                        help="as nanochat's chat_eval -i: the <stage>_checkpoints/ folder of nanochat's base folder "
+                             "($NANOCHAT_BASE_DIR, else ~/.cache/nanochat); the largest model tag unless -g")
+    parser.add_argument("-g", "--model-tag", default=None, help="with -i: the nanochat model tag to open")
     parser.add_argument("--tokenizer", type=existing_path("dir"), default=None,
                         help="tokenizer folder (tokenizer.json) for --hf-dir; default: the HF directory itself")
-    parser.add_argument("--step", type=count_int(), default=None, help="checkpoint step (default: latest)")
+    parser.add_argument("-s", "--step", type=count_int(), default=None, help="checkpoint step (default: latest)")
     parser.add_argument("--task", choices=TASKS, default="synthetic",
                         help="problems: the embedded synthetic task, AQuA-RAT, or nanochat's chat tasks scored as "
                              "nanochat scores them: gsm8k (generative, the number after '####'), arc and mmlu "
@@ -602,7 +606,16 @@ def _run_on(args, device: str) -> int:
             raise SystemExit(f"aquainterp eval: no tokenizer.json in {tok_dir}; pass --tokenizer DIR")
         tokenizer = Tokenizer.load(tok_dir)
     else:
-        model, tokenizer, _meta = load_model(args.checkpoint, args.step, device=device)
+        checkpoint = args.checkpoint
+        if getattr(args, "source", None) is not None:
+            from aquainterp.checkpoints.nanochat import source_folder
+
+            checkpoint = source_folder(args.source, args.model_tag)
+        elif getattr(args, "model_tag", None) is not None:
+            from aquainterp.cli.rundir import UsageError
+
+            raise UsageError("-g/--model-tag goes with -i; with --checkpoint name the tag's folder itself")
+        model, tokenizer, _meta = load_model(checkpoint, args.step, device=device)
     if tokenizer is None:
         raise SystemExit(f"aquainterp eval: checkpoint {args.checkpoint} has no tokenizer folder")
     if args.task in NANOCHAT_TASKS:

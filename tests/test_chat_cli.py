@@ -162,11 +162,38 @@ def test_sampled_reply_with_the_defaults_is_nanochats(name):
     assert len(reply) in (64, 19)
 
 
+def test_nanochat_flags_open_the_stage_folder_of_nanochats_base(tmp_path, monkeypatch, capsys):
+    """chat -i sft [-g TAG] [-s STEP], as nanochat's chat_cli: <$NANOCHAT_BASE_DIR>/chatsft_checkpoints, the
+    largest tag unless -g; eval -i takes them too."""
+    ref = json.loads((GOLDEN / "nanochat-2026-01-d2.json").read_text(encoding="utf-8"))["chat_fixture"]
+    src = fixture("nanochat-2026-01-d2")
+    base = tmp_path / "nanochat"
+    (base / "chatsft_checkpoints" / "d2").mkdir(parents=True)
+    (base / "chatsft_checkpoints" / "d1").mkdir()  # smaller: never picked
+    for f in (src / "base_checkpoints" / "d2").iterdir():
+        (base / "chatsft_checkpoints" / "d2" / f.name).symlink_to(f)
+    (base / "tokenizer").symlink_to(src / "tokenizer")
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
+    for extra in ([], ["-g", "d2"], ["-g", "d2", "-s", "300"]):
+        assert main(["chat", "-i", "sft", *extra, "-t", "0", "--max-new-tokens", "64", "-p", ref["prompt"]]) == 0
+        assert capsys.readouterr().out == "Assistant: " + ref["text"] + "\n"
+    assert main(["chat", "-i", "rl", "-p", "hi"]) == 1
+    assert "chatrl_checkpoints: no such folder (nanochat's -i rl reads it" in capsys.readouterr().err
+    assert main(["chat", "-i", "sft", "-g", "d9", "-p", "hi"]) == 1
+    assert "d9: no such model tag (tags here: d1, d2)" in capsys.readouterr().err
+    assert main(["chat", "-p", "hi"]) == 2
+    assert "give the checkpoint: --checkpoint DIR, or nanochat's -i" in capsys.readouterr().err
+    arc = GOLDEN / "arc_handmade.jsonl"
+    assert main(["eval", "-i", "sft", "-s", "300", "--task", "arc", "--data", str(arc)]) == 0
+    expected = json.loads((GOLDEN / "nanochat-2026-01-d2.json").read_text())["arc_fixture"]["accuracy"]
+    assert f"arc categorical accuracy {expected:.4f}" in capsys.readouterr().out
+
+
 def test_help_explains_every_flag(capsys):
     parser, _ = subcommand_parser("chat")
     flags = [a for a in parser._actions if a.option_strings and a.dest != "help"]
-    assert {a.dest for a in flags} == {"checkpoint", "step", "prompt", "temperature", "top_k", "max_new_tokens",
-                                       "seed", "tools", "device"}
+    assert {a.dest for a in flags} == {"checkpoint", "source", "model_tag", "step", "prompt", "temperature", "top_k",
+                                       "max_new_tokens", "seed", "tools", "device"}
     assert all(a.help and len(a.help) > 20 for a in flags)
     assert main(["chat", "--help"]) == 0
     text = capsys.readouterr().out

@@ -311,6 +311,32 @@ NANOCHAT_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "c
                  "rl": "chatrl_checkpoints"}
 
 
+def nanochat_base_dir() -> Path:
+    """Where nanochat keeps its checkpoints: $NANOCHAT_BASE_DIR, else ~/.cache/nanochat (its get_base_dir)."""
+    import os
+
+    return Path(os.environ.get("NANOCHAT_BASE_DIR") or Path.home() / ".cache" / "nanochat")
+
+
+def source_folder(source: str, model_tag: str | None = None, base: str | Path | None = None) -> Path:
+    """The folder nanochat's `-i base|mid|sft|rl [-g TAG]` opens: <base>/<stage>_checkpoints[/<tag>], base from
+    nanochat_base_dir() unless given. Without a tag, load_model picks one as nanochat does (pick_model_tag)."""
+    if source not in NANOCHAT_DIRS:
+        raise ValueError(f"nanochat source must be one of {', '.join(NANOCHAT_DIRS)}, got {source!r}")
+    folder = Path(base) if base is not None else nanochat_base_dir()
+    folder = folder / NANOCHAT_DIRS[source]
+    if not folder.is_dir():
+        raise NanochatCheckpointError(f"{folder}: no such folder (nanochat's -i {source} reads it; the base folder "
+                                      "is $NANOCHAT_BASE_DIR, else ~/.cache/nanochat)")
+    if model_tag is not None:
+        if not (folder / model_tag).is_dir():
+            tags = sorted(p.name for p in folder.iterdir() if p.is_dir())
+            raise NanochatCheckpointError(f"{folder / model_tag}: no such model tag (tags here: "
+                                          f"{', '.join(tags) or 'none'})")
+        folder = folder / model_tag
+    return folder
+
+
 def save_nanochat(model: GPT, out: str | Path, step: int, tokenizer=None, tag: str | None = None,
                   meta_extra: dict | None = None, kind: str = "base") -> Path:
     """Write `out`/<kind's folder>/<tag>/model_<step>.pt + meta_<step>.json and `out`/tokenizer/ (when a

@@ -117,14 +117,19 @@ def add_arguments(parser) -> None:
     from aquainterp.cli.args import SEED, count_int, device_name, existing_path, number, positive_int
 
     parser.epilog = ("In the chat: 'clear' starts a new conversation; 'quit', 'exit', Ctrl-D or Ctrl-C at the "
-                     "prompt end it (status 0); Ctrl-C during a reply stops that reply. A nanochat model tag or "
-                     "step is picked by naming its folder (--checkpoint .../chatsft_checkpoints/d20) and --step.")
-    parser.add_argument("--checkpoint", required=True, type=existing_path("dir"),
+                     "prompt end it (status 0); Ctrl-C during a reply stops that reply. nanochat's own flags work: "
+                     "aquainterp chat -i sft -g d20 -s 650 -t 0.6 -k 50 -p 'Hi'.")
+    parser.add_argument("--checkpoint", type=existing_path("dir"), default=None,
                         help="checkpoint to talk to: a folder written by aquainterp (save_checkpoint), or "
                              "nanochat's: a model folder (model_<step>.pt), the folder above its model tags "
                              "(e.g. chatsft_checkpoints/: the largest tag, as nanochat picks it) or a base "
                              "folder with one *_checkpoints/ in it")
-    parser.add_argument("--step", type=count_int(), default=None,
+    parser.add_argument("-i", "--source", choices=("base", "mid", "sft", "rl"), default=None,
+                        help="instead of --checkpoint, as nanochat's chat_cli -i: the <stage>_checkpoints/ folder "
+                             "of nanochat's base folder ($NANOCHAT_BASE_DIR, else ~/.cache/nanochat)")
+    parser.add_argument("-g", "--model-tag", default=None,
+                        help="with -i: the model tag to open (default: the largest, as nanochat picks it)")
+    parser.add_argument("-s", "--step", type=count_int(), default=None,
                         help="checkpoint step to load (default: the last one)")
     parser.add_argument("-p", "--prompt", default=None,
                         help="one-shot: send this message, print the reply as it streams, exit")
@@ -156,9 +161,18 @@ def run(args) -> int:
     from aquainterp.checkpoints.load import load_model
     from aquainterp.cli.rundir import UsageError
 
-    model, tokenizer, meta = load_model(args.checkpoint, args.step, device=_device(args.device))
+    if (args.checkpoint is None) == (args.source is None):
+        raise UsageError("give the checkpoint: --checkpoint DIR, or nanochat's -i base|mid|sft|rl [-g TAG]")
+    if args.model_tag is not None and args.source is None:
+        raise UsageError("-g/--model-tag goes with -i; with --checkpoint name the tag's folder itself")
+    checkpoint = args.checkpoint
+    if args.source is not None:
+        from aquainterp.checkpoints.nanochat import source_folder
+
+        checkpoint = source_folder(args.source, args.model_tag)
+    model, tokenizer, meta = load_model(checkpoint, args.step, device=_device(args.device))
     if tokenizer is None:
-        raise UsageError(f"{args.checkpoint}: no tokenizer beside this checkpoint (aquainterp: <step>/tokenizer/; "
+        raise UsageError(f"{checkpoint}: no tokenizer beside this checkpoint (aquainterp: <step>/tokenizer/; "
                          "nanochat: <base>/tokenizer/tokenizer.pkl); chat needs one")
     chat = Chat(model, tokenizer, temperature=args.temperature, top_k=args.top_k or None,
                 max_new_tokens=args.max_new_tokens, seed=args.seed, tools=args.tools)
@@ -170,7 +184,7 @@ def run(args) -> int:
         except KeyboardInterrupt:
             pass
         return 0
-    where = meta.get("nanochat_checkpoint", str(args.checkpoint))
+    where = meta.get("nanochat_checkpoint", str(checkpoint))
     print(f"aquainterp chat: {where} step {meta.get('step', '?')}, {model.config.n_layer} layers, "
           f"temperature {args.temperature}, top-k {args.top_k or 'off'}")
     print("Type 'quit' or 'exit' (or Ctrl-D) to end, 'clear' to start a new conversation.")
