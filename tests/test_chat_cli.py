@@ -327,9 +327,11 @@ def test_piped_input_and_quit(trained):
     assert out.count("Assistant: ") == 1 and "Assistant: Hello there!\n" in out and out.endswith("Goodbye!\n")
 
 
+@pytest.mark.slow
 def test_one_shot_prompt_prints_nanochats_greedy_reply():
-    """-p on nanochat-head-d4: 64 greedy tokens, byte for byte the text of the tokens nanochat's Engine
-    yielded for the same conversation."""
+    """-p on nanochat-head-d4 in its own process: 64 greedy tokens, byte for byte the text of the tokens
+    nanochat's Engine yielded for the same conversation (slow: a cold start; test_nanochat_flags_... checks -p
+    in process)."""
     ref = json.loads((GOLDEN / "nanochat-head-d4.json").read_text(encoding="utf-8"))["chat_fixture"]
     done = subprocess.run([sys.executable, "-m", "aquainterp.cli.main", "chat", "--checkpoint",
                            str(fixture("nanochat-head-d4")), "-p", ref["prompt"], "--temperature", "0",
