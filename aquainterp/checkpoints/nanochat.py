@@ -373,7 +373,8 @@ def add_arguments(parser) -> None:
 
     parser.add_argument("checkpoint", type=existing_path("dir"),
                         help="nanochat checkpoint folder (base_checkpoints/<tag>/ with model_<step>.pt and "
-                             "meta_<step>.json), or a nanochat base folder holding exactly one")
+                             "meta_<step>.json), the folder above the tags (the largest tag, as nanochat picks "
+                             "it), or a nanochat base folder with one *_checkpoints/ folder")
     parser.add_argument("out_dir", type=output_path("dir"),
                         help="new (or empty) folder for the aquainterp checkpoint (step_XXXXXX/)")
     parser.add_argument("--step", type=count_int(), default=None, help="checkpoint step (default: the latest)")
