@@ -593,9 +593,8 @@ def _run_on(args, device: str) -> int:
     from aquainterp.checkpoints.load import load_model
 
     rank = dist.get_rank() if dist.is_initialized() else 0
-    # the problems first: a wrong file or task fails in a second, not after the model has loaded
-    problems = load_problems(args.task, args.data, args.n, args.seed, args.split, args.difficulty,
-                             args.skip_bad_rows, getattr(args, "subset", None))
+    if args.data is not None and args.task != "synthetic":  # another task's file fails now, not after the model
+        _check_task_of(args.task, args.data)
     if getattr(args, "hf_dir", None) is not None:
         from aquainterp.checkpoints.huggingface import import_hf
         from aquainterp.tokenizer import Tokenizer
@@ -618,6 +617,8 @@ def _run_on(args, device: str) -> int:
         model, tokenizer, _meta = load_model(checkpoint, args.step, device=device)
     if tokenizer is None:
         raise SystemExit(f"aquainterp eval: checkpoint {args.checkpoint} has no tokenizer folder")
+    problems = load_problems(args.task, args.data, args.n, args.seed, args.split, args.difficulty,
+                             args.skip_bad_rows, getattr(args, "subset", None))
     if args.task in NANOCHAT_TASKS:
         return _report_task(args, rank, model, tokenizer, problems)
     if args.max_new_tokens is None:
