@@ -349,12 +349,12 @@ def gsm8k_eval(model, tokenizer, problems: list, num_samples: int = 1, max_new_t
     nanochat's rule (tasks.gsm8k.extract_answer) and compared as a string with the gold one. Defaults are
     nanochat chat_eval's (temperature 0 for one sample, top-k 50, 512 new tokens).
 
-    tools (default, as nanochat's Engine): nanochat's calculator runs (aquainterp.streaming), so a model that
+    tools (default, as nanochat's Engine): nanochat's calculator runs (aquainterp.model.streaming), so a model that
     writes <|python_start|>48/2<|python_end|> gets <|output_start|>24.0<|output_end|> forced into its
     completion; each sample is then decoded alone (problem i's samples from one generator seeded seed + i).
     tools=False: no tool, problems decoded batch_size at a time (Engine.generate_batch), faster."""
     from aquainterp.model.engine import Engine
-    from aquainterp.streaming import stream_tokens
+    from aquainterp.model.streaming import stream_tokens
     from aquainterp.tasks.gsm8k import extract_answer
 
     if num_samples < 1 or batch_size < 1:

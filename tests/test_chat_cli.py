@@ -19,8 +19,8 @@ import pytest
 import torch
 from tasks_tokenizer import trained_tokenizer
 
+from aquainterp.chat import Chat
 from aquainterp.checkpoints.native import save_checkpoint
-from aquainterp.cli.chat import Chat
 from aquainterp.cli.main import main, subcommand_parser
 from aquainterp.model.gpt import GPT, GPTConfig
 
@@ -148,7 +148,7 @@ def test_sampled_reply_with_the_defaults_is_nanochats(name):
     the one nanochat's Engine sampled for the same conversation (head-d4: 64 tokens; 2026-01-d2: 19 and
     <|assistant_end|>)."""
     from aquainterp.checkpoints.load import load_model
-    from aquainterp.cli import chat as chat_cli
+    from aquainterp import chat as chat_cli
 
     ref = json.loads((GOLDEN / f"{name}.json").read_text(encoding="utf-8"))["chat_fixture"]
     sampled = ref["sampled"]

@@ -212,7 +212,7 @@ def test_gsm8k_accuracy_equals_a_hand_count(shared_data):
 
 @pytest.mark.parametrize("name", sorted(REFERENCES))
 def test_calculator_equals_nanochats_use_calculator(name):
-    from aquainterp.streaming import calculate
+    from aquainterp.model.streaming import calculate
 
     cases = reference(name)["calculator"]
     assert len(cases) == 30 and sum(c["result"] is None for c in cases) == 11

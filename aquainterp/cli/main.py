@@ -22,7 +22,7 @@ from aquainterp.cli.args import OneLineParser, guarded, pop_debug
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("training.demo", "the whole pipeline on a CPU in minutes: tokenizer, base, SFT, GRPO + probes, dashboards, patching"),
     "info": ("aquainterp.cli.info", "print versions, devices and the Rust core this install runs on"),
-    "chat": ("aquainterp.cli.chat", "talk to a checkpoint (ours or nanochat's) in the terminal, replies streamed as they are sampled"),
+    "chat": ("aquainterp.chat", "talk to a checkpoint (ours or nanochat's) in the terminal, replies streamed as they are sampled"),
     "eval": ("aquainterp.evaluate", "accuracy of a checkpoint: synthetic/AQuA (categorical, generative, pass@k, confusion), nanochat's GSM8K, ARC, MMLU"),
     "patch": ("aquainterp.patching.command", "activation patching of a checkpoint: tensors, JSON, HTML heatmaps"),
     "export": ("aquainterp.checkpoints.huggingface", "write a checkpoint as an HF NanoChatForCausalLM directory (or --format nanochat: nanochat's own layout)"),

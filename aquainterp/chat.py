@@ -6,7 +6,7 @@ Tokenizer.render_for_completion; the reply keeps the very tokens the model sampl
 with a KV cache (prefill the whole conversation once, then one token per step) and printed as it is
 generated; it ends at <|assistant_end|> or <|bos|> (nanochat's terminal tokens) or after --max-new-tokens.
 Special tokens in a reply are printed by name. nanochat's calculator tool runs as in its Engine
-(aquainterp.streaming): after <|python_start|>expr<|python_end|> the value is forced in as
+(aquainterp.model.streaming): after <|python_start|>expr<|python_end|> the value is forced in as
 <|output_start|>value<|output_end|>; --no-tools turns it off.
 
 Typing `quit` or `exit`, end of input (Ctrl-D) or Ctrl-C at the prompt ends the chat with status 0; Ctrl-C
@@ -21,7 +21,7 @@ import sys
 
 import torch
 
-from aquainterp.streaming import stream_tokens
+from aquainterp.model.streaming import stream_tokens
 
 DEFAULT_TEMPERATURE = 0.6  # nanochat chat_cli's defaults
 DEFAULT_TOP_K = 50
