@@ -46,6 +46,22 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
+def pass_ks(num_samples: int) -> list[int]:
+    """The k of pass@k reported for n samples a problem: powers of two up to 64 that are <= n, and n."""
+    powers = [k for k in (1, 2, 4, 8, 16, 32, 64) if k <= num_samples]
+    return powers + ([num_samples] if num_samples not in powers else [])
+
+
+def eval_metrics(result, task: str) -> dict[str, float]:
+    """Logger metrics of an EvalResult or TaskResult under the design's names (docs/design.md):
+    eval/<task>_acc, _answered and _pass@k (generative), eval/<task>_categorical_acc (categorical)."""
+    if result.mode == "categorical":
+        return {f"eval/{task}_categorical_acc": result.accuracy}
+    out = {f"eval/{task}_acc": result.accuracy, f"eval/{task}_answered": result.answered / max(result.samples, 1)}
+    out.update({f"eval/{task}_pass@{k}": v for k, v in result.pass_at.items()})
+    return out
+
+
 @dataclass
 class EvalResult:
     mode: str
@@ -74,12 +90,7 @@ class EvalResult:
         return out
 
     def metrics(self, task: str) -> dict[str, float]:
-        """Logger metrics under the design's names (docs/design.md): eval/<task>_acc (generative), eval/<task>_categorical_acc."""
-        if self.mode == "categorical":
-            return {f"eval/{task}_categorical_acc": self.accuracy}
-        out = {f"eval/{task}_acc": self.accuracy, f"eval/{task}_answered": self.answered / max(self.samples, 1)}
-        out.update({f"eval/{task}_pass@{k}": v for k, v in self.pass_at.items()})
-        return out
+        return eval_metrics(self, task)
 
     def to_dict(self) -> dict:
         return {"mode": self.mode, "problems": self.problems, "samples": self.samples, "correct": self.correct,
@@ -194,9 +205,7 @@ def generative_eval(model, tokenizer, problems: list[MCProblem], num_samples: in
     indexed, rank = _shard(list(enumerate(problems)))
     result = EvalResult("generative")
     limit, too_long = _sequence_len(model), []
-    ks = [k for k in (1, 2, 4, 8, 16, 32, 64) if k <= num_samples] + ([num_samples] if num_samples not in
-                                                                      (1, 2, 4, 8, 16, 32, 64) else [])
-    pass_sums = dict.fromkeys(ks, 0.0)
+    pass_sums = dict.fromkeys(pass_ks(num_samples), 0.0)
     bar = tqdm(total=len(indexed), desc="generative eval", unit="problem", disable=not progress or rank != 0)
     for start in range(0, len(indexed), batch_size):
         chunk = indexed[start : start + batch_size]
@@ -212,7 +221,7 @@ def generative_eval(model, tokenizer, problems: list[MCProblem], num_samples: in
                 letter = extract_letter(text)
                 result.add(problem.correct, letter)
                 hits += letter == problem.correct
-            for k in ks:
+            for k in pass_sums:
                 pass_sums[k] += pass_at_k(num_samples, hits, k)
             result.problems += 1
         bar.update(len(chunk))
@@ -272,11 +281,7 @@ class TaskResult:
         self.answered += record["predicted"] is not None
 
     def metrics(self) -> dict[str, float]:
-        if self.mode == "categorical":
-            return {f"eval/{self.task}_categorical_acc": self.accuracy}
-        out = {f"eval/{self.task}_acc": self.accuracy, f"eval/{self.task}_answered": self.answered / max(self.samples, 1)}
-        out.update({f"eval/{self.task}_pass@{k}": v for k, v in self.pass_at.items()})
-        return out
+        return eval_metrics(self, self.task)
 
     def to_dict(self) -> dict:
         return {"task": self.task, "mode": self.mode, "problems": self.problems, "samples": self.samples,
@@ -374,9 +379,7 @@ def gsm8k_eval(model, tokenizer, problems: list, num_samples: int = 1, max_new_t
     indexed, rank = _shard(list(enumerate(problems)))
     result = TaskResult("gsm8k", "generative")
     limit, too_long = _sequence_len(model), []
-    ks = [k for k in (1, 2, 4, 8, 16, 32, 64) if k <= num_samples] + ([num_samples] if num_samples not in
-                                                                      (1, 2, 4, 8, 16, 32, 64) else [])
-    pass_sums = dict.fromkeys(ks, 0.0)
+    pass_sums = dict.fromkeys(pass_ks(num_samples), 0.0)
     bar = tqdm(total=len(indexed), desc="gsm8k eval", unit="problem", disable=not progress or rank != 0)
     for start in range(0, len(indexed), batch_size):
         chunk = indexed[start : start + batch_size]
@@ -398,7 +401,7 @@ def gsm8k_eval(model, tokenizer, problems: list, num_samples: int = 1, max_new_t
                 result.add({"source": problem.source, "gold": problem.answer, "predicted": predicted,
                             "completion": text})
                 hits += predicted == problem.answer
-            for k in ks:
+            for k in pass_sums:
                 pass_sums[k] += pass_at_k(num_samples, hits, k)
             result.problems += 1
         bar.update(len(chunk))

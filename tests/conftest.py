@@ -66,3 +66,16 @@ def demo_numerics_env_stays_in_its_test():
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """The Hub switched off for `datasets` and huggingface_hub (env and their already-read constants), and a
+    private datasets cache: a test that goes through load_dataset reads local files only."""
+    import datasets
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")

@@ -147,8 +147,8 @@ def test_sampled_reply_with_the_defaults_is_nanochats(name):
     """With chat_cli's defaults (temperature 0.6, top-k 50, seed 42) the sampled reply is token for token
     the one nanochat's Engine sampled for the same conversation (head-d4: 64 tokens; 2026-01-d2: 19 and
     <|assistant_end|>)."""
-    from aquainterp.checkpoints.load import load_model
     from aquainterp import chat as chat_cli
+    from aquainterp.checkpoints.load import load_model
 
     ref = json.loads((GOLDEN / f"{name}.json").read_text(encoding="utf-8"))["chat_fixture"]
     sampled = ref["sampled"]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from golden.nanochat_tasks.make_reference import build_tree  # the trees nanochat's rule was run on
 from tasks_tokenizer import trained_tokenizer
 
 from aquainterp.checkpoints.load import load_model
@@ -256,17 +257,6 @@ def test_parquet_and_jsonl_give_the_same_problems(tmp_path):
         assert from_parquet[7].source == f"{parquet}:row 8"
 
 
-@pytest.fixture
-def offline(monkeypatch, tmp_path):
-    import datasets
-    import huggingface_hub.constants
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
-
-
 def test_hub_path_reads_the_config_and_split_through_datasets(tmp_path, offline):
     """A local copy of a hub repository laid out as allenai/ai2_arc (parquet per config, README configs): the
     same datasets.load_dataset call a hub id gets, the config chosen by --subset, no network."""
@@ -317,17 +307,6 @@ def test_bad_rows_and_flags_are_one_clear_error(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------ folder resolution
-
-
-def build_tree(root: Path, spec: dict) -> None:
-    root.mkdir(parents=True)
-    for tag, info in spec.items():
-        folder = root / tag
-        folder.mkdir()
-        for step in info["steps"]:
-            (folder / f"model_{step:06d}.pt").write_bytes(b"")
-            (folder / f"meta_{step:06d}.json").write_text("{}")
-        os.utime(folder, (info["mtime"], info["mtime"]))
 
 
 def test_model_tag_and_step_resolution_equals_nanochats_rule(tmp_path):

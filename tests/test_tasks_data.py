@@ -76,17 +76,6 @@ def hub_layout(root, split, lines):
     return root
 
 
-@pytest.fixture
-def offline(monkeypatch, tmp_path):
-    import datasets
-    import huggingface_hub.constants
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
-
-
 def test_hub_path_goes_through_load_dataset_and_the_same_validator(shared_data, tmp_path, offline):
     lines = (shared_data / "aqua_rat" / "dev.json").read_text().splitlines()[:6]
     repo = hub_layout(tmp_path / "aqua_rat", "validation", lines)
