@@ -108,3 +108,24 @@ def test_model_modules_skip_dispatch_when_bare_and_their_hooks_fire(dispatches):
     assert seen == ["mlp", "block"] and sorted(dispatches) == ["blocks.0.attn", "blocks.0.mlp", "blocks.1"]
     assert not torch.allclose(plain, edited)
     torch.testing.assert_close(model(x), plain, rtol=0, atol=0)
+
+
+def test_submodules_read_without_getattr_and_stay_in_step_with_the_registry():
+    """DirectCall mirrors each submodule into __dict__ (plain attribute reads); replacing, deleting or
+    add_module keeps the mirror equal to _modules, and copies keep the two the same objects."""
+    import copy
+
+    model = tiny_gpt(seed=3)
+    block = model.blocks[0]
+    for name, child in block.named_children():
+        assert block.__dict__[name] is child
+    new = HookPoint()
+    block.hook_resid_mid = new
+    assert block.hook_resid_mid is new and block._modules["hook_resid_mid"] is new
+    block.add_module("hook_mlp_out", HookPoint())
+    assert block.hook_mlp_out is block._modules["hook_mlp_out"]
+    del block.hook_mlp_in
+    assert not hasattr(block, "hook_mlp_in") and "hook_mlp_in" not in block._modules
+    twin = copy.deepcopy(model.blocks[1])
+    assert all(twin.__dict__[name] is child for name, child in twin.named_children())
+    assert twin.attn is not model.blocks[1].attn

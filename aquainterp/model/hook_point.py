@@ -5,7 +5,8 @@ A HookPoint is the identity; every hook TransformerLens attaches (add_hook, run_
 run_with_hooks, permanent hooks, forward and backward) goes through nn.Module's hook registries, and so do
 torch's global module hooks. While all of those are empty (and no JIT trace or module.compile() is in force),
 nn.Module.__call__ does nothing but call forward, at about a microsecond of Python each time: `hook(x)` then
-returns x directly, and a DirectCall module calls its forward directly. A 2025-10 block has 18 hook points and
+returns x directly, and a DirectCall module calls its forward directly (and reads its submodules without
+nn.Module.__getattr__). A 2025-10 block has 18 hook points and
 4 modules of ours, so a KV-cache decode step of a small model spent several percent of its time in that
 dispatch (generation vs nanochat's own Engine: benchmarks/peers.py). Anything attached takes
 nn.Module.__call__, as before.
@@ -37,7 +38,29 @@ class HookPoint(_TLHookPoint):
 
 
 class DirectCall(nn.Module):
-    """An nn.Module whose call goes straight to forward while nn.Module.__call__ would do nothing else."""
+    """An nn.Module whose call goes straight to forward while nn.Module.__call__ would do nothing else, and whose
+    submodules read as plain attributes: nn.Module keeps them in _modules, where `self.hook_q` reaches them only
+    through nn.Module.__getattr__ (Python, after a failed normal look-up; ~90 per decode forward of a depth-4
+    model, about 3% of it). Each registered submodule is mirrored into the instance __dict__, kept in step by
+    __setattr__, __delattr__ and add_module; _modules stays the registry (children, state_dict, hooks)."""
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        modules = self.__dict__.get("_modules")
+        if modules is not None and name in modules:
+            self.__dict__[name] = modules[name]
+
+    def __delattr__(self, name):
+        modules = self.__dict__.get("_modules")
+        if modules is not None and name in modules:
+            self.__dict__.pop(name, None)
+        super().__delattr__(name)
+
+    def add_module(self, name, module):
+        super().add_module(name, module)
+        self.__dict__[name] = module
+
+    register_module = add_module
 
     def __call__(self, *args, **kwargs):
         if (self._forward_hooks or self._forward_pre_hooks or self._backward_hooks or self._backward_pre_hooks
