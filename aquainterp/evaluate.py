@@ -24,6 +24,7 @@ import json
 import math
 import warnings
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -231,19 +232,26 @@ def generative_eval(model, tokenizer, problems: list[MCProblem], num_samples: in
     return result
 
 
+@contextmanager
+def eval_mode(model):
+    """model.eval() for the block, then the training flag the caller had (RL evaluates mid-training)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 def evaluate(model, tokenizer, problems: list[MCProblem], mode: str = "categorical", **kwargs) -> EvalResult:
     """categorical_eval or generative_eval by name."""
     if mode not in MODES:
         raise ValueError(f"evaluate: mode must be one of {MODES}, got {mode!r}")
     if not problems:
         raise ValueError("evaluate: no problems to evaluate")
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         run = categorical_eval if mode == "categorical" else generative_eval
         return run(model, tokenizer, problems, **kwargs)
-    finally:
-        model.train(was_training)
 
 
 # ------------------------------------------------------------------ nanochat's tasks: GSM8K, ARC, MMLU
@@ -417,14 +425,10 @@ def evaluate_task(model, tokenizer, problems: list, task: str, **kwargs) -> Task
         raise ValueError(f"evaluate_task: task must be one of {NANOCHAT_TASKS}, got {task!r}")
     if not problems:
         raise ValueError("evaluate_task: no problems to evaluate")
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         if task == "gsm8k":
             return gsm8k_eval(model, tokenizer, problems, **kwargs)
         return choice_eval(model, tokenizer, problems, task=task, **kwargs)
-    finally:
-        model.train(was_training)
 
 
 TASKS = ("synthetic", "aqua", *NANOCHAT_TASKS)
