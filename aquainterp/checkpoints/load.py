@@ -7,7 +7,6 @@ from __future__ import annotations
 import torch
 
 from aquainterp.checkpoints.guard import preflight
-from aquainterp.checkpoints.nanochat import is_nanochat_dir, load_nanochat
 from aquainterp.checkpoints.native import (
     META_FILE,
     MODEL_FILE,
@@ -18,7 +17,6 @@ from aquainterp.checkpoints.native import (
     load_state_into,
     step_dir,
 )
-from aquainterp.model.gpt import GPT, GPTConfig
 
 
 def load_model(directory, step: int | None = None, device="cpu"):
@@ -27,6 +25,11 @@ def load_model(directory, step: int | None = None, device="cpu"):
     chosen = step if step is not None else latest_step(directory)
     if chosen is not None and (step_dir(directory, chosen) / META_FILE).is_file():
         preflight(step_dir(directory, chosen))  # model_config vs bounds and the weights' header: allocates nothing
+    # imported after the preflight: the model pulls in transformer_lens (seconds), and a hostile meta.json must
+    # be refused at once (tests/reliability/test_user_errors.py, "fails fast")
+    from aquainterp.checkpoints.nanochat import is_nanochat_dir, load_nanochat
+    from aquainterp.model.gpt import GPT, GPTConfig
+
     if is_nanochat_dir(directory):  # nanochat's own layout: model_<step>.pt + meta_<step>.json (+ tokenizer.pkl)
         return load_nanochat(directory, step, device)
     ckpt = load_checkpoint(directory, step, device)
