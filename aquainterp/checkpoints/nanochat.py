@@ -106,10 +106,7 @@ def resolve_folder(directory: str | Path) -> tuple[Path, str | None] | None:
     if len(stages) > 1:
         raise NanochatCheckpointError(f"{directory}: holds several nanochat stages "
                                       f"({', '.join(p.name for p in stages)}); pass one of those folders")
-    if stages:
-        folder, why = pick_model_tag(stages[0])
-        return folder, why
-    return None
+    return pick_model_tag(stages[0]) if stages else None
 
 
 def checkpoint_folder(directory: str | Path) -> Path | None:
