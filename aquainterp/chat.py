@@ -159,17 +159,12 @@ def _device(name: str) -> str:
 
 def run(args) -> int:
     from aquainterp.checkpoints.load import load_model
+    from aquainterp.checkpoints.nanochat import checkpoint_argument
     from aquainterp.cli.rundir import UsageError
 
     if (args.checkpoint is None) == (args.source is None):
         raise UsageError("give the checkpoint: --checkpoint DIR, or nanochat's -i base|mid|sft|rl [-g TAG]")
-    if args.model_tag is not None and args.source is None:
-        raise UsageError("-g/--model-tag goes with -i; with --checkpoint name the tag's folder itself")
-    checkpoint = args.checkpoint
-    if args.source is not None:
-        from aquainterp.checkpoints.nanochat import source_folder
-
-        checkpoint = source_folder(args.source, args.model_tag)
+    checkpoint = checkpoint_argument(args.checkpoint, args.source, args.model_tag)
     model, tokenizer, meta = load_model(checkpoint, args.step, device=_device(args.device))
     if tokenizer is None:
         raise UsageError(f"{checkpoint}: no tokenizer beside this checkpoint (aquainterp: <step>/tokenizer/; "

@@ -612,15 +612,10 @@ def _run_on(args, device: str) -> int:
             raise SystemExit(f"aquainterp eval: no tokenizer.json in {tok_dir}; pass --tokenizer DIR")
         tokenizer = Tokenizer.load(tok_dir)
     else:
-        checkpoint = args.checkpoint
-        if getattr(args, "source", None) is not None:
-            from aquainterp.checkpoints.nanochat import source_folder
+        from aquainterp.checkpoints.nanochat import checkpoint_argument
 
-            checkpoint = source_folder(args.source, args.model_tag)
-        elif getattr(args, "model_tag", None) is not None:
-            from aquainterp.cli.rundir import UsageError
-
-            raise UsageError("-g/--model-tag goes with -i; with --checkpoint name the tag's folder itself")
+        checkpoint = checkpoint_argument(args.checkpoint, getattr(args, "source", None),
+                                         getattr(args, "model_tag", None))
         model, tokenizer, _meta = load_model(checkpoint, args.step, device=device)
     if tokenizer is None:
         raise SystemExit(f"aquainterp eval: checkpoint {args.checkpoint} has no tokenizer folder")
