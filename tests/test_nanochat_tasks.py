@@ -421,3 +421,12 @@ def test_ddp_two_processes_equal_one(tmp_path, shared_data):
     assert ranks[0] == ranks[1] == single
     assert [r["predicted"] for r in single[0]["records"]] == reference("nanochat-head-d4")["arc_fixture"]["predicted"]
     assert len({r["completion"] for r in single[1]["records"]}) == 10  # sampled: the order is really checked
+
+
+@pytest.mark.parametrize("command", [["chat", "-p", "hi"], ["eval"]])
+def test_model_tag_without_source_is_a_usage_error(tmp_path, capsys, command):
+    code = main([command[0], "--checkpoint", str(tmp_path), "-g", "d2", *command[1:]])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err == [f"aquainterp {command[0]}: error: -g/--model-tag goes with -i; with --checkpoint name the "
+                   "tag's folder itself"]
