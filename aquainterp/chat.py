@@ -158,8 +158,7 @@ def _device(name: str) -> str:
 
 
 def run(args) -> int:
-    from aquainterp.checkpoints.load import load_model
-    from aquainterp.checkpoints.nanochat import checkpoint_argument
+    from aquainterp.checkpoints.load import checkpoint_argument, load_model
     from aquainterp.cli.rundir import UsageError
 
     if (args.checkpoint is None) == (args.source is None):

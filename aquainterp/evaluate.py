@@ -612,7 +612,7 @@ def _run_on(args, device: str) -> int:
             raise SystemExit(f"aquainterp eval: no tokenizer.json in {tok_dir}; pass --tokenizer DIR")
         tokenizer = Tokenizer.load(tok_dir)
     else:
-        from aquainterp.checkpoints.nanochat import checkpoint_argument
+        from aquainterp.checkpoints.load import checkpoint_argument
 
         checkpoint = checkpoint_argument(args.checkpoint, getattr(args, "source", None),
                                          getattr(args, "model_tag", None))

@@ -4,6 +4,8 @@ layout (checkpoints/nanochat.py). The one place that knows both formats, so neit
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from aquainterp.checkpoints.guard import preflight
@@ -57,3 +59,17 @@ def load_model(directory, step: int | None = None, device="cpu"):
         except ValueError as e:
             raise CheckpointError(f"{ckpt.path / TOKENIZER_DIR}: {e}") from e
     return model, tokenizer, ckpt.meta
+
+
+def checkpoint_argument(checkpoint: Path | None, source: str | None, model_tag: str | None) -> Path | None:
+    """The checkpoint folder a command's --checkpoint, or nanochat's -i [-g TAG], names (chat and eval take
+    both): -g without -i is a usage error."""
+    if source is not None:  # nanochat.py imports the model (transformer_lens): only when -i asks for it
+        from aquainterp.checkpoints.nanochat import source_folder
+
+        return source_folder(source, model_tag)
+    if model_tag is not None:
+        from aquainterp.cli.rundir import UsageError
+
+        raise UsageError("-g/--model-tag goes with -i; with --checkpoint name the tag's folder itself")
+    return checkpoint

@@ -334,18 +334,6 @@ def source_folder(source: str, model_tag: str | None = None, base: str | Path | 
     return folder
 
 
-def checkpoint_argument(checkpoint: Path | None, source: str | None, model_tag: str | None) -> Path | None:
-    """The checkpoint folder a command's --checkpoint, or nanochat's -i [-g TAG], names (chat and eval take
-    both): -g without -i is a usage error."""
-    if source is not None:
-        return source_folder(source, model_tag)
-    if model_tag is not None:
-        from aquainterp.cli.rundir import UsageError
-
-        raise UsageError("-g/--model-tag goes with -i; with --checkpoint name the tag's folder itself")
-    return checkpoint
-
-
 def save_nanochat(model: GPT, out: str | Path, step: int, tokenizer=None, tag: str | None = None,
                   meta_extra: dict | None = None, kind: str = "base") -> Path:
     """Write `out`/<kind's folder>/<tag>/model_<step>.pt + meta_<step>.json and `out`/tokenizer/ (when a
